@@ -1,0 +1,189 @@
+"""The `ensemble` plugin: k reward models combined conservatively (Coste et al., ICLR 2024).
+
+Objectives, per sample over the k member scores:
+- `mean`: the mean;
+- `wco`: worst case, the minimum;
+- `uwo`: the mean minus `uwo_weight` times the variance (population variance by default, `ddof`
+  configurable; the reference PPO code used ddof=1). `uwo_weight: 0` means zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from pydantic import Field, ValidationInfo, model_validator
+
+from .config import ExistingPath
+from .io import DataError, iter_jsonl
+from .registry import PluginConfig, RewardPlugin, register_plugin
+from .reward_model import RewardModelConfig, RewardModelScorer
+from .types import RewardResult, Sample
+
+Objective = Literal["mean", "wco", "uwo"]
+OBJECTIVES = ("mean", "wco", "uwo")
+
+
+def combine(member_scores: ArrayLike, objective: str, uwo_weight: float = 0.5, ddof: int = 0) -> np.ndarray:
+    """Combine a (k, B) array of member scores into (B,) ensemble rewards with `objective`."""
+    scores = np.asarray(member_scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] < 1:
+        raise ValueError(f"member_scores must have shape (k, B) with k >= 1, got {scores.shape}")
+    if objective == "mean":
+        return scores.mean(axis=0)
+    if objective == "wco":
+        return scores.min(axis=0)
+    if objective == "uwo":
+        if uwo_weight is None:
+            raise ValueError("uwo needs a uwo_weight (0 is allowed and means plain mean)")
+        return scores.mean(axis=0) - uwo_weight * member_variance(scores, ddof)
+    raise ValueError(f"unknown ensemble objective {objective!r}; expected one of {OBJECTIVES}")
+
+
+def member_variance(member_scores: ArrayLike, ddof: int = 0) -> np.ndarray:
+    """Per-sample variance across members of a (k, B) array; zero for a single member."""
+    scores = np.asarray(member_scores, dtype=np.float64)
+    if scores.shape[0] - ddof <= 0:
+        return np.zeros(scores.shape[1])
+    return scores.var(axis=0, ddof=ddof)
+
+
+def standardize(member_scores: ArrayLike, means: ArrayLike, stds: ArrayLike) -> np.ndarray:
+    """Z-score each member's row with its own reference mean and std."""
+    scores = np.asarray(member_scores, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)[:, None]
+    stds = np.asarray(stds, dtype=np.float64)[:, None]
+    return (scores - means) / stds
+
+
+class MemberStats(PluginConfig):
+    mean: float
+    std: float = Field(gt=0)
+
+
+class EnsembleConfig(PluginConfig):
+    """Members as a list, or as `path_template` (with `{seed}`) plus `seeds` and shared `member` settings."""
+
+    members: list[RewardModelConfig] = Field(min_length=1)
+    member_names: list[str]
+    objective: Objective = "mean"
+    uwo_weight: float = Field(default=0.5, ge=0)
+    ddof: int = Field(default=0, ge=0)
+    standardize: Literal["none", "reference_stats", "reference_set"] = "none"
+    reference_stats: list[MemberStats] | None = None
+    reference_set: ExistingPath | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_template(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        template, seeds = data.pop("path_template", None), data.pop("seeds", None)
+        shared = data.pop("member", {}) or {}
+        if template is not None or seeds is not None:
+            if data.get("members"):
+                raise ValueError("give either members or path_template + seeds, not both")
+            if template is None or not seeds or "{seed}" not in str(template):
+                raise ValueError("path_template must contain {seed} and seeds must be a non-empty list")
+            data["members"] = [{**shared, "path": str(template).replace("{seed}", str(s))} for s in seeds]
+            data.setdefault("member_names", [f"seed{s}" for s in seeds])
+        else:
+            members = data.get("members") or []
+            data["members"] = [{**shared, **m} if isinstance(m, dict) else m for m in members]
+            names = [m.pop("name", None) if isinstance(m, dict) else None for m in data["members"]]
+            data.setdefault("member_names", [n or f"member{i}" for i, n in enumerate(names)])
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnsembleConfig:
+        if len(set(self.member_names)) != len(self.member_names) or len(self.member_names) != len(self.members):
+            raise ValueError(f"member_names must be unique, one per member: {self.member_names}")
+        if self.objective == "uwo" and len(self.members) - self.ddof <= 0:
+            raise ValueError(f"uwo with ddof={self.ddof} needs more than {self.ddof} members")
+        if self.standardize == "reference_stats" and (
+            self.reference_stats is None or len(self.reference_stats) != len(self.members)
+        ):
+            raise ValueError("standardize: reference_stats needs one {mean, std} per member")
+        if self.standardize == "reference_set" and self.reference_set is None:
+            raise ValueError("standardize: reference_set needs reference_set: a JSONL file of samples")
+        return self
+
+
+@register_plugin("ensemble")
+class EnsemblePlugin(RewardPlugin):
+    """Scores each sample with every member, then combines.
+
+    Components: each member's raw score (by member name), `variance` (across the combined inputs, with
+    `ddof`), and `combined`.
+    """
+
+    Config = EnsembleConfig
+
+    def __init__(self, config: EnsembleConfig, name: str):
+        super().__init__(config, name)
+        self.members = [RewardModelScorer(member) for member in config.members]
+        self.means, self.stds = self._reference_statistics()
+
+    @property
+    def component_keys(self) -> tuple[str, ...]:
+        return (*self.config.member_names, "variance", "combined")
+
+    def _reference_statistics(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        cfg = self.config
+        if cfg.standardize == "reference_stats":
+            return np.array([s.mean for s in cfg.reference_stats]), np.array([s.std for s in cfg.reference_stats])
+        if cfg.standardize == "reference_set":
+            samples = read_reference_samples(cfg.reference_set)
+            scores = np.stack([m.score_texts([m.format_sample(s) for s in samples])[0] for m in self.members])
+            stds = scores.std(axis=1)
+            if np.any(stds == 0) or not np.all(np.isfinite(scores)):
+                raise ValueError(f"{cfg.reference_set}: a member scores the reference set with zero or non-finite spread")
+            return scores.mean(axis=1), stds
+        return None, None
+
+    def member_scores(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Raw (k, B) scores, every member scoring the same batch."""
+        return np.stack([m.score_texts([m.format_sample(s) for s in samples])[0] for m in self.members])
+
+    def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
+        results: list[RewardResult | None] = [None] * len(samples)
+        valid = []
+        for i, sample in enumerate(samples):
+            if not sample.response.strip() and not all(m.allow_empty_response for m in self.config.members):
+                results[i] = RewardResult.failed(f"{self.name}: empty response")
+            else:
+                valid.append(i)
+        if not valid:
+            return results  # type: ignore[return-value]
+        try:
+            raw = self.member_scores([samples[i] for i in valid])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{self.name}: a member template needs {exc} from the sample/label") from exc
+        inputs = raw if self.means is None else standardize(raw, self.means, self.stds)
+        cfg = self.config
+        combined = combine(inputs, cfg.objective, cfg.uwo_weight, cfg.ddof)
+        variance = member_variance(inputs, cfg.ddof)
+        for column, i in enumerate(valid):
+            components = {name: float(raw[m, column]) for m, name in enumerate(cfg.member_names)}
+            bad = [name for name, value in components.items() if not np.isfinite(value)]
+            if bad:
+                results[i] = RewardResult.failed(f"{self.name}: non-finite score from {', '.join(bad)}")
+                continue
+            components.update(variance=float(variance[column]), combined=float(combined[column]))
+            results[i] = RewardResult.ok(combined[column], components)
+        return results  # type: ignore[return-value]
+
+
+def read_reference_samples(path: str) -> list[Sample]:
+    """Samples from a JSONL file of {prompt, response[, label]} rows, for reference statistics."""
+    samples = []
+    for number, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise DataError(f"{path}:{number}: expected an object with string prompt and response")
+        samples.append(Sample(prompt=row["prompt"], response=row["response"], label=row.get("label")))
+    if len(samples) < 2:
+        raise DataError(f"{path}: a reference set needs at least 2 samples")
+    return samples

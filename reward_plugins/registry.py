@@ -1,0 +1,139 @@
+"""Plugin base class and the name -> class registry (built-ins plus the `reward_plugins.plugins` entry points)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from .types import RewardResult, Sample
+
+if TYPE_CHECKING:
+    from .config import PluginSpec
+
+_logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "reward_plugins.plugins"
+
+# Modules whose import registers the built-in plugins.
+_BUILTIN_MODULES = (
+    "reward_plugins.reward_model",
+    "reward_plugins.ensemble",
+    "reward_plugins.vrcli",
+    "reward_plugins.penalties",
+    "reward_plugins.combinators",
+)
+
+_REGISTRY: dict[str, type[RewardPlugin]] = {}
+_loaded = False
+
+
+class PluginConfig(BaseModel):
+    """Base for every plugin's typed configuration: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RewardPlugin(ABC):
+    """A batch-first reward: `score(samples)` returns one `RewardResult` per sample, in order.
+
+    A plugin never raises for one bad sample: it returns `RewardResult.failed(...)` for that sample and
+    scores the rest. `component_keys` lists, before any call, every component name its results carry.
+    """
+
+    Config: ClassVar[type[PluginConfig]]
+    type_name: ClassVar[str]
+
+    def __init__(self, config: PluginConfig, name: str):
+        self.config = config
+        self.name = name
+
+    @property
+    @abstractmethod
+    def component_keys(self) -> tuple[str, ...]: ...
+
+    @abstractmethod
+    def score(self, samples: Sequence[Sample]) -> list[RewardResult]: ...
+
+    @classmethod
+    def child_specs(cls, config: PluginConfig) -> dict[tuple, dict]:
+        """Nested plugin specs inside `config`, keyed by their location (for composite plugins)."""
+        return {}
+
+    @classmethod
+    def from_spec(cls, spec: PluginSpec, build: Callable[[PluginSpec], RewardPlugin]) -> RewardPlugin:
+        """Construct from a validated spec; composite plugins override this to build their children."""
+        return cls(spec.config, spec.name)
+
+
+def register_plugin(type_name: str) -> Callable[[type[RewardPlugin]], type[RewardPlugin]]:
+    """Class decorator: make a plugin available under `type:` in YAML."""
+
+    def decorate(cls: type[RewardPlugin]) -> type[RewardPlugin]:
+        existing = _REGISTRY.get(type_name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"plugin type {type_name!r} is already registered by {existing.__module__}")
+        cls.type_name = type_name
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry_point.load()
+        if isinstance(loaded, type) and issubclass(loaded, RewardPlugin) and entry_point.name not in _REGISTRY:
+            register_plugin(entry_point.name)(loaded)
+
+
+def plugin_class(type_name: str) -> type[RewardPlugin]:
+    _load_all()
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        raise KeyError(f"unknown plugin type {type_name!r}; known: {', '.join(available_plugins())}") from None
+
+
+def available_plugins() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def score_safely(plugin: RewardPlugin, samples: Sequence[Sample]) -> list[RewardResult]:
+    """Call `plugin.score`; if it raises, score one sample at a time so one bad sample cannot sink the batch.
+
+    Samples that still raise get an error result carrying the exception text.
+    """
+    if not samples:
+        return []
+    try:
+        return _checked(plugin, samples, plugin.score(samples))
+    except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed
+        if len(samples) == 1:
+            return [RewardResult.failed(f"{plugin.name}: {type(exc).__name__}: {exc}")]
+        _logger.warning("%s failed on a batch of %d (%s); retrying one sample at a time", plugin.name, len(samples), exc)
+    results = []
+    for sample in samples:
+        try:
+            results.extend(_checked(plugin, [sample], plugin.score([sample])))
+        except Exception as exc:  # noqa: BLE001
+            results.append(RewardResult.failed(f"{plugin.name}: {type(exc).__name__}: {exc}"))
+    return results
+
+
+def _checked(plugin: RewardPlugin, samples: Sequence[Sample], results: list[RewardResult]) -> list[RewardResult]:
+    if len(results) != len(samples):
+        raise RuntimeError(f"plugin {plugin.name} returned {len(results)} results for {len(samples)} samples")
+    return results
