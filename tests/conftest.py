@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models built on the spot (random weights, tokenizer trained on a few lines).
+
+`tests/` is deliberately not a package (the openrlhf wheel installs a top-level `tests`); pytest runs
+with `--import-mode=importlib`, so helpers live in uniquely named modules beside this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import openrlhf_stand_ins  # noqa: E402
+
+openrlhf_stand_ins.install()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+from reward_plugins import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_dir) -> Path:
+    return tiny_models.build_tokenizer(tiny_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def rm_dirs(tiny_dir, tokenizer_dir) -> dict[int, Path]:
+    """Five tiny HF-format reward models, seeds 1-5, at tiny_dir/rm_seed{seed}."""
+    return {seed: tiny_models.build_reward_model(tiny_dir / f"rm_seed{seed}", tokenizer_dir, seed=seed) for seed in range(1, 6)}
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tiny_dir, tokenizer_dir) -> Path:
+    """A tiny random causal LM at tiny_dir/ref_lm."""
+    return tiny_models.build_causal_lm(tiny_dir / "ref_lm", tokenizer_dir, seed=0)
+
+
+@pytest.fixture()
+def models_env(monkeypatch, tiny_dir, rm_dirs, lm_dir) -> Path:
+    """Point the shipped configs' ${MODELS_DIR} at the tiny models."""
+    monkeypatch.setenv("MODELS_DIR", str(tiny_dir))
+    return tiny_dir
