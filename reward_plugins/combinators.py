@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -45,8 +45,11 @@ class WeightedSumPlugin(RewardPlugin):
         self.weights = [term.weight for term in config.terms]
 
     @classmethod
-    def child_specs(cls, config: WeightedSumConfig) -> dict[tuple, dict]:
-        return {("terms", i, "plugin"): term.plugin for i, term in enumerate(config.terms)}
+    def child_specs(cls, fields: Mapping[str, Any]) -> dict[tuple, Any]:
+        terms = fields.get("terms")
+        if not isinstance(terms, list):
+            return {}
+        return {("terms", i, "plugin"): t["plugin"] for i, t in enumerate(terms) if isinstance(t, Mapping) and "plugin" in t}
 
     @classmethod
     def from_spec(cls, spec: PluginSpec, build: Callable[[PluginSpec], RewardPlugin]) -> RewardPlugin:

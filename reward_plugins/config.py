@@ -179,17 +179,15 @@ class _Validator:
             self.problem(loc + ("name",), f"name must be letters, digits, '_', '.', '-', got {name!r}")
             return None
         fields = {k: v for k, v in raw.items() if k not in ("type", "name")}
+        children = {loc_suffix: self.plugin(child, loc + loc_suffix) for loc_suffix, child in cls.child_specs(fields).items()}
         try:
             config = cls.Config.model_validate(fields, context={"check_paths": self.check_paths})
         except ValidationError as exc:
             self.add_pydantic(exc, loc)
             return None
-        spec = PluginSpec(type_name, name, config, loc=loc)
-        for child_loc, child_raw in cls.child_specs(config).items():
-            child = self.plugin(child_raw, loc + child_loc)
-            if child is not None:
-                spec.children[child_loc] = child
-        return spec
+        if any(child is None for child in children.values()):
+            return None
+        return PluginSpec(type_name, name, config, children, loc)
 
 
 def _key_lines(node: yaml.Node | None, loc: Loc = ()) -> dict[Loc, int]:

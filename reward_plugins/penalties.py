@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -50,8 +50,8 @@ class EOSPenaltyPlugin(RewardPlugin):
         self.inner = inner
 
     @classmethod
-    def child_specs(cls, config: EOSPenaltyConfig) -> dict[tuple, dict]:
-        return {("inner",): config.inner}
+    def child_specs(cls, fields: Mapping[str, Any]) -> dict[tuple, Any]:
+        return {("inner",): fields["inner"]} if "inner" in fields else {}
 
     @classmethod
     def from_spec(cls, spec: PluginSpec, build: Callable[[PluginSpec], RewardPlugin]) -> RewardPlugin:

@@ -6,8 +6,8 @@ import importlib
 import importlib.metadata
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -61,8 +61,12 @@ class RewardPlugin(ABC):
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]: ...
 
     @classmethod
-    def child_specs(cls, config: PluginConfig) -> dict[tuple, dict]:
-        """Nested plugin specs inside `config`, keyed by their location (for composite plugins)."""
+    def child_specs(cls, fields: Mapping[str, Any]) -> dict[tuple, Any]:
+        """Nested plugin specs in the raw `fields`, keyed by location (composites override this).
+
+        It reads the raw mapping, not the validated config, so children are checked even when the
+        parent has errors of its own and every problem is reported at once.
+        """
         return {}
 
     @classmethod

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from reward_plugins.vrcli import extract_plan, improvement, shape
+
+
+def test_improvement_formula_vectorised():
+    np.testing.assert_allclose(improvement([10.0, 10.0, 4.0], [9.0, 11.0, 4.0]), [10.0, -10.0, 0.0])
+
+
+@pytest.mark.parametrize("baseline", [0.0, -1.0, np.nan, np.inf])
+def test_improvement_rejects_bad_baselines(baseline):
+    with pytest.raises(ValueError, match="baseline"):
+        improvement([baseline], [1.0])
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (-5.0, 0.0),
+        (0.0, 0.0),
+        (0.049999, 0.0),
+        (0.05, 0.5),  # thresholds are inclusive and in percent units
+        (0.999999, 0.5),
+        (1.0, 0.9),
+        (1.999999, 0.9),
+        (2.0, 1.0),
+        (50.0, 1.0),
+    ],
+)
+def test_stepped_boundaries(value, expected):
+    assert shape([value], "stepped")[0] == expected
+
+
+def test_stepped_custom_thresholds_and_nan_passthrough():
+    out = shape([0.5, 3.0, np.nan], "stepped", thresholds=[1.0, 3.0], levels=[0.25, 0.75], below=-1.0)
+    assert out[0] == -1.0 and out[1] == 0.75 and np.isnan(out[2])
+
+
+def test_other_schemes():
+    values = np.array([-1.0, 0.0, 2.5, 10.0])
+    np.testing.assert_array_equal(shape(values, "binary"), [0.0, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(shape(values, "binary", binary_threshold=1.0), [0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(shape(values, "clipped_linear", clip_max=5.0), [0.0, 0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(shape(values, "raw"), values)
+    with pytest.raises(ValueError, match="unknown shaping"):
+        shape(values, "cubic")
+    with pytest.raises(ValueError, match="ascending"):
+        shape(values, "stepped", thresholds=[2.0, 1.0], levels=[1.0, 0.5])
+
+
+def test_plan_after_last_marker():
+    text = "In summary: draft one. More thoughts. In summary: the real plan."
+    assert extract_plan(text) == "the real plan."
+
+
+def test_plan_marker_fallback_order():
+    assert extract_plan("thinking... In summary, go north.") == "go north."
+    assert extract_plan("Detailed Plan: a then b") == "a then b"
+    # The first marker that appears wins, even if a later-listed one comes after it in the text.
+    assert extract_plan("In summary: x. Detailed Plan: y") == "x. Detailed Plan: y"
+
+
+def test_plan_missing_or_empty():
+    with pytest.raises(ValueError, match="no plan marker"):
+        extract_plan("no marker here")
+    assert extract_plan("no marker here", whole_response_fallback=True) == "no marker here"
+    with pytest.raises(ValueError, match="empty plan"):
+        extract_plan("In summary:   ")
+    with pytest.raises(ValueError):
+        extract_plan("   ", whole_response_fallback=True)
