@@ -58,12 +58,15 @@ def bon_coefficients(N: int, ns: Sequence[int]) -> np.ndarray:
 def _order_preserving_keys(values: np.ndarray) -> np.ndarray:
     """uint64 keys that sort like the float64 values (+0.0 and -0.0 map to the same key)."""
     bits = np.ascontiguousarray(values + 0.0, dtype=np.float64).view(np.uint64)
-    negative = (bits >> np.uint64(63)).astype(bool)
-    return np.where(negative, ~bits, bits | np.uint64(1 << 63))
+    flip = bits >> np.uint64(63)
+    flip *= np.uint64(0xFFFFFFFFFFFFFFFF)  # all ones for negatives: flip every bit
+    flip |= np.uint64(1 << 63)  # for positives: set the sign bit
+    flip ^= bits
+    return flip
 
 
 def _ascending_order(proxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row ascending order of a (c, N) block, and which rows need the exact tie-aware path.
+    """Flat indices that sort each row of a (c, N) block ascending, and which rows need the exact tie-aware path.
 
     Sorting one uint64 per answer (the value's order-preserving key with its low bits replaced by the
     answer index) is much faster than an argsort. Rows where two keys share their high bits (true ties,
@@ -71,14 +74,17 @@ def _ascending_order(proxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     c, N = proxy.shape
     index_bits = np.uint64(max(1, (N - 1).bit_length()))
-    keys = (_order_preserving_keys(proxy) >> index_bits) << index_bits
+    keys = _order_preserving_keys(proxy)
+    keys >>= index_bits
+    keys <<= index_bits
     keys |= np.arange(N, dtype=np.uint64)
     keys.sort(axis=1)
     order = (keys & ((np.uint64(1) << index_bits) - np.uint64(1))).astype(np.intp)
-    high = keys >> index_bits
-    suspect = (high[:, 1:] == high[:, :-1]).any(axis=1)
+    keys >>= index_bits
+    suspect = (keys[:, 1:] == keys[:, :-1]).any(axis=1)
     if suspect.any():
         order[suspect] = np.argsort(proxy[suspect], axis=1, kind="stable")
+    order += np.arange(0, c * N, N, dtype=np.intp)[:, None]
     return order, suspect
 
 
@@ -96,8 +102,8 @@ def _average_ties(sorted_proxy: np.ndarray, sorted_gold: np.ndarray) -> np.ndarr
 def _sorted_column_sums(proxy: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column sums over a (c, N) block of proxy and (tie-averaged) gold scores, each row sorted by proxy."""
     order, exact_rows = _ascending_order(proxy)
-    sorted_proxy = np.take_along_axis(proxy, order, axis=1)
-    sorted_gold = np.take_along_axis(gold, order, axis=1)
+    sorted_proxy = np.ascontiguousarray(proxy).ravel().take(order)
+    sorted_gold = np.ascontiguousarray(gold).ravel().take(order)
     if exact_rows.any():
         sorted_gold[exact_rows] = _average_ties(sorted_proxy[exact_rows], sorted_gold[exact_rows])
     return sorted_proxy.sum(axis=0), sorted_gold.sum(axis=0)
