@@ -1,0 +1,163 @@
+"""`PluginExperienceMaker`: OpenRLHF 0.11.2's `RemoteExperienceMaker` with our reward pipeline and eval files.
+
+Installed in the trainer actor by `openrlhf_ext.hooks.install` (through the launcher). Per rollout batch:
+
+1. With `REWARD_PLUGINS_CONFIG` set, the whole batch is scored in one pipeline call; every micro-batch gets
+   `rewards`, `scores`, `info["reward"]` and the pipeline's fixed log keys, so the base class skips its
+   reward-model dispatch. VR-CLI plugins with `scorer.backend: external` score on the reference-model
+   actors (`ReferenceLogProbScorer`); the run is refused when there is none or temperatures disagree.
+   Without the setting, the rollout-side rewards (our server or shim) are kept.
+2. The base class runs the policy, reference and critic forwards.
+3. Every `eval_every` steps the batch is written as an eval file (`evaluation.eval_files`): prompts,
+   answers, proxy scores, per-member components, ensemble variance and the sequence KL to the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
+from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
+from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
+from reward_plugins.types import Sample
+
+from .ref_scorer import (
+    ReferenceLogProbScorer,
+    check_label_temperatures,
+    check_reference_setup,
+    external_scorer_plugins,
+)
+from .rollouts import experience_samples, info_components, sequence_kl
+from .settings import HookSettings
+from .version import REQUIRED_OPENRLHF
+
+logger = logging.getLogger(__name__)
+
+
+class PluginExperienceMaker(RemoteExperienceMaker):
+    """Scores whole rollout batches with a reward pipeline and records eval files; see the module docstring."""
+
+    def __init__(self, *args, settings: HookSettings | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        self.settings = settings or HookSettings.from_env(eval_steps=a.eval.steps, output_dir=a.ckpt.output_dir)
+        self.global_step: int | None = None
+        self._calls = 0
+        self._kl_history: list[float] | None = None
+        self.pipeline = RewardPipeline.from_yaml(self.settings.reward_config) if self.settings.reward_config else None
+        self.external = list(external_scorer_plugins(self.pipeline.root)) if self.pipeline else []
+        if self.pipeline is not None and self.pipeline.on_error == "skip":
+            raise RewardError("on_error: skip cannot be used in the experience maker: every sample needs a reward")
+        if self.external:
+            self._attach_reference_scorers()
+
+    def _attach_reference_scorers(self) -> None:
+        a = self.args
+        coef = a.algo.kl.init_coef if self.initial_model_group is not None else 0.0
+        check_reference_setup(self.external, kl_init_coef=coef, rollout_temperature=a.rollout.temperature)
+        duplicate = a.ds.ring_attn_size * a.ds.tensor_parallel_size
+        for plugin in self.external:
+            plugin.attach_scorer(
+                ReferenceLogProbScorer(
+                    self.initial_model_group,
+                    self.tokenizer,
+                    temperature=a.rollout.temperature,
+                    micro_batch_size=plugin.config.scorer.batch_size,
+                    max_length=plugin.config.scorer.max_length,
+                    effective_actors=a.ref.num_nodes * a.ref.num_gpus_per_node // duplicate,
+                    duplicate_factor=duplicate,
+                    sync=a.train.colocate_all or a.train.colocate_actor_ref,
+                )
+            )
+
+    @torch.no_grad()
+    def make_experience(self, samples_list):
+        step = self.global_step if self.global_step is not None else self._calls
+        self._calls += 1
+        n = self.args.rollout.n_samples_per_prompt
+        samples = [s for e in samples_list for s in experience_samples(e, self.tokenizer, n)]
+        scored = None
+        if self.pipeline is not None:
+            scored = self.score_samples(samples)
+            assign_rewards(samples_list, scored)
+        experiences = super().make_experience(samples_list)
+        every = self.settings.eval_every
+        if every is not None and step % every == 0:
+            self.record(step, experiences, samples, scored)
+        return experiences
+
+    def score_samples(self, samples: list[Sample]) -> ScoredBatch:
+        """One pipeline call for the whole batch; a sample left without a reward stops the run, loudly."""
+        if self.external:
+            check_label_temperatures([s.label for s in samples], self.args.rollout.temperature)
+        scored = self.pipeline.score(samples)
+        missing = [i for i, reward in enumerate(scored.rewards) if reward is None]
+        if missing:
+            first = scored.results[missing[0]]
+            raise RewardError(
+                f"{len(missing)} of {len(samples)} samples got no reward (first: {first.status.value}: {first.error}); "
+                "the experience maker needs one per sample"
+            )
+        return scored
+
+    def record(self, step: int, experiences, samples: list[Sample], scored: ScoredBatch | None) -> None:
+        """Write this batch as the eval file for `step` (atomically; a re-run step overwrites its file)."""
+        rewards = [float(v) for e in experiences for v in torch.as_tensor(e.rewards).flatten().tolist()]
+        if scored is not None:
+            components = [dict(result.components) for result in scored.results]
+        else:
+            components = [c for e in experiences for c in info_components(e.info, len(e.sequences))]
+        has_reference = self.initial_model_group is not None
+        per_batch = [sequence_kl(e, has_reference) for e in experiences]
+        kls = None if any(k is None for k in per_batch) else [k for batch in per_batch for k in batch]
+        rows = rows_from_scores([s.prompt for s in samples], [s.response for s in samples], rewards, components, kls)
+        kl = float(np.mean(kls)) if kls else None
+        history = self._history_before(step)
+        if kl is not None:
+            history.append(kl)
+        self._kl_history = history
+        path = write_eval_file(
+            self.settings.eval_dir, EvalFile(step=step, rows=rows, kl=kl, kl_history=list(history), meta=self._meta())
+        )
+        logger.info("wrote eval file %s (%d rows)", path, len(rows))
+
+    def _history_before(self, step: int) -> list[float]:
+        if self._kl_history is not None:
+            return list(self._kl_history)
+        earlier = [p for p in list_eval_files(self.settings.eval_dir) if read_eval_file(p).step < step]
+        return list(read_eval_file(earlier[-1]).kl_history) if earlier else []
+
+    def _meta(self) -> dict:
+        a = self.args
+        return {
+            "source": "openrlhf_ext.experience_maker",
+            "openrlhf": REQUIRED_OPENRLHF,
+            "reward_config": self.settings.reward_config,
+            "reward_scored_in": "trainer" if self.pipeline is not None else "rollout",
+            "remote_url": list(a.reward.remote_url) if a.reward.remote_url else None,
+            "kl": "sum over response tokens of log pi - log pi_ref (k1)",
+            "rollout_temperature": a.rollout.temperature,
+            "n_samples_per_prompt": a.rollout.n_samples_per_prompt,
+            "policy": a.actor.model_name_or_path,
+        }
+
+
+def assign_rewards(samples_list, scored: ScoredBatch) -> None:
+    """Set rewards, scores and the same info keys on every micro-batch, in batch order."""
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    logs = [scored.sample_logs(i) for i in range(len(scored.results))]
+    start = 0
+    for experience in samples_list:
+        size = len(experience.sequences)
+        chunk = rewards[start : start + size]
+        experience.rewards = chunk
+        experience.scores = chunk.clone()
+        experience.info["reward"] = chunk.clone()
+        if "score" in experience.info:
+            experience.info["score"] = chunk.clone()
+        for key in scored.log_keys:
+            experience.info[key] = torch.tensor([logs[i][key] for i in range(start, start + size)], dtype=torch.float32)
+        start += size

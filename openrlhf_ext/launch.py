@@ -1,0 +1,175 @@
+"""`python -m openrlhf_ext.launch [--reward-config X.yaml] <train_ppo_ray arguments>`.
+
+Checks that openrlhf is exactly 0.11.2, runs OpenRLHF's own argument parser and validation (so a rejected
+flag fails here, before Ray starts), refuses reward setups that cannot work, starts Ray with our
+`worker_process_setup_hook` and the reward settings as env vars, then runs `openrlhf.cli.train_ppo_ray`
+unchanged with `runpy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import runpy
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .settings import HookSettings
+from .version import check_openrlhf_version
+
+CLI_MODULE = "openrlhf.cli.train_ppo_ray"
+HOOK = "openrlhf_ext.hooks.install"
+DEFERRED_REWARD = str(Path(__file__).with_name("deferred_reward.py"))
+# train() sets these only when it starts Ray itself; we start Ray first, so we pass them on.
+OPENRLHF_ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
+class LaunchError(RuntimeError):
+    """The arguments cannot give a working run; the message says why."""
+
+
+class _Parsed(Exception):
+    def __init__(self, parsed: SimpleNamespace):
+        super().__init__("parsed")
+        self.parsed = parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m openrlhf_ext.launch",
+        description="Run OpenRLHF 0.11.2's train_ppo_ray with the reward-plugins experience maker installed. "
+        "Every argument not listed here goes to train_ppo_ray unchanged.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--reward-config", help="reward pipeline YAML scored on the whole rollout batch in the trainer")
+    parser.add_argument("--eval-dir", help="where eval files go (default: <--ckpt.output_dir>/eval)")
+    parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
+    parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
+    return parser
+
+
+def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our options, and the rest for train_ppo_ray (a leading `--` separator is dropped)."""
+    ours, rest = build_parser().parse_known_args(list(argv))
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    return ours, rest
+
+
+@contextlib.contextmanager
+def _stop_before_training() -> Iterator[None]:
+    """Let train_ppo_ray parse and validate, then stop where `train(args)` would build the strategy."""
+    import ray
+
+    import openrlhf.utils as utils
+
+    def capture(args: Any) -> None:
+        raise _Parsed(args)
+
+    saved = utils.get_strategy, ray.is_initialized
+    utils.get_strategy, ray.is_initialized = capture, lambda: True
+    try:
+        yield
+    finally:
+        utils.get_strategy, ray.is_initialized = saved
+
+
+def parse_openrlhf_args(argv: Sequence[str]) -> SimpleNamespace:
+    """The nested args train_ppo_ray would train with, from its real parser and validation rules."""
+    saved_argv = sys.argv
+    sys.argv = [CLI_MODULE, *argv]
+    try:
+        with _stop_before_training():
+            runpy.run_module(CLI_MODULE, run_name="__main__", alter_sys=False)
+    except _Parsed as parsed:
+        return parsed.parsed
+    except SystemExit as exc:
+        raise LaunchError(f"train_ppo_ray rejected the arguments (exit status {exc.code}; its message is above)") from None
+    except AssertionError as exc:
+        raise LaunchError(f"train_ppo_ray rejected the arguments: {exc}") from None
+    finally:
+        sys.argv = saved_argv
+    raise LaunchError("train_ppo_ray returned without reaching train(args)")
+
+
+def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
+    """Refuse setups that would fail late or silently; return notes worth printing."""
+    from reward_plugins.config import load_pipeline_config
+
+    from .ref_scorer import check_reference_setup, external_scorer_specs
+
+    notes = []
+    if reward_config is None:
+        notes.append("no --reward-config: rewards come from the rollout side (--reward.remote_url); eval files only")
+        return notes
+    config = load_pipeline_config(reward_config, check_paths=False)
+    if config.on_error == "skip":
+        raise LaunchError(
+            f"{reward_config}: on_error: skip cannot be used in the experience maker (every sample needs a reward); "
+            "use penalty or raise"
+        )
+    remote = args.reward.remote_url
+    if not remote:
+        raise LaunchError(
+            "--reward-config scores in the trainer, but without --reward.remote_url train_ppo_ray builds a reward-model "
+            f"actor group that waits for whole GPUs; pass --reward.remote_url {DEFERRED_REWARD}"
+        )
+    if args.algo.dynamic_filtering_enable:
+        raise LaunchError(
+            "--algo.dynamic_filtering_enable filters on rollout-side scores, before the experience maker scores; "
+            "use the reward server for dynamic filtering instead of --reward-config"
+        )
+    check_reference_setup(
+        list(external_scorer_specs(config.reward)),
+        kl_init_coef=args.algo.kl.init_coef,
+        rollout_temperature=args.rollout.temperature,
+    )
+    if args.eval.dataset:
+        notes.append("--eval.dataset is scored by --reward.remote_url on the rollout side, not by --reward-config")
+    return notes
+
+
+def runtime_env(settings: HookSettings, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    env_vars = {key: environ.get(key, default) for key, default in OPENRLHF_ENV_DEFAULTS.items()}
+    env_vars.update(settings.env_vars())
+    return {"worker_process_setup_hook": HOOK, "env_vars": env_vars}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ours, rest = split_argv(sys.argv[1:] if argv is None else argv)
+    check_openrlhf_version()
+    reward_config = str(Path(ours.reward_config).resolve()) if ours.reward_config else None
+    args = parse_openrlhf_args(rest)
+    notes = preflight(args, reward_config)
+    eval_dir = str(Path(ours.eval_dir).resolve()) if ours.eval_dir else None
+    settings = HookSettings(
+        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every
+    )
+    env = runtime_env(settings)
+    for note in notes:
+        print(f"[openrlhf_ext.launch] note: {note}", file=sys.stderr)
+    if ours.dry_run:
+        print(f"[openrlhf_ext.launch] ok: runtime_env={env}")
+        return 0
+    import ray
+
+    if ray.is_initialized():
+        print("[openrlhf_ext.launch] Ray is already initialised; the setup hook must be in its runtime_env", file=sys.stderr)
+    else:
+        ray.init(runtime_env=env)
+    sys.argv = [CLI_MODULE, *rest]
+    runpy.run_module(CLI_MODULE, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except LaunchError as exc:
+        print(f"openrlhf_ext.launch: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,57 @@
+"""What the launcher hands to the trainer's experience maker, through Ray's runtime_env env vars."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_CONFIG = "REWARD_PLUGINS_CONFIG"
+ENV_EVAL_DIR = "REWARD_PLUGINS_EVAL_DIR"
+ENV_EVAL_EVERY = "REWARD_PLUGINS_EVAL_EVERY"
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    """`reward_config`: score the rollout batch with this pipeline (None keeps the rollout-side rewards).
+
+    `eval_every`: record an eval file every this many steps (None: never); `eval_dir`: where.
+    """
+
+    reward_config: str | None
+    eval_dir: str | None
+    eval_every: int | None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, eval_steps: Any = None, output_dir: str | None = None):
+        """Read the env vars; the eval interval defaults to `--eval.steps`, the folder to `<ckpt.output_dir>/eval`."""
+        environ = os.environ if environ is None else environ
+        config = environ.get(ENV_CONFIG) or None
+        every_text = environ.get(ENV_EVAL_EVERY)
+        if every_text:
+            try:
+                every = int(every_text)
+            except ValueError:
+                raise ValueError(f"{ENV_EVAL_EVERY} must be an integer, got {every_text!r}") from None
+        else:
+            every = _interval(eval_steps)
+        if every is not None and every <= 0:
+            every = None
+        eval_dir = environ.get(ENV_EVAL_DIR) or (os.path.join(output_dir, "eval") if output_dir else None)
+        return cls(config, eval_dir, every if eval_dir else None)
+
+    def env_vars(self) -> dict[str, str]:
+        values = {ENV_CONFIG: self.reward_config, ENV_EVAL_DIR: self.eval_dir}
+        values[ENV_EVAL_EVERY] = str(self.eval_every) if self.eval_every is not None else None
+        return {key: value for key, value in values.items() if value}
+
+
+def _interval(eval_steps: Any) -> int | None:
+    if eval_steps is None:
+        return None
+    value = float(eval_steps)
+    if not math.isfinite(value) or value <= 0:
+        return None
+    return int(value)
