@@ -1,0 +1,183 @@
+"""A synthetic instruction task with a rule-based gold reward, for the CPU demo (no downloads).
+
+Each prompt asks for `k` items of one category ("Name 3 fruits."); a response is a comma-separated list.
+The gold reward is exact and cheap, so proxy reward models trained on its (noisy) preferences can be
+checked against it:
+
+    gold = (distinct correct items, at most k) / k - 0.25 * (extra or wrong or repeated items) - 0.5 * (no items)
+
+A perfect answer scores 1.0. Samples from `noisy_response` cover the whole range, which is what SFT,
+preference pairs and best-of-n need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reward_plugins.io import write_jsonl
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "fruits": ("apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum"),
+    "colors": ("red", "blue", "green", "yellow", "purple", "black", "white", "pink", "brown", "grey"),
+    "animals": ("cat", "dog", "horse", "lion", "tiger", "mouse", "bird", "fish", "sheep", "wolf"),
+    "tools": ("hammer", "saw", "drill", "wrench", "knife", "shovel", "rake", "axe", "chisel", "file"),
+}
+NUMBER_WORDS = ("one", "two", "three", "four", "five")
+MAX_K = 5
+PROMPT_TEMPLATE = "Instruction: name {k} {category}.\nResponse:"
+_PROMPT = re.compile(r"name (\d+) (\w+)\.")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One datapoint: how many items of which category the instruction asks for."""
+
+    k: int
+    category: str
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(k=self.k, category=self.category)
+
+    @property
+    def label(self) -> dict:
+        return {"k": self.k, "category": self.category}
+
+
+def gold_reward(response: str, k: int, category: str) -> float:
+    """The rule-based gold score of one response (1.0 is perfect)."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {sorted(CATEGORIES)}")
+    items = [item.strip().lower().rstrip(".") for item in response.split(",")]
+    items = [item for item in items if item]
+    if not items:
+        return -0.5
+    valid = set(CATEGORIES[category])
+    distinct_correct = len({item for item in items if item in valid})
+    bad = len(items) - min(distinct_correct, k)
+    return min(distinct_correct, k) / k - 0.25 * bad
+
+
+def gold_rewards(responses: Sequence[str], labels: Sequence[dict]) -> np.ndarray:
+    """Gold scores for a batch of responses with their task labels ({k, category})."""
+    return np.array([gold_reward(r, int(lab["k"]), str(lab["category"])) for r, lab in zip(responses, labels, strict=True)])
+
+
+def task_from_prompt(prompt: str) -> Task:
+    """Recover the task from its prompt text (for rows that lost their label)."""
+    match = _PROMPT.search(prompt)
+    if match is None:
+        raise ValueError(f"not a synthetic-task prompt: {prompt!r}")
+    return Task(int(match.group(1)), match.group(2))
+
+
+def sample_tasks(n: int, rng: random.Random) -> list[Task]:
+    return [Task(rng.randint(1, MAX_K), rng.choice(sorted(CATEGORIES))) for _ in range(n)]
+
+
+def noisy_response(task: Task, rng: random.Random, quality: float | None = None) -> str:
+    """A response of random quality: right or wrong count, off-category items, repeats."""
+    quality = rng.random() if quality is None else quality
+    pool = list(CATEGORIES[task.category])
+    others = [w for c, words in CATEGORIES.items() if c != task.category for w in words]
+    count = task.k if rng.random() < 0.4 + 0.6 * quality else max(1, task.k + rng.choice((-2, -1, 1, 2)))
+    items = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.55 + 0.45 * quality:
+            items.append(rng.choice(pool))
+        elif roll < 0.85 + 0.1 * quality and items:
+            items.append(rng.choice(items))
+        else:
+            items.append(rng.choice(others))
+    return " " + ", ".join(items)
+
+
+def perfect_response(task: Task, rng: random.Random) -> str:
+    return " " + ", ".join(rng.sample(list(CATEGORIES[task.category]), task.k))
+
+
+def sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.6) -> Iterator[dict]:
+    """SFT rows {prompt, completion} of mixed quality, so the SFT policy has room to improve."""
+    for task in tasks:
+        yield {"prompt": task.prompt, "completion": noisy_response(task, rng, quality)}
+
+
+def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: float = 0.25) -> Iterator[dict]:
+    """RM rows {prompt, chosen, rejected, label}: two responses ranked by gold, flipped with `label_noise`."""
+    for task in tasks:
+        for _ in range(20):
+            a, b = noisy_response(task, rng), noisy_response(task, rng)
+            ga, gb = gold_reward(a, task.k, task.category), gold_reward(b, task.k, task.category)
+            if ga != gb:
+                break
+        else:
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        flipped = rng.random() < label_noise
+        if flipped:
+            chosen, rejected = rejected, chosen
+        yield {"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "label": {**task.label, "flipped": flipped}}
+
+
+def prompt_rows(tasks: Sequence[Task]) -> Iterator[dict]:
+    """RL prompt rows {prompt, label} (the label carries everything the gold reward needs)."""
+    for i, task in enumerate(tasks):
+        yield {"prompt": task.prompt, "label": {"id": i, **task.label}}
+
+
+def tokenizer_corpus(rng: random.Random, n: int = 400) -> list[str]:
+    """Text the demo's tokenizer is trained on: prompts with responses, and every category word."""
+    tasks = sample_tasks(n, rng)
+    lines = [t.prompt + perfect_response(t, rng) for t in tasks]
+    lines += [t.prompt + noisy_response(t, rng) for t in tasks]
+    lines += [", ".join(words) for words in CATEGORIES.values()] + [" ".join(NUMBER_WORDS)]
+    return lines
+
+
+def write_task_files(out_dir: str | Path, seed: int = 0, n_sft: int = 2000, n_pref: int = 2000, n_rl: int = 256,
+                     n_eval: int = 32, label_noise: float = 0.25) -> dict[str, Path]:
+    """Write sft/prefs(train, test)/prompts/eval_prompts JSONL files; returns their paths."""
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    pref = list(preference_rows(sample_tasks(n_pref, rng), rng, label_noise))
+    held_out = list(preference_rows(sample_tasks(max(n_pref // 5, 20), rng), rng, 0.0))
+    paths = {
+        "sft": out_dir / "sft.jsonl",
+        "prefs": out_dir / "prefs.jsonl",
+        "prefs_test": out_dir / "prefs_test.jsonl",
+        "prompts": out_dir / "prompts.jsonl",
+        "eval_prompts": out_dir / "eval_prompts.jsonl",
+    }
+    write_jsonl(paths["sft"], sft_rows(sample_tasks(n_sft, rng), rng))
+    write_jsonl(paths["prefs"], pref)
+    write_jsonl(paths["prefs_test"], held_out)
+    write_jsonl(paths["prompts"], prompt_rows(sample_tasks(n_rl, rng)))
+    write_jsonl(paths["eval_prompts"], prompt_rows(sample_tasks(n_eval, rng)))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-sft", type=int, default=2000)
+    parser.add_argument("--n-pref", type=int, default=2000)
+    parser.add_argument("--n-rl", type=int, default=256)
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--label-noise", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    paths = write_task_files(args.out_dir, args.seed, args.n_sft, args.n_pref, args.n_rl, args.n_eval, args.label_noise)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

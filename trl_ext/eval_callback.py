@@ -1,0 +1,101 @@
+"""Eval files at every eval step: sample the eval prompts, score them with the pipeline, log KL to the initial policy.
+
+Writes `EVAL_DIR/eval_step{step:06d}.json` through `evaluation.eval_files`, so the gold evaluation and the
+plots read TRL runs exactly like OpenRLHF runs. Runs on the main process only; the initial policy is a
+frozen copy loaded from the policy path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
+from reward_plugins.pipeline import RewardPipeline
+from reward_plugins.types import Sample
+
+from .generation import completion_logprobs, sample, sequence_kl
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_policy(model, tokenizer, ref_model, pipeline: RewardPipeline, prompts: Sequence[str], labels: Sequence[Any],
+                    step: int, kl_history: Sequence[float], max_new_tokens: int, temperature: float,
+                    meta: dict[str, Any], seed: int = 0) -> EvalFile:
+    """One eval file: a completion per prompt, its proxy reward and components, and its sequence KL."""
+    was_training = model.training
+    model.eval()
+    try:
+        gens = sample(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed + step)
+        pol = completion_logprobs(model, gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id)
+    finally:
+        model.train(was_training)
+    ref = completion_logprobs(ref_model, gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id)
+    kls = sequence_kl(pol, ref)
+    samples = [Sample(prompt=p, response=t, query=p + t, label=lab, response_ids=ids)
+               for p, t, lab, ids in zip(prompts, gens.texts, labels, gens.completion_ids)]
+    scored = pipeline.score(samples)
+    components = [dict(r.components) for r in scored.results]
+    rows = rows_from_scores(prompts, gens.texts, scored.rewards, components, kls)
+    kl = float(np.mean(kls)) if kls else 0.0
+    return EvalFile(step=step, rows=rows, kl=kl, kl_history=[*kl_history, kl], meta=dict(meta))
+
+
+class EvalFileCallback(TrainerCallback):
+    """Writes an eval file before training, every `every` steps and at the end."""
+
+    def __init__(self, eval_dir: str | Path, pipeline: RewardPipeline, policy_path: str, prompts: Sequence[str],
+                 labels: Sequence[Any], every: int, max_new_tokens: int, temperature: float, meta: dict[str, Any],
+                 seed: int = 0):
+        self.eval_dir = Path(eval_dir)
+        self.pipeline = pipeline
+        self.policy_path = policy_path
+        self.prompts, self.labels = list(prompts), list(labels)
+        self.every = every
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.meta = meta
+        self.seed = seed
+        self._ref = None
+        self._done: set[int] = set()
+
+    def _ref_model(self, device: torch.device):
+        if self._ref is None:
+            self._ref = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32).to(device).eval()
+        return self._ref
+
+    def _history(self, step: int) -> list[float]:
+        """KL of every earlier eval step (files from a resumed run's later steps are ignored)."""
+        earlier = [p for p in list_eval_files(self.eval_dir) if int(p.stem.removeprefix("eval_step")) < step]
+        return list(read_eval_file(earlier[-1]).kl_history) if earlier else []
+
+    def write(self, step: int, model, tokenizer) -> Path | None:
+        existing = {int(p.stem.removeprefix("eval_step")) for p in list_eval_files(self.eval_dir)}
+        if step in self._done or step in existing:
+            return None
+        history = self._history(step)
+        device = next(model.parameters()).device
+        eval_file = evaluate_policy(model, tokenizer, self._ref_model(device), self.pipeline, self.prompts, self.labels,
+                                    step, history, self.max_new_tokens, self.temperature, self.meta, self.seed)
+        self._done.add(step)
+        path = write_eval_file(self.eval_dir, eval_file)
+        logger.info("eval step %d: kl %.3f, mean proxy %.3f -> %s", step, eval_file.kl,
+                    float(np.mean([r.proxy_score for r in eval_file.rows if r.proxy_score is not None] or [0.0])), path)
+        return path
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero:
+            self.write(state.global_step, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero and self.every > 0 and state.global_step % self.every == 0:
+            self.write(state.global_step, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero:
+            self.write(state.global_step, model, processing_class)
