@@ -1,0 +1,68 @@
+"""CLI: serve a reward-pipeline YAML over OpenRLHF's HTTP protocol, batching concurrent requests.
+
+    python -m openrlhf_ext.serve --config configs/rewards/ensemble_uwo5.yaml --host 127.0.0.1 --port 5000
+
+Point OpenRLHF at it with `--reward.remote_url http://127.0.0.1:5000/get_reward` (a comma list of several
+servers is round-robined by OpenRLHF). The models load before the port opens, so a /health answer means ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from reward_plugins.config import load_pipeline_config
+from reward_plugins.pipeline import build_pipeline
+
+from .server_app import ServerSettings, create_app
+from .server_protocol import GuardedScorer, resolve_fallback
+
+TOKEN_ENV = "REWARD_SERVER_TOKEN"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServerSettings()
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_ext.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="reward pipeline YAML (configs/rewards/*.yaml)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean otherwise)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="samples per model batch")
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, help="longest wait to fill a batch")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="queued samples before 503")
+    parser.add_argument("--max-request-samples", type=int, default=defaults.max_request_samples)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                        help="seconds before a request is answered with the fallback (OpenRLHF gives up at 180)")
+    parser.add_argument("--fallback-reward", type=float, default=None,
+                        help="reward of a sample that cannot be scored (default: the config's error_penalty, else 0)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"require 'Authorization: Bearer TOKEN' or ?token=TOKEN (default: ${TOKEN_ENV})")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_pipeline_config(args.config)
+    scorer = GuardedScorer(build_pipeline(config), resolve_fallback(config, args.fallback_reward))
+    settings = ServerSettings(
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_request_samples=args.max_request_samples,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        token=args.token or None,
+    )
+    logging.getLogger(__name__).info(
+        "serving %s on http://%s:%d/get_reward (log keys: %s)", args.config, args.host, args.port, ", ".join(scorer.log_keys)
+    )
+    uvicorn.run(create_app(scorer, settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

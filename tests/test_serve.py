@@ -1,0 +1,187 @@
+"""The reward server driven by OpenRLHF 0.11.2's own HTTP client (SingleTurnAgentExecutor) on tiny real RMs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from serve_helpers import PROMPTS, RESPONSES, make_engine, sampling_params
+
+from openrlhf_ext.server_app import ServerSettings, create_app, serve_in_thread
+from openrlhf_ext.server_protocol import GuardedScorer, derive_response, resolve_fallback
+from reward_plugins import Sample, build_pipeline, load_pipeline_config, parse_pipeline_config
+
+pytest.importorskip("openrlhf")
+from openrlhf.utils.agent import SingleTurnAgentExecutor  # noqa: E402
+
+ENSEMBLE = "configs/rewards/ensemble_uwo5.yaml"
+
+
+@pytest.fixture(scope="module")
+def ensemble_scorer(tiny_dir, rm_dirs):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MODELS_DIR", str(tiny_dir))
+    config = load_pipeline_config(ENSEMBLE)
+    mp.undo()
+    return GuardedScorer(build_pipeline(config), resolve_fallback(config, None))
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(ensemble_scorer):
+    app = create_app(ensemble_scorer, ServerSettings(max_batch_size=16, max_wait_ms=50))
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+def run_executor(url: str, tokenizer, engine, prompts, labels):
+    executor = SingleTurnAgentExecutor(remote_rm_url=[url + "/get_reward"])
+
+    async def all_samples():
+        return await asyncio.gather(
+            *(executor.execute(p, lab, sampling_params(), 256, tokenizer, engine) for p, lab in zip(prompts, labels))
+        )
+
+    return asyncio.run(all_samples())
+
+
+def test_derive_response_rules():
+    assert derive_response("<|user|>hi<eos><|assistant|>yes<eos>", "<|user|>hi<eos><|assistant|>") == "yes<eos>"
+    long_prompt = "x" * 10 + "a long prompt cut from the left by OpenRLHF<|assistant|>"
+    assert derive_response(long_prompt[12:] + "reply", long_prompt) == "reply"
+    with pytest.raises(ValueError, match="does not start with the prompt"):
+        derive_response("something else entirely", "<|user|>hi")
+
+
+def test_openrlhf_client_gets_pipeline_rewards_batched(ensemble_server, ensemble_scorer, tokenizer_dir):
+    url, app = ensemble_server
+    pairs = [(PROMPTS[i % 4] + f" Variant {i}.", RESPONSES[i % 4]) for i in range(48)]
+    tokenizer, engine, prompts = make_engine(tokenizer_dir, pairs)
+    labels = [{"id": f"row-{i}"} for i in range(len(pairs))]
+    before = app.state.batcher.stats.batches
+    outputs = run_executor(url, tokenizer, engine, prompts, labels)
+
+    direct = ensemble_scorer.pipeline.score([Sample(p, r) for p, (_, r) in zip(prompts, pairs)])
+    got = np.array([o["reward"] for o in outputs], dtype=float)
+    np.testing.assert_allclose(got, np.array(direct.rewards, dtype=float), rtol=1e-4, atol=1e-4)
+    assert len(set(np.round(got, 4))) > 10, "distinct samples should get distinct ensemble rewards"
+    keys = list(ensemble_scorer.log_keys)
+    for i, out in enumerate(outputs):
+        assert list(out["extra_logs"]) == keys
+        assert out["extra_logs"]["reward/errors"] == 0.0
+        assert out["scores"] == out["reward"]
+        assert out["extra_logs"]["reward/seed1"] == pytest.approx(direct.results[i].components["seed1"], abs=1e-4)
+    batches = app.state.batcher.stats.batches - before
+    assert batches < len(pairs), f"48 concurrent requests were scored in {batches} batches: no batching"
+
+
+def test_errored_samples_reach_openrlhf_with_fallback(ensemble_server, tokenizer_dir):
+    url, _ = ensemble_server
+    tokenizer, engine, prompts = make_engine(tokenizer_dir, [(PROMPTS[0], RESPONSES[0]), (PROMPTS[1], "")])
+    outputs = run_executor(url, tokenizer, engine, prompts, [None, None])
+    good, empty = outputs
+    assert good["extra_logs"]["reward/errors"] == 0.0 and good["reward"] != -1.0
+    assert empty["reward"] == -1.0, "an empty response errors; on_error: penalty gives error_penalty, never None"
+    assert empty["extra_logs"]["reward/errors"] == 1.0
+    assert list(empty["extra_logs"]) == list(good["extra_logs"])
+
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    for out in outputs:
+        experience = SamplesGenerator._process_response_into_experience(None, out, max_len=256)
+        assert experience.rewards is not None and experience.rewards.shape == (1,)
+        assert float(experience.info["reward/errors"][0]) == out["extra_logs"]["reward/errors"]
+
+
+def test_raise_policy_is_served_as_fallback(tokenizer_dir):
+    config = parse_pipeline_config(
+        {"on_error": "raise", "reward": {"type": "length_penalty", "name": "len", "coef": 0.5, "unit": "tokens"}}
+    )
+    scorer = GuardedScorer(build_pipeline(config), resolve_fallback(config, -3.0))
+    with serve_in_thread(create_app(scorer)) as url:
+        body = httpx.post(url + "/get_reward", json={"query": ["pq resp"], "prompts": ["pq"], "labels": [None]}).json()
+        mixed = httpx.post(url + "/get_reward", json={"query": ["pa", "zz"], "prompts": ["p", "q" * 20]}).json()
+    assert body["rewards"] == -3.0 and body["extra_logs"]["reward/errors"] == 1.0
+    assert mixed["rewards"] == [-3.0, -3.0] and mixed["extra_logs"]["reward/errors"] == [1.0, 1.0]
+
+
+def _rule_scorer(fallback: float = 0.0) -> GuardedScorer:
+    config = parse_pipeline_config(
+        {"reward": {"type": "length_penalty", "name": "len", "coef": 1.0, "unit": "chars"}, "on_error": "skip"}
+    )
+    return GuardedScorer(build_pipeline(config), fallback)
+
+
+def test_malformed_oversized_and_token():
+    settings = ServerSettings(max_request_samples=4, max_body_bytes=2000, token="s3cret")
+    with serve_in_thread(create_app(_rule_scorer(), settings)) as url:
+        endpoint = url + "/get_reward"
+        auth = {"Authorization": "Bearer s3cret"}
+        ok = {"query": ["pabc"], "prompts": ["p"], "labels": [None]}
+        assert httpx.post(endpoint, json=ok).status_code == 401
+        assert httpx.post(endpoint, json=ok, headers={"Authorization": "Bearer nope"}).status_code == 401
+        good = httpx.post(endpoint, json=ok, headers=auth)
+        assert good.status_code == 200 and good.json()["rewards"] == -3.0
+        assert httpx.post(endpoint + "?token=s3cret", json=ok).status_code == 200
+
+        bad_json = httpx.post(endpoint, content=b"{not json", headers=auth)
+        assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
+        mismatch = httpx.post(endpoint, json={"query": ["a", "b"], "prompts": ["a"]}, headers=auth)
+        assert mismatch.status_code == 422 and "prompts has 1 entries" in mismatch.json()["error"]
+        wrong_type = httpx.post(endpoint, json={"query": "pabc"}, headers=auth)
+        assert wrong_type.status_code == 422 and "query" in wrong_type.json()["error"]
+        too_many = httpx.post(endpoint, json={"query": ["a"] * 5}, headers=auth)
+        assert too_many.status_code == 413 and "limit is 4" in too_many.json()["error"]
+        too_big = httpx.post(endpoint, json={"query": ["x" * 5000]}, headers=auth)
+        assert too_big.status_code == 413
+
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "ok" and health["log_keys"][:3] == ["reward/mean", "reward/errors", "reward/skipped"]
+
+
+def test_full_queue_answers_503_and_recovers():
+    scorer = _rule_scorer()
+    release = threading.Event()
+    original = scorer.score
+
+    def blocking(samples):
+        release.wait(timeout=20)
+        return original(samples)
+
+    scorer.score = blocking
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    app = create_app(scorer, settings)
+    with serve_in_thread(app) as url:
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=30) as client:
+                payload = {"query": ["pabc"], "prompts": ["p"]}
+                tasks = [asyncio.create_task(client.post(url + "/get_reward", json=payload)) for _ in range(3)]
+                for _ in range(500):
+                    if app.state.batcher.stats.submitted == 3:
+                        break
+                    await asyncio.sleep(0.01)
+                assert app.state.batcher.queued == 2, "one request in the model, two waiting"
+                rejected = await client.post(url + "/get_reward", json=payload)
+                release.set()
+                return rejected, await asyncio.gather(*tasks)
+
+        rejected, accepted = asyncio.run(burst())
+    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
+    assert "queue full" in rejected.json()["error"]
+    assert [r.status_code for r in accepted] == [200, 200, 200]
+    assert all(json.loads(r.content)["rewards"] == -3.0 for r in accepted)
+
+
+def test_timeout_answers_fallback_instead_of_hanging():
+    scorer = _rule_scorer(fallback=-7.0)
+    release = threading.Event()
+    scorer.score = lambda samples: (release.wait(timeout=20), [])[1]
+    with serve_in_thread(create_app(scorer, ServerSettings(request_timeout_s=0.3))) as url:
+        reply = httpx.post(url + "/get_reward", json={"query": ["pabc"], "prompts": ["p"]}, timeout=10)
+        release.set()
+    assert reply.status_code == 200
+    assert reply.json()["rewards"] == -7.0 and reply.json()["extra_logs"]["reward/errors"] == 1.0
