@@ -1,0 +1,178 @@
+"""Best-of-n over gold-labelled generations with one proxy RM per seed, and their ensembles.
+
+    python -m evaluation.run_bon_pipeline models/rm_seed{seed} --seeds 1,2,3,4,5 --ensembles \
+        --uwo-weights 0.5 --big-n 12600 --gold-gens DATA -o runs/NAME
+
+Each proxy RM scores every answer (batched, cached per RM under OUT/scores, resumable), then
+`OUT/seed{s}/bon_sampled_results.json` and `OUT/ensemble_<mean|WCO|UWO-w>/bon_sampled_results.json` get
+`[{n, proxy_score, gold_score, kl_bon}, ...]`, with a `bon_meta.json` beside each recording the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reward_plugins.ensemble import OBJECTIVES
+from reward_plugins.io import write_json
+
+from .bon import DEFAULT_NS, bon_curve
+from .bon_analysis import ensemble_run_name, ensemble_scores
+from .gold_gens import GoldGens, load_gold_gens
+from .rm_text import OA_TEMPLATE, check_template, rm_text
+from .score_cache import cache_key, cached_scores, model_signature
+
+logger = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("UWO weights must be >= 0")
+    return values
+
+
+def _objectives(text: str) -> list[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in OBJECTIVES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown ensemble objective(s) {unknown or text!r}; expected some of {OBJECTIVES}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.run_bon_pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("proxy_rm_path", help="proxy RM folder; {seed} is replaced by each seed")
+    parser.add_argument("--seeds", type=_int_list, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--ensembles", action="store_true", help="also evaluate ensembles of the seeds' RMs")
+    parser.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="mean,wco,uwo")
+    parser.add_argument("--uwo-weights", type=_float_list, default=[0.5], help="lambda values for UWO (0 allowed)")
+    parser.add_argument("--ddof", type=int, default=0, help="UWO variance ddof (0: the paper's population variance)")
+    parser.add_argument("--sample-ns", type=_int_list, default=list(DEFAULT_NS))
+    parser.add_argument("--big-n", type=int, default=12600, help="keep only the first BIG_N answers of each prompt")
+    parser.add_argument("--gold-gens", required=True, help="JSONL, Parquet or saved HF dataset folder")
+    parser.add_argument("--split", default="validation", help="split of a saved DatasetDict")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first prompts (unbiased subsample)")
+    parser.add_argument("-o", "--output-dir", required=True)
+    parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
+                        help="RM input; fields {prompt} {instruction} {input} {answer}")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not the RM's own ({seed} allowed)")
+    parser.add_argument("--max-length", type=int, default=776, help="RM input tokens (the published 520 + 256)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=None, help="score cache root (default OUTPUT_DIR/scores)")
+    parser.add_argument("--block-answers", type=int, default=8192, help="answers scored between cache checkpoints")
+    parser.add_argument("--save-sorted", action="store_true", help="also write proxy_labelled_sorted.json per run")
+    return parser
+
+
+def score_with_rm(args: argparse.Namespace, seed: int, gens: GoldGens, fingerprint: str) -> list[np.ndarray]:
+    """Every answer's score from the seed's proxy RM, through the score cache."""
+    from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
+
+    path = args.proxy_rm_path.replace("{seed}", str(seed))
+    tokenizer = args.tokenizer.replace("{seed}", str(seed)) if args.tokenizer else None
+    if not Path(path).exists():
+        raise FileNotFoundError(f"proxy RM for seed {seed}: {path} does not exist")
+    settings = {
+        "rm": model_signature(path), "tokenizer": tokenizer, "template": args.template, "max_length": args.max_length,
+        "dtype": args.dtype, "data": fingerprint,
+    }
+
+    def make_scorer():
+        config = RewardModelConfig(path=path, tokenizer=tokenizer, max_length=args.max_length,
+                                   batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+        scorer = RewardModelScorer(config)
+        logger.info("scoring %d answers with %s", sum(len(a) for a in gens.answers), path)
+        return lambda texts: scorer.score_texts(texts)[0]
+
+    def texts(row: int) -> list[str]:
+        return [rm_text(gens.instructions[row], gens.inputs[row], a, args.template) for a in gens.answers[row]]
+
+    cache_root = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / "scores"
+    return cached_scores(cache_root / f"seed{seed}-{cache_key(settings)}", settings, texts,
+                         [len(a) for a in gens.answers], make_scorer, args.block_answers)
+
+
+def write_run(run_dir: Path, gens: GoldGens, scores: Sequence[np.ndarray], ns: Sequence[int], meta: dict[str, Any],
+              save_sorted: bool) -> list[dict[str, float]]:
+    """Compute and write one run's curve (and optionally the published sorted file, gold permuted with the proxy)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curve = bon_curve(list(scores), gens.gold, ns)
+    for warning in caught:
+        logger.warning("%s: %s", run_dir.name, warning.message)
+    write_json(run_dir / "bon_sampled_results.json", curve)
+    done = {c["n"] for c in curve}
+    write_json(run_dir / "bon_meta.json", {**meta, "ns": [c["n"] for c in curve],
+                                            "ns_skipped": [n for n in ns if n not in done]})
+    if save_sorted:
+        rows = []
+        for row, proxy in enumerate(scores):
+            order = np.argsort(proxy, kind="stable")
+            rows.append({"instruction": gens.instructions[row], "input": gens.inputs[row],
+                         "answers": [gens.answers[row][i] for i in order],
+                         "gold_scores": gens.gold[row][order].tolist(), "proxy_scores": np.asarray(proxy)[order].tolist()})
+        write_json(run_dir / "proxy_labelled_sorted.json", rows, indent=None)
+    return curve
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Run the pipeline; returns the curves keyed by run folder name."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.seeds) > 1 and "{seed}" not in args.proxy_rm_path:
+        parser.error("proxy_rm_path must contain {seed} when several seeds are given")
+    if args.ensembles and len(args.seeds) < 2:
+        parser.error("--ensembles needs at least two seeds")
+    if args.big_n < 1 or any(n < 1 for n in args.sample_ns):
+        parser.error("--big-n and --sample-ns must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.output_dir)
+    gens = load_gold_gens(args.gold_gens, args.big_n, args.split, args.max_prompts)
+    sizes = [len(a) for a in gens.answers]
+    base_meta = {"data": gens.source, "prompts": len(gens), "answers_min": min(sizes), "answers_max": max(sizes),
+                 "big_n": args.big_n, "template": args.template, "max_length": args.max_length}
+    fingerprint = gens.fingerprint()
+    members: dict[int, list[np.ndarray]] = {}
+    curves = {}
+    for seed in args.seeds:
+        members[seed] = score_with_rm(args, seed, gens, fingerprint)
+        meta = {**base_meta, "proxy_rm": args.proxy_rm_path.replace("{seed}", str(seed)), "seed": seed}
+        curves[f"seed{seed}"] = write_run(out / f"seed{seed}", gens, members[seed], args.sample_ns, meta, args.save_sorted)
+    if args.ensembles:
+        for objective in args.objectives:
+            for weight in args.uwo_weights if objective == "uwo" else [None]:
+                name = ensemble_run_name(objective, weight)
+                combined = ensemble_scores(list(members.values()), objective, 0.0 if weight is None else weight, args.ddof)
+                meta = {**base_meta, "proxy_rm": args.proxy_rm_path, "seeds": args.seeds, "objective": objective,
+                        "uwo_weight": weight, "ddof": args.ddof}
+                curves[name] = write_run(out / name, gens, combined, args.sample_ns, meta, args.save_sorted)
+    for name, curve in curves.items():
+        if curve:
+            logger.info("%s: n=%d proxy %.4f gold %.4f", name, curve[-1]["n"], curve[-1]["proxy_score"], curve[-1]["gold_score"])
+    return curves
+
+
+if __name__ == "__main__":
+    main()
