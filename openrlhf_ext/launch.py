@@ -13,6 +13,9 @@ import contextlib
 import os
 import runpy
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +136,23 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
     return notes
 
 
+def check_reward_servers(remote_urls: Sequence[str] | None, timeout: float = 5.0) -> None:
+    """Fail now, not at the first rollout, when an HTTP reward server does not answer `GET /health`."""
+    for url in remote_urls or []:
+        if not url.startswith(("http://", "https://")):
+            continue
+        parts = urllib.parse.urlsplit(url)
+        health = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/health", "", ""))
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as response:
+                response.read()
+        except (OSError, urllib.error.URLError) as exc:
+            raise LaunchError(
+                f"reward server {url} does not answer {health} ({exc}); start it first, e.g. "
+                "python -m openrlhf_ext.serve --config configs/rewards/<file>.yaml --host 127.0.0.1 --port 5000"
+            ) from None
+
+
 def runtime_env(settings: HookSettings, environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     env_vars = {key: environ.get(key, default) for key, default in OPENRLHF_ENV_DEFAULTS.items()}
@@ -156,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.dry_run:
         print(f"[openrlhf_ext.launch] ok: runtime_env={env}")
         return 0
+    check_reward_servers(args.reward.remote_url)
     import ray
 
     if ray.is_initialized():
