@@ -1,0 +1,101 @@
+"""Supervised fine-tuning through TRL on our SFT format ({"prompt", "completion"} JSONL), loss on completions only.
+
+    python -m trl_ext.sft --config configs/train/sft_tiny.yaml --set trl.num_train_epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from reward_plugins.config import ConfigError
+
+from .config import ExistingPath, load_config
+from .data import SFT_FIELDS, read_rows
+from .train import CPU_DEFAULTS, split_overrides
+
+logger = logging.getLogger(__name__)
+
+
+class SFTRunConfig(BaseModel):
+    """An SFT run: base model, data, where the final HF model goes; `trl` goes to TRL's SFTConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ExistingPath
+    tokenizer: ExistingPath | None = None
+    train_data: ExistingPath
+    eval_data: ExistingPath | None = None
+    output_dir: str
+    seed: int = 0
+    torch_threads: int | None = Field(default=None, gt=0)
+    trl: dict[str, Any] = Field(default_factory=dict)
+
+
+def sft_args(cfg: SFTRunConfig):
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(cfg.trl) - known)
+    if unknown:
+        raise ConfigError([f"trl.{key}: unknown SFTConfig field" for key in unknown])
+    values: dict[str, Any] = {"output_dir": cfg.output_dir, "report_to": ["tensorboard"], "seed": cfg.seed,
+                              "logging_steps": 10, "save_strategy": "no", "completion_only_loss": True}
+    if not torch.cuda.is_available():
+        values.update(CPU_DEFAULTS)
+    values.update(cfg.trl)
+    try:
+        return SFTConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"]) from exc
+
+
+def build_trainer(cfg: SFTRunConfig):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    args = sft_args(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    keep = list(SFT_FIELDS)
+    train = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.train_data, SFT_FIELDS)])
+    evals = None
+    if cfg.eval_data:
+        evals = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.eval_data, SFT_FIELDS)])
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
+
+
+def run(cfg: SFTRunConfig) -> Path:
+    """Train (resuming from a checkpoint if one exists) and save the final model and tokenizer to `output_dir/final`."""
+    trainer = build_trainer(cfg)
+    out = Path(cfg.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    final = out / "final"
+    trainer.save_model(str(final))
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args, extra = parser.parse_known_args(argv)
+    cfg = load_config(SFTRunConfig, args.config, [*args.set, *split_overrides(extra)])
+    print(f"final model: {run(cfg)}")
+
+
+if __name__ == "__main__":
+    main()
