@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reward_plugins.io import DataError, write_json, write_jsonl
-from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, require_text, stable_id
+from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, stable_id
 
 SPLITS = ("train", "test", "val")
 BASELINE_FIELDS = ("baseline_ppl", "baseline_temperature", "baseline_model")

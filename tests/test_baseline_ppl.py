@@ -177,3 +177,19 @@ def test_prompt_matches_vrcli_token_ids(rl_data, lm_dir):
     text = tokenizer.decode(context)
     assert text.startswith("<|system|>" + VRCLIPrompt().system) and text.endswith("<|assistant|>")
     assert label["context"] in text and tokenizer.decode(gold) == label["gold"]
+
+
+def test_openrlhf_prompt_reader_gets_prompt_and_label(full_run, lm_dir):
+    datasets = pytest.importorskip("datasets")
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    loaded = datasets.load_dataset("json", data_files={"validation": str(full_run / "val.jsonl")},
+                                   cache_dir=str(full_run.parent / "hf_cache"))["validation"]
+    ours = read_jsonl(full_run / "val.jsonl")
+    for row, expected in zip(loaded, ours):
+        prompt, label = preprocess_data(row, input_key="prompt", label_key="label",
+                                        apply_chat_template=tokenizer.apply_chat_template)
+        assert prompt == tokenizer.apply_chat_template(expected["prompt"], add_generation_prompt=True, tokenize=False)
+        assert label == expected["label"] and label["baseline_ppl"] > 0
