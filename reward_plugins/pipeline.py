@@ -84,7 +84,7 @@ class RewardPipeline:
             shown = "; ".join(f"sample {i}: {message}" for i, message in errors[:5])
             raise RewardError(f"{len(errors)} of {len(samples)} samples failed: {shown}")
         rewards = [self._final_reward(result) for result in results]
-        return ScoredBatch(results, rewards, self._batch_logs(results, rewards), self.log_keys)
+        return ScoredBatch(results, rewards, self.batch_logs(results, rewards), self.log_keys)
 
     __call__ = score
 
@@ -95,7 +95,8 @@ class RewardPipeline:
             return self.error_penalty
         return None
 
-    def _batch_logs(self, results: list[RewardResult], rewards: list[float | None]) -> dict[str, float]:
+    def batch_logs(self, results: list[RewardResult], rewards: list[float | None]) -> dict[str, float]:
+        """The pipeline's log keys aggregated over `results` (for example several batches of one step)."""
         present = [r for r in rewards if r is not None]
         logs = {
             "reward/mean": float(np.mean(present)) if present else 0.0,

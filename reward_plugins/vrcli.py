@@ -12,6 +12,7 @@ the training reward, and the raw improvement is always logged.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -287,3 +288,17 @@ class VRCLIPlugin(RewardPlugin):
                 else:
                     results[i] = RewardResult.failed(f"{self.name}: non-finite perplexity {p}", {"baseline_ppl": float(b)})
         return results  # type: ignore[return-value]
+
+
+def load_vrcli_plugin(path: str | os.PathLike) -> VRCLIPlugin:
+    """Build the first `vrcli` plugin in a reward YAML: baselines then use exactly the reward's settings."""
+    from .config import load_pipeline_config
+    from .pipeline import build_plugin
+
+    stack = [load_pipeline_config(path).reward]
+    while stack:
+        spec = stack.pop(0)
+        if spec.type == "vrcli":
+            return build_plugin(spec)  # type: ignore[return-value]
+        stack.extend(spec.children.values())
+    raise ValueError(f"{path}: no plugin of type vrcli in this reward configuration")
