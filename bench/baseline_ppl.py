@@ -53,15 +53,22 @@ def one_at_a_time(model, items: list[Item], device: torch.device) -> list[float]
     return ppls
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    best, result = float("inf"), None
+def timed(fn) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def interleaved(fns: list, repeats: int) -> list[tuple[float, list[float]]]:
+    """Best time of each function, alternating them every round so a busy machine slows both alike."""
+    best = [(float("inf"), [])] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for k, fn in enumerate(fns):
+            seconds, result = timed(fn)
+            best[k] = min(best[k], (seconds, result), key=lambda pair: pair[0])
+    return best
 
 
 def main() -> None:
@@ -85,8 +92,8 @@ def main() -> None:
             items.append(Item("bench", 0, "", {"label": label}, context, gold))
         tokens = sum(it.length for it in items)
         score_chunk(scorer, items[:2]), one_at_a_time(model, items[:2], scorer.device)  # warm-up
-        ours_s, ours = timed(lambda: score_chunk(scorer, items), args.repeats)
-        base_s, base = timed(lambda: one_at_a_time(model, items, scorer.device), args.repeats)
+        (ours_s, ours), (base_s, base) = interleaved(
+            [lambda: score_chunk(scorer, items), lambda: one_at_a_time(model, items, scorer.device)], args.repeats)
     diff = float(np.max(np.abs(np.array(ours) - np.array(base)) / np.array(base)))
     print(f"device {scorer.device}, {args.rows} rows, {tokens} tokens, mean length {tokens / args.rows:.0f}, "
           f"batch_size {args.batch_size}, best of {args.repeats}")
