@@ -16,6 +16,15 @@ from reward_plugins.types import Sample
 
 CONFIG = "configs/rewards/reward_model.yaml"
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run several times faster on one thread when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_dir):
@@ -34,8 +43,7 @@ def prompts(tmp_path):
     return path
 
 
-def manual_logprob(model_dir, context, answer):
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def manual_logprob(model, context, answer):
     ids = torch.tensor([context + answer])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
@@ -72,10 +80,12 @@ def test_eval_files_for_checkpoints(tmp_path, models_env, lm_dir, tokenizer_dir,
     contexts = [tok(r.prompt, add_special_tokens=False)["input_ids"] for r in step10.rows]
     torch.manual_seed(0)
     settings = Namespace(batch_size=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6)
-    answer_ids = eval_checkpoints.sample_answers(AutoModelForCausalLM.from_pretrained(checkpoints[1]).eval(), tok, contexts, settings)
+    policy = AutoModelForCausalLM.from_pretrained(checkpoints[1]).eval()
+    initial = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    answer_ids = eval_checkpoints.sample_answers(policy, tok, contexts, settings)
     assert [tok.decode(ids, skip_special_tokens=True) for ids in answer_ids] == [r.answer for r in step10.rows]
     for row, context, answer in zip(step10.rows, contexts, answer_ids):
-        expected = manual_logprob(checkpoints[1], context, answer) - manual_logprob(lm_dir, context, answer)
+        expected = manual_logprob(policy, context, answer) - manual_logprob(initial, context, answer)
         assert row.kl == pytest.approx(expected, abs=1e-4)
     assert any(abs(r.kl) > 1e-3 for r in step10.rows)
     # Same seed, same answers; finished steps are skipped without loading a model.
