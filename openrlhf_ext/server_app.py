@@ -136,7 +136,7 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
         outcomes = await _score(parsed, batcher, scorer, settings.request_timeout_s)
         if outcomes is None:
             return _error(503, f"reward queue full ({settings.max_queue} samples); retry later", **{"Retry-After": "1"})
-        return to_payload(outcomes, scorer.log_keys)
+        return JSONResponse(to_payload(outcomes, scorer.log_keys))
 
     return app
 
