@@ -104,7 +104,10 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         return scored
 
     def record(self, step: int, experiences, samples: list[Sample], scored: ScoredBatch | None) -> None:
-        """Write this batch as the eval file for `step` (atomically; a re-run step overwrites its file)."""
+        """Write this batch as the eval file for `step`: answers without special tokens, for any gold RM.
+
+        Written atomically; a re-run step (after a resume) overwrites its file.
+        """
         rewards = [float(v) for e in experiences for v in torch.as_tensor(e.rewards).flatten().tolist()]
         if scored is not None:
             components = [dict(result.components) for result in scored.results]
@@ -113,7 +116,8 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         has_reference = self.initial_model_group is not None
         per_batch = [sequence_kl(e, has_reference) for e in experiences]
         kls = None if any(k is None for k in per_batch) else [k for batch in per_batch for k in batch]
-        rows = rows_from_scores([s.prompt for s in samples], [s.response for s in samples], rewards, components, kls)
+        answers = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        rows = rows_from_scores([s.prompt for s in samples], answers, rewards, components, kls)
         kl = float(np.mean(kls)) if kls else None
         history = self._history_before(step)
         if kl is not None:

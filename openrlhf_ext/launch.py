@@ -107,6 +107,8 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
 
     notes = []
     if reward_config is None:
+        if any(Path(url).name == Path(DEFERRED_REWARD).name for url in args.reward.remote_url or []):
+            raise LaunchError(f"{DEFERRED_REWARD} only holds a place for --reward-config, which is missing")
         notes.append("no --reward-config: rewards come from the rollout side (--reward.remote_url); eval files only")
         return notes
     config = load_pipeline_config(reward_config, check_paths=False)

@@ -61,6 +61,8 @@ def test_preflight_refuses_vrcli_setups_that_cannot_work():
         launch.preflight(launch.parse_openrlhf_args([*good, "--rollout.temperature", "0.6"]), VRCLI_REF)
     with pytest.raises(launch.LaunchError, match="deferred_reward.py"):
         launch.preflight(launch.parse_openrlhf_args([*BASE, "--algo.kl.init_coef", "1e-6"]), VRCLI_REF)
+    with pytest.raises(launch.LaunchError, match="--reward-config, which is missing"):
+        launch.preflight(launch.parse_openrlhf_args(good), None)
     with pytest.raises(launch.LaunchError, match="dynamic_filtering"):
         launch.preflight(launch.parse_openrlhf_args([*good, "--algo.dynamic_filtering_enable"]), VRCLI_REF)
 

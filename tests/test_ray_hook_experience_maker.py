@@ -270,7 +270,7 @@ def test_vrcli_on_reference_actors_matches_local_scorer(ray_session, models, vrc
     assert all(abs(k) > 0 for k in manual_kl), "policy and reference differ, so the KL cannot be zero"
     assert written.kl_history == [pytest.approx(np.mean(manual_kl))]
     assert [row.components["improvement"] for row in written.rows] == pytest.approx(want_improvement, rel=1e-4, abs=1e-3)
-    assert written.rows[0].answer.startswith("In summary: the hero")
+    assert written.rows[0].answer == "In summary: the hero leaves the village.", "special tokens stripped"
 
     maker.make_experience_batch(rollouts(models, vrcli.labels))  # step 1: interval 1 records again
     assert [read_eval_file(p).step for p in list_eval_files(eval_dir)] == [0, 1]
