@@ -135,3 +135,9 @@ def test_all_n_too_large_returns_nothing():
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert bon_curve([[1.0, 2.0]], [[0.0, 1.0]], [3]) == []
+
+
+def test_huge_finite_scores_are_accepted():
+    curve = bon_curve([[1e308, 1e308, 0.0]], [[1.0, 2.0, 3.0]], [1, 2])
+    assert curve[1]["gold_score"] == pytest.approx(brute_force([1e308, 1e308, 0.0], [1.0, 2.0, 3.0], 2)[1])
+    assert curve[1]["proxy_score"] == pytest.approx(1e308)
