@@ -94,6 +94,15 @@ def extract_plan(response: str, markers: Sequence[str] = PAPER_MARKERS, whole_re
     raise ValueError(f"no plan marker ({', '.join(map(repr, markers))}) in the response")
 
 
+def strip_special_suffix(text: str, special_tokens: Sequence[str]) -> str:
+    """Drop trailing special-token strings (an OpenRLHF response keeps its EOS text, e.g. `<|im_end|>`)."""
+    tokens = [t for t in special_tokens if t]
+    stripped = text.rstrip()
+    while tokens and (end := next((t for t in tokens if stripped.endswith(t)), None)):
+        stripped = stripped[: -len(end)].rstrip()
+    return stripped
+
+
 class VRCLIPrompt(PluginConfig):
     """How the scored input is built from the label (and the plan).
 
@@ -260,7 +269,12 @@ class VRCLIPlugin(RewardPlugin):
             raise LabelError(
                 f"baseline computed at temperature {baseline_temperature}, scorer runs at {self.scorer.temperature}"
             )
-        plan = extract_plan(sample.response, self.config.plan.markers, self.config.plan.whole_response_fallback)
+        plan = strip_special_suffix(
+            extract_plan(sample.response, self.config.plan.markers, self.config.plan.whole_response_fallback),
+            self.scorer.tokenizer.all_special_tokens,
+        )
+        if not plan:
+            raise ValueError("the plan is empty once end-of-turn tokens are removed")
         context, gold = self.config.prompt.token_ids(self.scorer.tokenizer, label, plan)
         return context, gold, float(baseline)
 

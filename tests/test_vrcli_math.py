@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reward_plugins.vrcli import extract_plan, improvement, shape
+from reward_plugins.vrcli import extract_plan, improvement, shape, strip_special_suffix
 
 
 def test_improvement_formula_vectorised():
@@ -69,3 +69,9 @@ def test_plan_missing_or_empty():
         extract_plan("In summary:   ")
     with pytest.raises(ValueError):
         extract_plan("   ", whole_response_fallback=True)
+
+
+def test_strip_special_suffix():
+    assert strip_special_suffix("go north.<|im_end|>\n<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]) == "go north."
+    assert strip_special_suffix("keep <|im_end|> inside", ["<|im_end|>"]) == "keep <|im_end|> inside"
+    assert strip_special_suffix("<eos>", ["<eos>"]) == ""

@@ -66,11 +66,11 @@ def test_reward_end_to_end(lm_dir, scorer):
     plugin = plugin_for(lm_dir)
     baselines = baseline_perplexities(plugin.scorer, plugin.config.prompt, LABELS)
     labels = [{**label, "baseline_ppl": float(b), "baseline_temperature": 1.0} for label, b in zip(LABELS, baselines)]
-    samples = [Sample(prompt="p", response=f"thinking. In summary: plan number {i}", label=label) for i, label in enumerate(labels)]
+    samples = [Sample(prompt="p", response=f"thinking. In summary: plan number {i}<eos>", label=label) for i, label in enumerate(labels)]
     results = plugin.score(samples)
     assert all(r.status is Status.OK for r in results)
     for sample, result, baseline in zip(samples, results, baselines):
-        ctx, gold = plugin.config.prompt.token_ids(scorer.tokenizer, sample.label, sample.response.split("In summary:")[-1].strip())
+        ctx, gold = plugin.config.prompt.token_ids(scorer.tokenizer, sample.label, sample.response.split("In summary:")[-1].removesuffix("<eos>").strip())
         ppl = perplexity(scorer.continuation_logprobs([ctx], [gold])[0])
         expected = improvement([baseline], [ppl])[0]
         assert result.components["improvement"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
