@@ -188,8 +188,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 "prompts": str(args.prompts), "reward_logs": scored.logs}
         written.append(write_eval_file(out, EvalFile(step=step, rows=rows, kl=history[-1], kl_history=list(history), meta=meta)))
         logger.info("step %d: KL %.4f, mean reward %s", step, history[-1], scored.logs.get("reward/mean"))
-        if policy is not initial:
-            del policy
     return written
 
 

@@ -102,6 +102,22 @@ def test_eval_files_for_checkpoints(tmp_path, models_env, lm_dir, tokenizer_dir,
     assert redone.kl_history == files[2].kl_history
 
 
+def test_ensemble_members_and_variance_are_kept(tmp_path, models_env, lm_dir, checkpoints, prompts):
+    out = tmp_path / "eval"
+    eval_checkpoints.main(["--checkpoints", str(checkpoints[0]), "--initial-policy", str(lm_dir), "--prompts", str(prompts),
+                           "--reward-config", "configs/rewards/ensemble_uwo5.yaml", "-o", str(out), "--no-initial",
+                           "--max-new-tokens", "4", "--max-prompts", "2"])
+    (only,) = list_eval_files(out)
+    ef = read_eval_file(only)
+    assert ef.step == 20 and len(ef.rows) == 2 and ef.kl_history == [ef.kl]
+    assert any(row.proxy_score != -1.0 for row in ef.rows)
+    for row in ef.rows:
+        if row.proxy_score != -1.0:  # an empty answer is an error, scored with the config's penalty
+            members = [row.components[f"seed{s}"] for s in range(1, 6)]
+            assert row.ensemble_variance == pytest.approx(np.var(members))
+            assert row.proxy_score == pytest.approx(np.mean(members) - 0.1 * np.var(members))
+
+
 def test_bad_prompts_and_steps(tmp_path):
     path = tmp_path / "prompts.jsonl"
     write_jsonl(path, [{"prompt": "ok"}, {"text": "no prompt here"}])
