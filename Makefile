@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m reward_plugins.demo
+	$(PY) -m trl_ext.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

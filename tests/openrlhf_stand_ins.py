@@ -80,3 +80,10 @@ def install() -> None:
             ("vllm.distributed.device_communicators.pynccl", False),
         ]
         sys.modules.update({name: _module(name, package, __version__="0.29.0") for name, package in names})
+
+
+def hide_from_trl() -> None:
+    """TRL takes any importable `vllm` for the real one and then imports modules it lacks; tell it there is none."""
+    from trl import import_utils
+
+    import_utils.is_vllm_available = lambda *args, **kwargs: False

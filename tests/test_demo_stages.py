@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trl import import_utils as trl_import_utils
 
 from evaluation.eval_files import list_eval_files, read_eval_file
 from trl_ext import demo
 
-# conftest's vllm stand-in looks like a real vllm to TRL, which then imports vllm modules it lacks.
-trl_import_utils.is_vllm_available = lambda *args, **kwargs: False
 
 TINY = dict(n_sft=64, n_pref=64, n_rl=16, n_eval=4, hidden_size=32, sft_epochs=1, rm_epochs=1, rm_seeds=[1, 2],
             bon_prompts=4, bon_n=4, max_new_tokens=8, grpo_steps=2, grpo_batch=8, grpo_generations=4, eval_every=1)

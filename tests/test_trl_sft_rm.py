@@ -11,7 +11,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import import_utils as trl_import_utils
 
 from reward_plugins.io import DataError, write_jsonl
 from reward_plugins.pipeline import RewardPipeline
@@ -20,8 +19,6 @@ from setup_data import synthetic_task as st
 from trl_ext import sft, train_rm
 from trl_ext.config import load_config
 
-# conftest's vllm stand-in looks like a real vllm to TRL, which then imports vllm modules it lacks.
-trl_import_utils.is_vllm_available = lambda *args, **kwargs: False
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,7 @@ import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
-from trl import import_utils as trl_import_utils
 
-# conftest's vllm stand-in looks like a real vllm to TRL, which then imports vllm modules it lacks.
-trl_import_utils.is_vllm_available = lambda *args, **kwargs: False
 
 from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins.config import ConfigError
