@@ -9,6 +9,6 @@ import os
 
 
 def reward_func(queries, prompts, labels, **kwargs):
-    if not os.environ.get("REWARD_PLUGINS_CONFIG"):
-        raise RuntimeError("deferred_reward.py needs the launcher's --reward-config (REWARD_PLUGINS_CONFIG is unset)")
+    if not os.environ.get("REWARD_PLUGINS_TRAINER_CONFIG"):
+        raise RuntimeError("deferred_reward.py needs the launcher's --reward-config (REWARD_PLUGINS_TRAINER_CONFIG is unset)")
     return {"rewards": 0.0, "scores": 0.0, "extra_logs": {}}

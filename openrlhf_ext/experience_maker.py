@@ -2,7 +2,7 @@
 
 Installed in the trainer actor by `openrlhf_ext.hooks.install` (through the launcher). Per rollout batch:
 
-1. With `REWARD_PLUGINS_CONFIG` set, the whole batch is scored in one pipeline call; every micro-batch gets
+1. With `REWARD_PLUGINS_TRAINER_CONFIG` set, the whole batch is scored in one pipeline call; every micro-batch gets
    `rewards`, `scores`, `info["reward"]` and the pipeline's fixed log keys, so the base class skips its
    reward-model dispatch. VR-CLI plugins with `scorer.backend: external` score on the reference-model
    actors (`ReferenceLogProbScorer`); the run is refused when there is none or temperatures disagree.

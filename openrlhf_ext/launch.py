@@ -28,6 +28,7 @@ CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 HOOK = "openrlhf_ext.hooks.install"
 DEFERRED_REWARD = str(Path(__file__).with_name("deferred_reward.py"))
 # train() sets these only when it starts Ray itself; we start Ray first, so we pass them on.
+SHIM_CONFIG_ENV = "REWARD_PLUGINS_CONFIG"
 OPENRLHF_ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--reward-config", help="reward pipeline YAML scored on the whole rollout batch in the trainer")
+    parser.add_argument(
+        "--shim-config",
+        help="reward pipeline YAML for the reward_func shim (--reward.remote_url openrlhf_ext/reward_func.py), "
+        "passed to the rollout workers as REWARD_PLUGINS_CONFIG",
+    )
     parser.add_argument("--eval-dir", help="where eval files go (default: <--ckpt.output_dir>/eval)")
     parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
     parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
@@ -155,10 +161,14 @@ def check_reward_servers(remote_urls: Sequence[str] | None, timeout: float = 5.0
             ) from None
 
 
-def runtime_env(settings: HookSettings, environ: dict[str, str] | None = None) -> dict[str, Any]:
+def runtime_env(
+    settings: HookSettings, environ: dict[str, str] | None = None, shim_config: str | None = None
+) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     env_vars = {key: environ.get(key, default) for key, default in OPENRLHF_ENV_DEFAULTS.items()}
     env_vars.update(settings.env_vars())
+    if shim_config:
+        env_vars[SHIM_CONFIG_ENV] = shim_config
     return {"worker_process_setup_hook": HOOK, "env_vars": env_vars}
 
 
@@ -172,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = HookSettings(
         reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every
     )
-    env = runtime_env(settings)
+    shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
+    env = runtime_env(settings, shim_config=shim_config)
     for note in notes:
         print(f"[openrlhf_ext.launch] note: {note}", file=sys.stderr)
     if ours.dry_run:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ENV_CONFIG = "REWARD_PLUGINS_CONFIG"
+ENV_CONFIG = "REWARD_PLUGINS_TRAINER_CONFIG"  # the reward_func shim reads its own REWARD_PLUGINS_CONFIG
 ENV_EVAL_DIR = "REWARD_PLUGINS_EVAL_DIR"
 ENV_EVAL_EVERY = "REWARD_PLUGINS_EVAL_EVERY"
 

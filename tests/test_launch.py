@@ -83,3 +83,11 @@ def test_unreachable_reward_server_is_refused_before_ray():
     with pytest.raises(launch.LaunchError, match="does not answer http://127.0.0.1:9/health"):
         launch.check_reward_servers(["http://127.0.0.1:9/get_reward"], timeout=1.0)
     launch.check_reward_servers([launch.DEFERRED_REWARD])
+
+
+def test_shim_and_trainer_configs_travel_in_separate_variables():
+    env = launch.runtime_env(HookSettings("/trainer.yaml", "/e", None), environ={}, shim_config="/shim.yaml")
+    assert env["env_vars"][ENV_CONFIG] == "/trainer.yaml"
+    assert env["env_vars"]["REWARD_PLUGINS_CONFIG"] == "/shim.yaml"
+    assert ENV_CONFIG != "REWARD_PLUGINS_CONFIG"
+    assert "REWARD_PLUGINS_CONFIG" not in launch.runtime_env(HookSettings(None, "/e", None), environ={})["env_vars"]
