@@ -148,23 +148,31 @@ def test_full_queue_answers_503_and_recovers():
     original = scorer.score
 
     def blocking(samples):
-        release.wait(timeout=20)
+        release.wait(timeout=60)
         return original(samples)
 
     scorer.score = blocking
     settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2)
     app = create_app(scorer, settings)
+    batcher = app.state.batcher
+
+    async def until(condition, what: str) -> None:
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never reached: {what}; {batcher.stats}, queued {batcher.queued}")
+
     with serve_in_thread(app) as url:
 
         async def burst():
-            async with httpx.AsyncClient(timeout=30) as client:
+            async with httpx.AsyncClient(timeout=90) as client:
                 payload = {"query": ["pabc"], "prompts": ["p"]}
-                tasks = [asyncio.create_task(client.post(url + "/get_reward", json=payload)) for _ in range(3)]
-                for _ in range(500):
-                    if app.state.batcher.stats.submitted == 3:
-                        break
-                    await asyncio.sleep(0.01)
-                assert app.state.batcher.queued == 2, "one request in the model, two waiting"
+                post = lambda: asyncio.create_task(client.post(url + "/get_reward", json=payload))  # noqa: E731
+                tasks = [post()]
+                await until(lambda: batcher.stats.submitted == 1 and batcher.queued == 0, "first request in the model")
+                tasks += [post(), post()]
+                await until(lambda: batcher.queued == 2, "two requests waiting")
                 rejected = await client.post(url + "/get_reward", json=payload)
                 release.set()
                 return rejected, await asyncio.gather(*tasks)
