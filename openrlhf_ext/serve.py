@@ -14,7 +14,7 @@ import os
 
 import uvicorn
 
-from reward_plugins.config import load_pipeline_config
+from reward_plugins.config import ConfigError, load_pipeline_config
 from reward_plugins.pipeline import build_pipeline
 
 from .server_app import ServerSettings, create_app
@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_pipeline_config(args.config)
+    try:
+        config = load_pipeline_config(args.config)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     scorer = GuardedScorer(build_pipeline(config), resolve_fallback(config, args.fallback_reward))
     settings = ServerSettings(
         max_batch_size=args.max_batch_size,

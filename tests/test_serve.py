@@ -193,3 +193,46 @@ def test_timeout_answers_fallback_instead_of_hanging():
         release.set()
     assert reply.status_code == 200
     assert reply.json()["rewards"] == -7.0 and reply.json()["extra_logs"]["reward/errors"] == 1.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_serves_with_env_token_and_rejects_bad_config(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reward:\n  type: length_penalty\n  coef: -1\n")
+    failed = subprocess.run([sys.executable, "-m", "openrlhf_ext.serve", "--config", str(bad)], capture_output=True, text=True)
+    assert failed.returncode != 0 and f"{bad}:3: reward.coef" in failed.stderr
+
+    good = tmp_path / "chars.yaml"
+    good.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    port = _free_port()
+    env = dict(os.environ, REWARD_SERVER_TOKEN="tok")
+    cmd = [sys.executable, "-m", "openrlhf_ext.serve", "--config", str(good), "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.1)
+        payload = {"query": ["pabcd"], "prompts": ["p"], "labels": [{"id": 1}]}
+        assert httpx.post(url + "/get_reward", json=payload).status_code == 401
+        reply = httpx.post(url + "/get_reward", json=payload, headers={"Authorization": "Bearer tok"})
+        assert reply.status_code == 200 and reply.json()["rewards"] == -4.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
