@@ -236,3 +236,19 @@ def test_cli_serves_with_env_token_and_rejects_bad_config(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_openrlhf_round_robins_over_several_servers(tokenizer_dir):
+    apps = [create_app(_rule_scorer()), create_app(_rule_scorer())]
+    pairs = [(PROMPTS[i % 4], RESPONSES[i % 4]) for i in range(8)]
+    tokenizer, engine, prompts = make_engine(tokenizer_dir, pairs)
+    with serve_in_thread(apps[0]) as first, serve_in_thread(apps[1]) as second:
+        executor = SingleTurnAgentExecutor(remote_rm_url=[first + "/get_reward", second + "/get_reward"])
+
+        async def all_samples():
+            return await asyncio.gather(*(executor.execute(p, None, sampling_params(), 256, tokenizer, engine) for p in prompts))
+
+        outputs = asyncio.run(all_samples())
+    expected = [-float(len(response)) for _, response in pairs]
+    assert [o["reward"] for o in outputs] == expected, "chars penalty of each response, derived from the query"
+    assert [app.state.batcher.stats.delivered for app in apps] == [4, 4]
