@@ -24,10 +24,9 @@ RESPONSES = [
 class FakeEngine:
     """Stands in for OpenRLHF's RolloutRayActor: `generate` returns fixed response tokens per prompt."""
 
-    def __init__(self, tokenizer, responses: dict[str, str]):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.by_prompt_ids = {}
-        self.responses = responses
+        self.by_prompt_ids: dict[tuple[int, ...], list[int]] = {}
 
     def register(self, templated_prompt: str, response: str) -> None:
         ids = tuple(self.tokenizer(templated_prompt, add_special_tokens=False)["input_ids"])
@@ -48,7 +47,7 @@ def chat_prompt(tokenizer, text: str) -> str:
 def make_engine(tokenizer_dir, pairs: list[tuple[str, str]]) -> tuple[object, FakeEngine, list[str]]:
     """Tokenizer, an engine answering each templated prompt with its response, and the templated prompts."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    engine = FakeEngine(tokenizer, {})
+    engine = FakeEngine(tokenizer)
     prompts = []
     for text, response in pairs:
         prompt = chat_prompt(tokenizer, text)
