@@ -7,7 +7,9 @@ checked against it:
     gold = (distinct correct items, at most k) / k - 0.25 * (extra or wrong or repeated items) - 0.5 * (no items)
 
 A perfect answer scores 1.0. Samples from `noisy_response` cover the whole range, which is what SFT,
-preference pairs and best-of-n need.
+preference pairs and best-of-n need. Most wrong items are filler words ("thing", "stuff"), which a tiny RM
+learns to spot from the words alone; the rest are other categories' items, repeats and wrong counts, which
+need the prompt and are what a noisy proxy RM gets wrong and a policy learns to exploit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "animals": ("cat", "dog", "horse", "lion", "tiger", "mouse", "bird", "fish", "sheep", "wolf"),
     "tools": ("hammer", "saw", "drill", "wrench", "knife", "shovel", "rake", "axe", "chisel", "file"),
 }
+FILLERS = ("thing", "stuff", "something", "etc", "whatever", "item", "other", "more")
 NUMBER_WORDS = ("one", "two", "three", "four", "five")
 MAX_K = 5
 PROMPT_TEMPLATE = "Instruction: name {k} {category}.\nResponse:"
@@ -82,8 +85,8 @@ def sample_tasks(n: int, rng: random.Random) -> list[Task]:
     return [Task(rng.randint(1, MAX_K), rng.choice(sorted(CATEGORIES))) for _ in range(n)]
 
 
-def noisy_response(task: Task, rng: random.Random, quality: float | None = None) -> str:
-    """A response of random quality: right or wrong count, off-category items, repeats."""
+def noisy_response(task: Task, rng: random.Random, quality: float | None = None, filler_share: float = 0.7) -> str:
+    """A response of random quality: right or wrong count, filler words or other categories' items, repeats."""
     quality = rng.random() if quality is None else quality
     pool = list(CATEGORIES[task.category])
     others = [w for c, words in CATEGORIES.items() if c != task.category for w in words]
@@ -96,7 +99,7 @@ def noisy_response(task: Task, rng: random.Random, quality: float | None = None)
         elif roll < 0.85 + 0.1 * quality and items:
             items.append(rng.choice(items))
         else:
-            items.append(rng.choice(others))
+            items.append(rng.choice(FILLERS) if rng.random() < filler_share else rng.choice(others))
     return " " + ", ".join(items)
 
 
@@ -110,13 +113,15 @@ def sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.6) ->
         yield {"prompt": task.prompt, "completion": noisy_response(task, rng, quality)}
 
 
-def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: float = 0.25) -> Iterator[dict]:
-    """RM rows {prompt, chosen, rejected, label}: two responses ranked by gold, flipped with `label_noise`."""
+def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: float = 0.25,
+                    min_gap: float = 0.0) -> Iterator[dict]:
+    """RM rows {prompt, chosen, rejected, label}: two responses whose gold differs by more than `min_gap`
+    (a tie never), ranked by gold, flipped with `label_noise`."""
     for task in tasks:
-        for _ in range(20):
+        for _ in range(50):
             a, b = noisy_response(task, rng), noisy_response(task, rng)
             ga, gb = gold_reward(a, task.k, task.category), gold_reward(b, task.k, task.category)
-            if ga != gb:
+            if abs(ga - gb) > min_gap or (min_gap == 0 and ga != gb):
                 break
         else:
             continue
@@ -138,16 +143,18 @@ def tokenizer_corpus(rng: random.Random, n: int = 400) -> list[str]:
     tasks = sample_tasks(n, rng)
     lines = [t.prompt + perfect_response(t, rng) for t in tasks]
     lines += [t.prompt + noisy_response(t, rng) for t in tasks]
-    lines += [", ".join(words) for words in CATEGORIES.values()] + [" ".join(NUMBER_WORDS)]
+    lines += [", ".join(words) for words in CATEGORIES.values()] + [", ".join(FILLERS), " ".join(NUMBER_WORDS)]
     return lines
 
 
 def write_task_files(out_dir: str | Path, seed: int = 0, n_sft: int = 2000, n_pref: int = 2000, n_rl: int = 256,
-                     n_eval: int = 32, label_noise: float = 0.25) -> dict[str, Path]:
-    """Write sft/prefs(train, test)/prompts/eval_prompts JSONL files; returns their paths."""
+                     n_eval: int = 32, label_noise: float = 0.25, min_gap: float = 0.0) -> dict[str, Path]:
+    """Write sft/prefs(train, test)/prompts/eval_prompts JSONL files; returns their paths.
+
+    Training pairs differ in gold by more than `min_gap`; the clean held-out pairs by any amount."""
     rng = random.Random(seed)
     out_dir = Path(out_dir)
-    pref = list(preference_rows(sample_tasks(n_pref, rng), rng, label_noise))
+    pref = list(preference_rows(sample_tasks(n_pref, rng), rng, label_noise, min_gap))
     held_out = list(preference_rows(sample_tasks(max(n_pref // 5, 20), rng), rng, 0.0))
     paths = {
         "sft": out_dir / "sft.jsonl",
@@ -173,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-rl", type=int, default=256)
     parser.add_argument("--n-eval", type=int, default=32)
     parser.add_argument("--label-noise", type=float, default=0.25)
+    parser.add_argument("--min-gap", type=float, default=0.0, help="training pairs differ in gold by more than this")
     args = parser.parse_args(argv)
-    paths = write_task_files(args.out_dir, args.seed, args.n_sft, args.n_pref, args.n_rl, args.n_eval, args.label_noise)
+    paths = write_task_files(args.out_dir, args.seed, args.n_sft, args.n_pref, args.n_rl, args.n_eval, args.label_noise,
+                             args.min_gap)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

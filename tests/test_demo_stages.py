@@ -66,6 +66,14 @@ def test_grpo_gold_and_report(built, monkeypatch):
     table = demo.stage_report(cfg, paths, reports, curves)
     assert "grpo_rm_seed1" in table and "grpo_uwo3" in table and "ensemble_UWO-0.5" in table
     assert (paths.out / "bon.png").exists() and (paths.out / "grpo.png").exists() and paths.summary.read_text() == table
+    # evaluation.plots' overlay: the single RMs averaged into one curve, each ensemble and each GRPO run its own.
+    import csv
+
+    with open(paths.out / "overoptimisation.csv") as handle:
+        names = {(row["run"], row["curve"]) for row in csv.DictReader(handle)}
+    assert names == {("bon", "single RM (mean of 2)"), ("bon", "ensemble_mean"), ("bon", "ensemble_WCO"),
+                     ("bon", "ensemble_UWO-0.5"), ("grpo_rm_seed1", "eval"), ("grpo_uwo3", "eval")}
+    assert (paths.out / "overoptimisation.png").stat().st_size > 0
 
 
 def _two_member_uwo(paths):

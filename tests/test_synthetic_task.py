@@ -42,3 +42,30 @@ def test_files_have_our_formats_and_the_asked_label_noise(tmp_path):
     prompts = read_jsonl(paths["prompts"])
     assert [r["label"]["id"] for r in prompts] == list(range(12))
     assert all(st.task_from_prompt(r["prompt"]).label == {k: r["label"][k] for k in ("k", "category")} for r in prompts)
+
+
+def test_min_gap_pairs_and_filler_words():
+    rng = random.Random(5)
+    rows = list(st.preference_rows(st.sample_tasks(200, rng), rng, label_noise=0.0, min_gap=0.4))
+    assert len(rows) > 150
+    for r in rows:
+        k, category = r["label"]["k"], r["label"]["category"]
+        assert st.gold_reward(r["chosen"], k, category) - st.gold_reward(r["rejected"], k, category) > 0.4
+    task = st.Task(5, "tools")
+    items = [i.strip() for _ in range(200) for i in st.noisy_response(task, rng, quality=0.0).split(",")]
+    wrong = [i for i in items if i not in st.CATEGORIES["tools"]]
+    fillers = sum(i in st.FILLERS for i in wrong)
+    assert 0.5 < fillers / len(wrong) < 0.9  # mostly fillers, some other categories' items
+    assert st.gold_reward(" hammer, thing", 1, "tools") == pytest.approx(1.0 - 0.25)
+
+
+def test_every_task_word_is_one_token_of_the_demo_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from reward_plugins import tiny_models
+    from trl_ext.demo import DemoConfig
+
+    tiny_models.build_tokenizer(tmp_path, st.tokenizer_corpus(random.Random(0)), vocab_size=DemoConfig().vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    words = [w for group in st.CATEGORIES.values() for w in group] + list(st.FILLERS) + sorted(st.CATEGORIES)
+    assert [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) != 1] == []

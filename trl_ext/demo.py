@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from evaluation import plots as plots_mod
 from evaluation.bon_analysis import analyse
 from evaluation.eval_files import list_eval_files, read_eval_file
 from evaluation.run_ppo_gold_eval import add_gold_scores
@@ -56,25 +57,29 @@ class DemoConfig(BaseModel):
     seed: int = 0
     threads: int = Field(default=1, gt=0)
     n_sft: int = 2000
-    n_pref: int = 3000
+    n_pref: int = 8000
     n_rl: int = 512
     n_eval: int = 32
     label_noise: float = Field(default=0.25, ge=0, le=0.5)
+    pref_min_gap: float = Field(default=0.0, ge=0)
+    vocab_size: int = 512  # enough merges that every task word is one token (300 spelt words in bytes)
     hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 3e-3
-    rm_epochs: float = 3.0
-    rm_lr: float = 3e-3
+    rm_epochs: float = 4.0
+    rm_lr: float = 2e-3
     rm_seeds: list[int] = [1, 2, 3]
     bon_prompts: int = 64
     bon_n: int = 32
     max_new_tokens: int = 24
-    grpo_steps: int = 60
+    grpo_steps: int = 150
     grpo_batch: int = 32
     grpo_generations: int = 8
     grpo_lr: float = 2e-4
     grpo_beta: float = 0.05
-    eval_every: int = 10
+    eval_every: int = 15
     uwo_weight_bon: float = 0.5
 
 
@@ -104,16 +109,18 @@ def stage_data(cfg: DemoConfig, paths: Paths) -> None:
     """Synthetic task files: SFT rows, noisy preference pairs, clean held-out pairs, RL and eval prompts."""
     if (paths.data / "eval_prompts.jsonl").exists():
         return
-    st.write_task_files(paths.data, cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_rl, cfg.n_eval, cfg.label_noise)
+    st.write_task_files(paths.data, cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_rl, cfg.n_eval, cfg.label_noise,
+                         cfg.pref_min_gap)
 
 
 def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
     """A tokenizer trained on the task text, a tiny random policy, then SFT on the task."""
     if (paths.policy / "model.safetensors").exists():
         return
-    tiny_models.build_tokenizer(paths.tokenizer, st.tokenizer_corpus(random.Random(cfg.seed)), vocab_size=300)
+    tiny_models.build_tokenizer(paths.tokenizer, st.tokenizer_corpus(random.Random(cfg.seed)), vocab_size=cfg.vocab_size)
     tiny_models.build_causal_lm(paths.base, paths.tokenizer, seed=cfg.seed, hidden_size=cfg.hidden_size,
-                                intermediate_size=2 * cfg.hidden_size, max_position_embeddings=128)
+                                intermediate_size=2 * cfg.hidden_size, max_position_embeddings=128,
+                                num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads // 2)
     run_cfg = sft_mod.SFTRunConfig(
         model=str(paths.base), train_data=str(paths.data / "sft.jsonl"), output_dir=str(paths.sft), seed=cfg.seed,
         torch_threads=cfg.threads,
@@ -238,11 +245,12 @@ def summary_table(rm_reports: list[dict], curves: dict[str, list[dict]], runs: d
     lines = ["## Proxy reward models (held-out accuracy on clean pairs)", "", "| RM | accuracy | pairs |", "|---|---|---|"]
     lines += [f"| rm_seed{r['seed']} | {r.get('accuracy', float('nan')):.3f} | {r.get('test_pairs', 0)} |" for r in rm_reports]
     lines += ["", "## Best-of-n from the SFT policy (unbiased estimator; KL_bon is an upper bound)", "",
-              "| proxy | n | KL_bon | proxy score | gold score (n=1 -> n) |", "|---|---|---|---|---|"]
+              "| proxy | n | KL_bon | proxy n=1 -> n | gold n=1 -> n | peak gold (n) |", "|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         first, last = curve[0], curve[-1]
-        lines.append(f"| {name} | {last['n']} | {last['kl_bon']:.2f} | {last['proxy_score']:.3f} | "
-                     f"{first['gold_score']:.3f} -> {last['gold_score']:.3f} |")
+        peak = max(curve, key=lambda p: p["gold_score"])
+        lines.append(f"| {name} | {last['n']} | {last['kl_bon']:.2f} | {first['proxy_score']:.3f} -> {last['proxy_score']:.3f} | "
+                     f"{first['gold_score']:.3f} -> {last['gold_score']:.3f} | {peak['gold_score']:.3f} ({peak['n']}) |")
     lines += ["", "## GRPO (eval prompts; KL = mean sequence KL to the SFT policy)", "",
               "| run | steps | final KL | proxy start -> end | gold start -> end | peak gold (step) |", "|---|---|---|---|---|---|"]
     for name, points in runs.items():
@@ -302,9 +310,19 @@ def plot(curves: dict[str, list[dict]], runs: dict[str, list[dict]], out: Path) 
     return written
 
 
+def bon_run_dirs(curves: dict[str, list[dict]], bon_dir: Path) -> None:
+    """Each best-of-n curve as `bon_sampled_results.json` in the folder layout `evaluation.plots` reads
+    (`seed{S}` folders are averaged into one single-RM curve, `ensemble_*` folders are curves of their own)."""
+    for name, curve in curves.items():
+        write_json(bon_dir / name.removeprefix("rm_") / plots_mod.BON_FILE, curve)
+
+
 def stage_report(cfg: DemoConfig, paths: Paths, rm_reports: list[dict], curves: dict) -> str:
+    """Plots (the demo's own and `evaluation.plots`' overlay), CSVs and the summary table."""
     runs = {name: run_curve(paths.run(name) / "eval") for name in grpo_runs(paths)}
     plot(curves, runs, paths.out)
+    bon_run_dirs(curves, paths.bon)
+    plots_mod.plots([paths.bon, *(paths.run(name) / "eval" for name in grpo_runs(paths))], paths.out / "overoptimisation")
     table = summary_table(rm_reports, curves, runs)
     paths.summary.write_text(table)
     return table
@@ -359,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = run_demo(cfg)
     print(table)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; plots and tables in {cfg.out}/ "
-          "(summary.md, bon.png, grpo.png, *_curves.csv)")
+          "(summary.md, bon.png, grpo.png, overoptimisation.png, *.csv)")
 
 
 if __name__ == "__main__":
