@@ -248,7 +248,7 @@ def throughput(args, config: Path, payloads: list[dict]) -> None:
             server.stop()
         rows[kind] = (tally.answered / args.duration, tally.percentile(50), tally.percentile(99), tally)
     print(f"\nthroughput: {args.clients} concurrent clients, {args.duration:.0f} s each, 5-member ensemble "
-          f"(hidden {args.hidden}, {args.layers} layers, device {args.device}, "
+          f"(member batch {args.member_batch_size}, hidden {args.hidden}, {args.layers} layers, device {args.device}, "
           f"torch threads {args.torch_threads or 'default'}, {os.cpu_count()} CPUs)")
     print(f"{'server':<34}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-200':>10}")
     labels = {"batched": f"ours (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms)",
@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart-delay", type=float, default=2.0)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--member-batch-size", type=int, default=16,
+                        help="each RM's forward batch inside a server batch (16 as in configs/rewards/ensemble_uwo5.yaml)")
     parser.add_argument("--hidden", type=int, default=32, help="hidden size of each random RM")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         out = Path(tmp)
         build_models(out / "models", args.hidden, args.layers)
-        config = write_config(out, out / "models", args.max_batch_size, args.device)
+        config = write_config(out, out / "models", args.member_batch_size, args.device)
         payloads = make_requests(args.distinct)
         if args.mode in ("throughput", "all"):
             throughput(args, config, payloads)
