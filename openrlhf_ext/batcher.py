@@ -1,13 +1,17 @@
-"""Dynamic batching: concurrent one-sample requests become model batches, scored on one worker thread.
+"""Dynamic batching: concurrent one-sample requests become model batches.
 
-A batch closes when it holds `max_batch_size` items or when its oldest item has waited `max_wait_s`.
-While the worker is busy new items queue up, so under load every batch is full without waiting. The
-queue is bounded: `submit` raises `QueueFull` instead of letting latency grow without limit.
+`DynamicBatcher` serves coroutines (the HTTP server) and scores on one worker thread; `ThreadBatcher`
+serves plain threads (the reward_func shim).
+
+For `DynamicBatcher`, a batch closes when it holds `max_batch_size` items or when its oldest item has
+waited `max_wait_s`. While the worker is busy new items queue up, so under load every batch is full
+without waiting. The queue is bounded: `submit` raises `QueueFull` instead of letting latency grow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -145,3 +149,72 @@ class DynamicBatcher(Generic[T, R]):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+
+@dataclass
+class _Slot(Generic[T]):
+    item: T
+    done: bool = False
+    result: object = None
+    error: BaseException | None = None
+
+
+class ThreadBatcher(Generic[T, R]):
+    """Batching for callers on many threads with no event loop (OpenRLHF calls reward_func from a pool).
+
+    No extra thread: a caller that finds no batch running scores everything queued (up to
+    `max_batch_size`), then hands each caller its results; the others wait meanwhile.
+    """
+
+    def __init__(self, process: Callable[[list[T]], Sequence[R]], max_batch_size: int = 64):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.stats = BatcherStats()
+        self._cond = threading.Condition()
+        self._queue: deque[_Slot[T]] = deque()
+        self._running = False
+
+    def submit(self, items: Sequence[T]) -> list[R]:
+        """Results for `items`, in order; an exception from `process` is raised to every caller of that batch."""
+        slots = [_Slot(item) for item in items]
+        with self._cond:
+            self._queue.extend(slots)
+            self.stats.submitted += len(slots)
+            while not all(slot.done for slot in slots):
+                if self._running or not self._queue:
+                    self._cond.wait()
+                    continue
+                self._lead()
+        for slot in slots:
+            if slot.error is not None:
+                raise slot.error
+        return [slot.result for slot in slots]  # type: ignore[misc]
+
+    def _lead(self) -> None:
+        """Score one batch with the condition's lock released; called with the lock held."""
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        self._running = True
+        self._cond.release()
+        try:
+            results, error = None, None
+            try:
+                results = self.process([slot.item for slot in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"process returned {len(results)} results for {len(batch)} items")
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+                error = exc
+        finally:
+            self._cond.acquire()
+        for i, slot in enumerate(batch):
+            slot.done = True
+            if error is None:
+                slot.result = results[i]  # type: ignore[index]
+            else:
+                slot.error = error
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.delivered += len(batch) if error is None else 0
+        self._running = False
+        self._cond.notify_all()

@@ -6,10 +6,12 @@ Configured by environment variables (the launcher passes them through Ray's runt
                                            error_penalty, else 0.0)
   REWARD_PLUGINS_MAX_CONSECUTIVE_FAILURES  end the worker process (os._exit) after this many failed samples
                                            in a row, so Ray reports the death; 0 (default) never aborts
+  REWARD_PLUGINS_MAX_BATCH                 most samples scored together (default 64)
 
 OpenRLHF calls `reward_func` from many threads at once, one sample per call, and swallows exceptions into
 a `None` reward that breaks training later. So this never raises: the pipeline is built once on first use
-(under a lock), and every failure gives the fallback reward, `reward/errors` = 1 and a WARNING.
+(under a lock), and every failure gives the fallback reward, `reward/errors` = 1 and a WARNING. Calls that
+arrive while the pipeline is busy are scored together as one batch when it frees up.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from reward_plugins.config import load_pipeline_config
 from reward_plugins.pipeline import FIXED_LOG_KEYS, build_pipeline
 
+from .batcher import ThreadBatcher
 from .server_protocol import GuardedScorer, Outcome, resolve_fallback, to_payload
 
 logger = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 CONFIG_ENV = "REWARD_PLUGINS_CONFIG"
 FALLBACK_ENV = "REWARD_PLUGINS_FALLBACK"
 MAX_FAILURES_ENV = "REWARD_PLUGINS_MAX_CONSECUTIVE_FAILURES"
+MAX_BATCH_ENV = "REWARD_PLUGINS_MAX_BATCH"
 
 
 def _env_float(name: str) -> float | None:
@@ -48,6 +52,7 @@ class ShimState:
     def __init__(self, abort: Callable[[int], Any] = os._exit):
         self._lock = threading.Lock()
         self._scorer: GuardedScorer | None = None
+        self.batcher: ThreadBatcher | None = None
         self._build_error: str | None = None
         self._fallback = 0.0
         self._max_failures = 0
@@ -71,7 +76,9 @@ class ShimState:
                 raise ValueError(f"${CONFIG_ENV} is not set; point it at a reward pipeline YAML")
             config = load_pipeline_config(path)
             self._fallback = resolve_fallback(config, explicit)
+            max_batch = int(_env_float(MAX_BATCH_ENV) or 64)
             self._scorer = GuardedScorer(build_pipeline(config), self._fallback)
+            self.batcher = ThreadBatcher(self._scorer.score, max_batch)
             logger.info("reward_func: pipeline %s ready, log keys %s", path, ", ".join(self._scorer.log_keys))
         except Exception as exc:  # noqa: BLE001 - every call then answers the fallback and counts an error
             self._build_error = f"{type(exc).__name__}: {exc}"
@@ -101,7 +108,10 @@ class ShimState:
                 outcomes, keys = [self.unbuilt_failure()] * len(queries), FIXED_LOG_KEYS
                 logger.warning("reward_func: pipeline unavailable (%s); answering %s", self._build_error, self._fallback)
             else:
-                outcomes, keys = scorer.score_raw(queries, prompts, labels), scorer.log_keys
+                outcomes, samples, positions = scorer.prepare(queries, prompts, labels)
+                for i, outcome in zip(positions, self.batcher.submit(samples) if samples else []):
+                    outcomes[i] = outcome
+                keys = scorer.log_keys
                 for outcome in outcomes:
                     if outcome.logs.get("reward/errors"):
                         logger.warning("reward_func: sample failed (%s); reward %s", outcome.error, outcome.reward)

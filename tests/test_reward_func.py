@@ -58,6 +58,7 @@ def test_shim_rewards_reach_openrlhf(fresh_state, models_env, tokenizer_dir, mon
     assert empty["reward"] == -1.0 and empty["scores"] == -1.0, "error_penalty of the config, not None"
     assert empty["extra_logs"]["reward/errors"] == 1.0
     assert fresh_state.aborts == []
+    assert fresh_state.batcher.stats.delivered == len(pairs), "every call went through the shared batcher"
 
 
 def test_missing_config_gives_fallback_and_warning(fresh_state, monkeypatch, caplog):

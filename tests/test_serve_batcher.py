@@ -102,3 +102,45 @@ def test_queue_bound_and_abandoned_items_are_not_scored():
     assert results == [["first"], ["kept"]]
     assert seen == ["first", "kept"]
     assert stats.rejected == 1 and stats.delivered == 2
+
+
+def test_thread_batcher_groups_callers_that_arrive_while_busy():
+    from openrlhf_ext.batcher import ThreadBatcher
+
+    sizes = []
+
+    def slow_square(items):
+        sizes.append(len(items))
+        time.sleep(0.1)
+        return [x * x for x in items]
+
+    batcher = ThreadBatcher(slow_square, max_batch_size=64)
+    barrier = threading.Barrier(12)
+    results = {}
+
+    def call(i):
+        barrier.wait()
+        results[i] = batcher.submit([i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {i: [i * i] for i in range(12)}
+    assert sum(sizes) == 12 and len(sizes) <= 3, f"12 simultaneous callers scored in batches {sizes}"
+    assert batcher.stats.delivered == 12
+
+
+def test_thread_batcher_raises_to_callers_and_keeps_working():
+    from openrlhf_ext.batcher import ThreadBatcher
+
+    def picky(items):
+        if "bad" in items:
+            raise ValueError("bad item")
+        return items
+
+    batcher = ThreadBatcher(picky, max_batch_size=4)
+    with pytest.raises(ValueError, match="bad item"):
+        batcher.submit(["bad"])
+    assert batcher.submit(["ok", "fine"]) == ["ok", "fine"]
