@@ -57,7 +57,7 @@ class DemoConfig(BaseModel):
     seed: int = 0
     threads: int = Field(default=1, gt=0)
     n_sft: int = 2000
-    n_pref: int = 8000
+    n_pref: int = 10000
     n_rl: int = 512
     n_eval: int = 32
     label_noise: float = Field(default=0.25, ge=0, le=0.5)
@@ -68,18 +68,18 @@ class DemoConfig(BaseModel):
     heads: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 3e-3
-    rm_epochs: float = 4.0
+    rm_epochs: float = 6.0
     rm_lr: float = 2e-3
     rm_seeds: list[int] = [1, 2, 3]
     bon_prompts: int = 64
     bon_n: int = 32
     max_new_tokens: int = 24
-    grpo_steps: int = 150
+    grpo_steps: int = 300
     grpo_batch: int = 32
     grpo_generations: int = 8
-    grpo_lr: float = 2e-4
+    grpo_lr: float = 5e-4
     grpo_beta: float = 0.05
-    eval_every: int = 15
+    eval_every: int = 30
     uwo_weight_bon: float = 0.5
 
 
