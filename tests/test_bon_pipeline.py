@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from evaluation import run_bon_pipeline
 from evaluation.bon import bon_curve
@@ -19,13 +18,6 @@ from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 
 WORDS = "the quick brown fox jumps over lazy dog story dragon paint map storm ship harbour".split()
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one thread when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -16,13 +16,6 @@ from reward_plugins.types import Sample
 
 CONFIG = "configs/rewards/reward_model.yaml"
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one thread when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from evaluation import run_ppo_gold_eval
 from evaluation.eval_files import EvalFile, EvalRow, list_eval_files, read_eval_file, write_eval_file
@@ -17,13 +16,6 @@ from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 PROMPTS = ["Write a short story about a dragon.", "List three fruits.", "Explain the storm over the harbour."]
 ANSWERS = ["The dragon learns to paint.", "apple, banana, cherry", "A ship in trouble near the harbour."]
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one thread when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

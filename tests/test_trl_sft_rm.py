@@ -21,14 +21,6 @@ from trl_ext.config import load_config
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def data(tmp_path):
     rng = random.Random(0)

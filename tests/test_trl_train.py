@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -32,13 +31,6 @@ def _ensemble_yaml(path: Path, rm_dirs, on_error: str = "penalty") -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting, which dominates on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

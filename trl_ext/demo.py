@@ -263,53 +263,6 @@ def summary_table(rm_reports: list[dict], curves: dict[str, list[dict]], runs: d
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, list[dict]], runs: dict[str, list[dict]], out: Path) -> list[Path]:
-    """bon.png (gold and proxy vs sqrt KL_bon) and grpo.png (gold and proxy vs sqrt KL), plus CSVs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, curve in curves.items():
-        x = np.sqrt([p["kl_bon"] for p in curve])
-        ax_gold.plot(x, [p["gold_score"] for p in curve], marker="o", label=name)
-        ax_proxy.plot(x, [p["proxy_score"] for p in curve], marker="o", label=name)
-    for ax, title in ((ax_gold, "gold"), (ax_proxy, "proxy")):
-        ax.set_xlabel("sqrt(KL_bon), analytical upper bound")
-        ax.set_title(f"best-of-n: {title} score")
-    ax_gold.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "bon.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "bon.png")
-    fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, points in runs.items():
-        x = np.sqrt(np.clip([p["kl"] for p in points], 0, None))
-        ax_gold.plot(x, [p["gold"] for p in points], marker="o", label=name)
-        ax_proxy.plot(x, [p["proxy"] for p in points], marker="o", label=name)
-    for ax, title in ((ax_gold, "gold"), (ax_proxy, "proxy")):
-        ax.set_xlabel("sqrt(KL to the SFT policy)")
-        ax.set_title(f"GRPO: {title} score")
-    ax_gold.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "grpo.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "grpo.png")
-    with open(out / "grpo_curves.csv", "w") as handle:
-        handle.write("run,step,kl,proxy,gold\n")
-        for name, points in runs.items():
-            for p in points:
-                handle.write(f"{name},{p['step']},{p['kl']:.6g},{p['proxy']:.6g},{p['gold']:.6g}\n")
-    with open(out / "bon_curves.csv", "w") as handle:
-        handle.write("proxy,n,kl_bon,proxy_score,gold_score\n")
-        for name, curve in curves.items():
-            for p in curve:
-                handle.write(f"{name},{p['n']},{p['kl_bon']:.6g},{p['proxy_score']:.6g},{p['gold_score']:.6g}\n")
-    return written
-
-
 def bon_run_dirs(curves: dict[str, list[dict]], bon_dir: Path) -> None:
     """Each best-of-n curve as `bon_sampled_results.json` in the folder layout `evaluation.plots` reads
     (`seed{S}` folders are averaged into one single-RM curve, `ensemble_*` folders are curves of their own)."""
@@ -318,11 +271,13 @@ def bon_run_dirs(curves: dict[str, list[dict]], bon_dir: Path) -> None:
 
 
 def stage_report(cfg: DemoConfig, paths: Paths, rm_reports: list[dict], curves: dict) -> str:
-    """Plots (the demo's own and `evaluation.plots`' overlay), CSVs and the summary table."""
+    """Plots with `evaluation.plots` (best-of-n, GRPO, both overlaid; each PNG with its CSV) and the summary table."""
     runs = {name: run_curve(paths.run(name) / "eval") for name in grpo_runs(paths)}
-    plot(curves, runs, paths.out)
     bon_run_dirs(curves, paths.bon)
-    plots_mod.plots([paths.bon, *(paths.run(name) / "eval" for name in grpo_runs(paths))], paths.out / "overoptimisation")
+    rl_dirs = [paths.run(name) / "eval" for name in grpo_runs(paths)]
+    plots_mod.plots([paths.bon], paths.out / "bon")
+    plots_mod.plots(rl_dirs, paths.out / "grpo")
+    plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation")
     table = summary_table(rm_reports, curves, runs)
     paths.summary.write_text(table)
     return table
@@ -377,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = run_demo(cfg)
     print(table)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; plots and tables in {cfg.out}/ "
-          "(summary.md, bon.png, grpo.png, overoptimisation.png, *.csv)")
+          "(summary.md, bon.png, grpo.png, overoptimisation.png and their .csv)")
 
 
 if __name__ == "__main__":
