@@ -75,19 +75,41 @@ class HFLogProbScorer:
         temperature: float = 1.0,
         trust_remote_code: bool = False,
     ):
+        require_safetensors(model_path)
+        target = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code
+        ).to(target).eval()
+        tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
+        self._attach(model, tokenizer, batch_size, max_tokens_per_batch, max_length, temperature)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 8,
+        max_tokens_per_batch: int | None = None,
+        max_length: int = 4096,
+        temperature: float = 1.0,
+    ) -> HFLogProbScorer:
+        """Score with a model already in memory (e.g. the policy being trained), used as is, not copied."""
+        scorer = cls.__new__(cls)
+        scorer._attach(model, tokenizer, batch_size, max_tokens_per_batch, max_length, temperature)
+        return scorer
+
+    def _attach(self, model, tokenizer, batch_size, max_tokens_per_batch, max_length, temperature) -> None:
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        require_safetensors(model_path)
-        self.device = resolve_device(device)
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(dtype, self.device), trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
+        self.model = model
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer
+        self.device = next(model.parameters()).device
         self.batch_size = batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_length = max_length
         self.temperature = temperature
-        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.truncated_contexts = 0
 
     @torch.inference_mode()

@@ -109,3 +109,11 @@ def test_external_backend_needs_a_scorer(lm_dir, scorer):
         plugin.score([sample])
     plugin.attach_scorer(scorer)
     assert plugin.score([sample])[0].is_ok
+
+
+def test_in_memory_model_scores_like_the_loaded_one(scorer):
+    wrapped = HFLogProbScorer.from_model(scorer.model, scorer.tokenizer, batch_size=3)
+    pairs = [VRCLIPrompt().token_ids(scorer.tokenizer, label, None) for label in LABELS]
+    contexts, golds = [c for c, _ in pairs], [g for _, g in pairs]
+    for ours, theirs in zip(wrapped.continuation_logprobs(contexts, golds), scorer.continuation_logprobs(contexts, golds)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)

@@ -17,10 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
+from evaluation.eval_checkpoints import sequence_kls
+from reward_plugins.logprobs import HFLogProbScorer
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.types import Sample
 
-from .generation import completion_logprobs, sample, sequence_kl
+from .generation import sample
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +35,9 @@ def evaluate_policy(model, tokenizer, ref_model, pipeline: RewardPipeline, promp
     model.eval()
     try:
         gens = sample(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed + step)
-        pol = completion_logprobs(model, gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id)
+        kls = completion_kls(model, ref_model, tokenizer, gens.prompt_ids, gens.completion_ids)
     finally:
         model.train(was_training)
-    ref = completion_logprobs(ref_model, gens.prompt_ids, gens.completion_ids, tokenizer.pad_token_id)
-    kls = sequence_kl(pol, ref)
     samples = [Sample(prompt=p, response=t, query=p + t, label=lab, response_ids=ids)
                for p, t, lab, ids in zip(prompts, gens.texts, labels, gens.completion_ids)]
     scored = pipeline.score(samples)
@@ -45,6 +45,19 @@ def evaluate_policy(model, tokenizer, ref_model, pipeline: RewardPipeline, promp
     rows = rows_from_scores(prompts, gens.texts, scored.rewards, components, kls)
     kl = float(np.mean(kls)) if kls else 0.0
     return EvalFile(step=step, rows=rows, kl=kl, kl_history=[*kl_history, kl], meta=dict(meta))
+
+
+def completion_kls(policy, reference, tokenizer, prompt_ids: Sequence[list[int]],
+                   completion_ids: Sequence[list[int]]) -> list[float]:
+    """k1 sequence KL of each completion to the reference; an empty completion has KL 0."""
+    scored = [i for i, ids in enumerate(completion_ids) if ids]
+    width = max((len(prompt_ids[i]) + len(completion_ids[i]) for i in scored), default=1)
+    scorers = [HFLogProbScorer.from_model(m, tokenizer, batch_size=64, max_length=width) for m in (policy, reference)]
+    kls = sequence_kls(*scorers, [prompt_ids[i] for i in scored], [completion_ids[i] for i in scored])
+    out = [0.0] * len(completion_ids)
+    for i, kl in zip(scored, kls):
+        out[i] = float(kl)
+    return out
 
 
 class EvalFileCallback(TrainerCallback):

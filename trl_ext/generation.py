@@ -1,4 +1,4 @@
-"""Batched sampling from a causal LM and per-token log-probs of its completions (eval files, best-of-n)."""
+"""Batched sampling from a causal LM (eval files, best-of-n)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from reward_plugins.batching import right_pad
 
 
 @dataclass
@@ -55,26 +53,3 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     finally:
         tokenizer.padding_side = side
     return Generations(list(prompts), texts, prompt_ids, completion_ids)
-
-
-@torch.inference_mode()
-def completion_logprobs(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]],
-                        completion_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> list[torch.Tensor]:
-    """Log-probability of each completion token given its prompt and the completion tokens before it."""
-    device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        pids, cids = prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]
-        input_ids, mask = right_pad([list(p) + list(c) for p, c in zip(pids, cids)], pad_id)
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = input_ids[:, 1:].to(device)
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        for row, (p, c) in enumerate(zip(pids, cids)):
-            out.append(token_logp[row, len(p) - 1 : len(p) - 1 + len(c)])
-    return out
-
-
-def sequence_kl(policy_logps: Sequence[torch.Tensor], ref_logps: Sequence[torch.Tensor]) -> list[float]:
-    """Sampled sequence KL (k1): sum over completion tokens of log pi - log pi_ref."""
-    return [float((p - r).sum()) for p, r in zip(policy_logps, ref_logps, strict=True)]
