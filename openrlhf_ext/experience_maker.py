@@ -24,6 +24,7 @@ from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, row
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
 from reward_plugins.types import Sample
 
+from .placement import RayPlacer
 from .ref_scorer import (
     ReferenceLogProbScorer,
     check_label_temperatures,
@@ -47,7 +48,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         self.global_step: int | None = None
         self._calls = 0
         self._kl_history: list[float] | None = None
-        self.pipeline = RewardPipeline.from_yaml(self.settings.reward_config) if self.settings.reward_config else None
+        self.pipeline = RewardPipeline.from_yaml(self.settings.reward_config, RayPlacer()) if self.settings.reward_config else None
         self.external = list(external_scorer_plugins(self.pipeline.root)) if self.pipeline else []
         if self.pipeline is not None and self.pipeline.on_error == "skip":
             raise RewardError("on_error: skip cannot be used in the experience maker: every sample needs a reward")

@@ -118,6 +118,7 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
         notes.append("no --reward-config: rewards come from the rollout side (--reward.remote_url); eval files only")
         return notes
     config = load_pipeline_config(reward_config, check_paths=False)
+    refuse_unplaced_models(reward_config, config.reward)
     if config.on_error == "skip":
         raise LaunchError(
             f"{reward_config}: on_error: skip cannot be used in the experience maker (every sample needs a reward); "
@@ -142,6 +143,22 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
     if args.eval.dataset:
         notes.append("--eval.dataset is scored by --reward.remote_url on the rollout side, not by --reward-config")
     return notes
+
+
+def refuse_unplaced_models(reward_config: str, spec: Any) -> None:
+    """Refuse a reward that would load models in the trainer actor, which holds no GPU (they would run on its CPU)."""
+    from reward_plugins.placement import unplaced_models
+
+    unplaced = unplaced_models(spec)
+    if unplaced:
+        raise LaunchError(
+            f"{reward_config}: --reward-config scores in OpenRLHF's trainer actor, which holds no GPU, so these models "
+            f"would load and run on its CPU: {'; '.join(unplaced)}. Fix: give each a placement so it runs in Ray actors "
+            "holding GPUs (placement: {num_gpus: 1} on a reward_model or vrcli scorer, member: {placement: {num_gpus: 1}} "
+            "on an ensemble; see configs/rewards/ensemble_uwo5_placed.yaml), or serve the file on GPUs with "
+            "python -m openrlhf_ext.serve --config FILE and pass --reward.remote_url http://HOST:PORT/get_reward "
+            "instead of --reward-config"
+        )
 
 
 def check_reward_servers(remote_urls: Sequence[str] | None, timeout: float = 5.0) -> None:

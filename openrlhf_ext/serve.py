@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reward of a sample that cannot be scored (default: the config's error_penalty, else 0)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require 'Authorization: Bearer TOKEN' or ?token=TOKEN (default: ${TOKEN_ENV})")
+    parser.add_argument("--ray-address", default=None,
+                        help="build plugins that have a placement as actors in this Ray cluster ('auto': the local one)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -51,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         config = load_pipeline_config(args.config)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    scorer = GuardedScorer(build_pipeline(config), resolve_fallback(config, args.fallback_reward))
+    placer = None
+    if args.ray_address:
+        from .placement import RayPlacer, connect
+
+        connect(args.ray_address)
+        placer = RayPlacer()
+    scorer = GuardedScorer(build_pipeline(config, placer), resolve_fallback(config, args.fallback_reward))
     settings = ServerSettings(
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from .registry import PluginConfig, plugin_class
 
@@ -69,6 +69,28 @@ ExistingPath = Annotated[str, AfterValidator(_check_exists)]
 def check_path_exists(value: str, info: ValidationInfo) -> str:
     """Validator for paths built at validation time (for example from a `{seed}` template)."""
     return _check_exists(value, info)
+
+
+class Placement(BaseModel):
+    """Where a model-backed plugin runs: `replicas` Ray actors, each holding `num_gpus` and `num_cpus`.
+
+    A dead replica is restarted up to `max_restarts` times (-1: always) and its batch retried;
+    `ready_timeout_s` bounds the wait for the cluster to grant the resources.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_gpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    replicas: int = Field(default=1, ge=1)
+    max_restarts: int = Field(default=3, ge=-1)
+    ready_timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_or_fraction(self) -> Placement:
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(f"num_gpus above 1 must be a whole number, got {self.num_gpus}")
+        return self
 
 
 @dataclass

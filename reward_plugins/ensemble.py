@@ -9,15 +9,16 @@ Objectives, per sample over the k member scores:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import Field, ValidationInfo, model_validator
 
-from .config import ExistingPath
+from .config import ExistingPath, Placement, PluginSpec
 from .io import DataError, iter_jsonl
+from .placement import PlacedMember, Placer, warn_unplaced
 from .registry import PluginConfig, RewardPlugin, register_plugin
 from .reward_model import RewardModelConfig, RewardModelScorer
 from .types import RewardResult, Sample
@@ -74,6 +75,7 @@ class EnsembleConfig(PluginConfig):
     standardize: Literal["none", "reference_stats", "reference_set"] = "none"
     reference_stats: list[MemberStats] | None = None
     reference_set: ExistingPath | None = None
+    placement: Placement | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +111,8 @@ class EnsembleConfig(PluginConfig):
             raise ValueError("standardize: reference_stats needs one {mean, std} per member")
         if self.standardize == "reference_set" and self.reference_set is None:
             raise ValueError("standardize: reference_set needs reference_set: a JSONL file of samples")
+        if self.placement is not None and any(m.placement is not None for m in self.members):
+            raise ValueError("give placement once: on the ensemble (all members per replica) or on its members, not both")
         return self
 
 
@@ -122,10 +126,14 @@ class EnsemblePlugin(RewardPlugin):
 
     Config = EnsembleConfig
 
-    def __init__(self, config: EnsembleConfig, name: str):
+    def __init__(self, config: EnsembleConfig, name: str, placer: Placer | None = None):
         super().__init__(config, name)
-        self.members = [RewardModelScorer(member) for member in config.members]
+        self.members = [_member(m, f"{name}.{n}", placer) for m, n in zip(config.members, config.member_names)]
         self.means, self.stds = self._reference_statistics()
+
+    @classmethod
+    def from_spec(cls, spec: PluginSpec, build: Callable[[PluginSpec], RewardPlugin]) -> RewardPlugin:
+        return cls(spec.config, spec.name, getattr(build, "placer", None))
 
     @property
     def component_keys(self) -> tuple[str, ...]:
@@ -136,8 +144,7 @@ class EnsemblePlugin(RewardPlugin):
         if cfg.standardize == "reference_stats":
             return np.array([s.mean for s in cfg.reference_stats]), np.array([s.std for s in cfg.reference_stats])
         if cfg.standardize == "reference_set":
-            samples = read_reference_samples(cfg.reference_set)
-            scores = np.stack([m.score_texts([m.format_sample(s) for s in samples])[0] for m in self.members])
+            scores = self.member_scores(read_reference_samples(cfg.reference_set))
             stds = scores.std(axis=1)
             if np.any(stds == 0) or not np.all(np.isfinite(scores)):
                 raise ValueError(f"{cfg.reference_set}: a member scores the reference set with zero or non-finite spread")
@@ -145,8 +152,13 @@ class EnsemblePlugin(RewardPlugin):
         return None, None
 
     def member_scores(self, samples: Sequence[Sample]) -> np.ndarray:
-        """Raw (k, B) scores, every member scoring the same batch."""
-        return np.stack([m.score_texts([m.format_sample(s) for s in samples])[0] for m in self.members])
+        """Raw (k, B) scores, every member scoring the same batch (placed members in parallel)."""
+        pending = [m.submit(samples) if isinstance(m, PlacedMember) else None for m in self.members]
+        rows = [
+            p.result() if p is not None else m.score_texts([m.format_sample(s) for s in samples])[0]
+            for m, p in zip(self.members, pending)
+        ]
+        return np.array(rows, dtype=np.float64)
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
         results: list[RewardResult | None] = [None] * len(samples)
@@ -175,6 +187,15 @@ class EnsemblePlugin(RewardPlugin):
             components.update(variance=float(variance[column]), combined=float(combined[column]))
             results[i] = RewardResult.ok(combined[column], components)
         return results  # type: ignore[return-value]
+
+
+def _member(config: RewardModelConfig, name: str, placer: Placer | None) -> RewardModelScorer | PlacedMember:
+    if config.placement is None:
+        return RewardModelScorer(config)
+    if placer is None:
+        warn_unplaced(name)
+        return RewardModelScorer(config)
+    return PlacedMember(config, name, placer)
 
 
 def read_reference_samples(path: str) -> list[Sample]:

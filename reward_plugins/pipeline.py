@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 
 from .config import PipelineConfig, PluginSpec, load_pipeline_config
+from .placement import PlacedPlugin, Placer, placement_requests, plugin_placement, warn_unplaced
 from .registry import RewardPlugin, plugin_class, score_safely
 from .types import RewardResult, Sample, Status
 
@@ -72,8 +73,8 @@ class RewardPipeline:
         self.log_keys: tuple[str, ...] = FIXED_LOG_KEYS + tuple(LOG_PREFIX + key for key in components)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> RewardPipeline:
-        return build_pipeline(load_pipeline_config(path))
+    def from_yaml(cls, path: str | os.PathLike, placer: Placer | None = None) -> RewardPipeline:
+        return build_pipeline(load_pipeline_config(path), placer)
 
     def score(self, samples: Sequence[Sample]) -> ScoredBatch:
         results = score_safely(self.root, samples)
@@ -111,10 +112,37 @@ class RewardPipeline:
         return logs
 
 
-def build_plugin(spec: PluginSpec) -> RewardPlugin:
-    """Construct a plugin (and its children) from a validated spec; this is where models load."""
-    return plugin_class(spec.type).from_spec(spec, build_plugin)
+def build_plugin(spec: PluginSpec, placer: Placer | None = None) -> RewardPlugin:
+    """Construct a plugin (and its children) from a validated spec; this is where models load.
+
+    With a `placer`, plugins with a `placement` are built in its replicas (after one up-front check that the
+    cluster can hold every placement); without one, placements are ignored with a warning.
+    """
+    if placer is not None:
+        placer.check(placement_requests(spec))
+    return _Builder(placer)(spec)
 
 
-def build_pipeline(config: PipelineConfig) -> RewardPipeline:
-    return RewardPipeline(build_plugin(config.reward), config.on_error, config.error_penalty)
+def build_local_plugin(spec: PluginSpec) -> RewardPlugin:
+    """Build in this process, ignoring placements quietly (what each replica of a placed plugin runs)."""
+    return _Builder(None, quiet=True)(spec)
+
+
+@dataclass(frozen=True)
+class _Builder:
+    """The `build` callable handed to `from_spec`; composites reach the placer through it."""
+
+    placer: Placer | None = None
+    quiet: bool = False
+
+    def __call__(self, spec: PluginSpec) -> RewardPlugin:
+        placement = plugin_placement(spec.config)
+        if placement is not None and self.placer is not None:
+            return PlacedPlugin.build(spec, placement, self.placer)
+        if placement is not None and not self.quiet:
+            warn_unplaced(spec.name)
+        return plugin_class(spec.type).from_spec(spec, self)
+
+
+def build_pipeline(config: PipelineConfig, placer: Placer | None = None) -> RewardPipeline:
+    return RewardPipeline(build_plugin(config.reward, placer), config.on_error, config.error_penalty)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .batching import length_sorted_batches, position_ids_from_mask, right_pad, truncate
-from .config import ExistingPath
+from .config import ExistingPath, Placement
 from .modeling import DTypeName, load_tokenizer, require_safetensors, resolve_device, resolve_dtype
 from .registry import PluginConfig, RewardPlugin, register_plugin
 from .types import RewardResult, Sample
@@ -55,6 +55,7 @@ class RewardModelConfig(PluginConfig):
     device: str = "auto"
     trust_remote_code: bool = False
     allow_empty_response: bool = False
+    placement: Placement | None = None
 
     @field_validator("template")
     @classmethod

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import Field, field_validator, model_validator
 
-from .config import ExistingPath
+from .config import ExistingPath, Placement
 from .logprobs import HFLogProbScorer, LogProbScorer, perplexity
 from .modeling import DTypeName
 from .registry import PluginConfig, RewardPlugin, register_plugin
@@ -172,11 +172,14 @@ class ScorerConfig(PluginConfig):
     max_length: int = Field(default=4096, gt=1)
     temperature: float = Field(default=1.0, gt=0)
     trust_remote_code: bool = False
+    placement: Placement | None = None
 
     @model_validator(mode="after")
     def _model_for_hf(self) -> ScorerConfig:
         if self.backend == "hf" and self.model is None:
             raise ValueError("backend: hf needs model: the frozen scoring model's path")
+        if self.backend == "external" and self.placement is not None:
+            raise ValueError("backend: external scores on OpenRLHF's reference model; a placement applies to backend: hf")
         return self
 
     def build(self) -> HFLogProbScorer:
