@@ -1,0 +1,140 @@
+"""Placed plugins on a local CPU Ray cluster: same scores as unplaced ones, no sample lost when a replica dies,
+and a clear refusal when the cluster cannot hold the placement. Actors ask for a quarter CPU so several fit."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from openrlhf_ext.placement import PlacementError, RayPlacer  # noqa: E402
+from reward_plugins import Sample, Status, parse_pipeline_config  # noqa: E402
+from reward_plugins.pipeline import build_pipeline  # noqa: E402
+from reward_plugins.placement import PlacedMember, PlacedPlugin  # noqa: E402
+
+ON_CPU = {"num_gpus": 0, "num_cpus": 0.25, "max_restarts": 1, "ready_timeout_s": 120}
+SAMPLES = [Sample(prompt=f"Prompt {i}. ", response="the dragon paints " * (i + 1)) for i in range(6)] + [
+    Sample(prompt="Empty. ", response="  ")
+]
+LABELS = [
+    {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea.", "baseline_ppl": 50.0},
+    {"context": "The storm hits the harbour.", "gold": "Chapter two begins with a ship in trouble.", "baseline_ppl": 80.0},
+    {"context": "A short story.", "gold": "The quick brown fox jumps over the lazy dog.", "baseline_ppl": 120.0},
+]
+PLANS = ["In summary: the hero leaves.", "Detailed Plan: a ship sinks.", "no marker here"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def placer(cluster):
+    placer = RayPlacer()
+    yield placer
+    placer.close()
+
+
+def both(reward: dict, placer: RayPlacer, on_error: str = "penalty"):
+    config = parse_pipeline_config({"reward": reward, "on_error": on_error, "error_penalty": -1.0})
+    return build_pipeline(config, placer), build_pipeline(config)
+
+
+def assert_same(placed, local):
+    assert [r.status for r in placed.results] == [r.status for r in local.results]
+    assert [r.error for r in placed.results] == [r.error for r in local.results]
+    np.testing.assert_allclose(np.array(placed.rewards, dtype=float), np.array(local.rewards, dtype=float), rtol=1e-5, atol=1e-5)
+    for a, b in zip(placed.results, local.results):
+        assert a.components.keys() == b.components.keys()
+        np.testing.assert_allclose(list(a.components.values()), list(b.components.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_reward_model_replicas_match_unplaced_and_survive_a_killed_replica(placer, rm_dirs):
+    reward = {"type": "reward_model", "name": "rm", "path": str(rm_dirs[1]), "batch_size": 2, "placement": {**ON_CPU, "replicas": 2}}
+    placed, local = both(reward, placer)
+    assert isinstance(placed.root, PlacedPlugin) and placed.log_keys == local.log_keys
+    expected = local.score(SAMPLES)
+    assert expected.results[-1].status is Status.ERROR and expected.results[0].status is Status.OK
+    assert_same(placed.score(SAMPLES), expected)
+
+    group = placed.root.replicas
+    before = group.pids()
+    pending = group.submit("score", SAMPLES)
+    ray.kill(group.actors[0], no_restart=False)
+    results = pending.result()
+    assert len(results) == len(SAMPLES)
+    np.testing.assert_allclose([r.reward or -1.0 for r in results], np.array(expected.rewards, dtype=float), rtol=1e-5, atol=1e-5)
+    after = group.pids()
+    assert after[0] != before[0] and after[1] == before[1], "Ray restarted the killed replica, the other kept running"
+
+    ray.kill(group.actors[1], no_restart=True)
+    assert_same(placed.score(SAMPLES), expected)
+    assert group.alive == [0], "the batch of the replica gone for good went to the live one"
+
+
+def test_ensemble_members_placed_each_or_all_at_once_match_unplaced(placer, rm_dirs):
+    template = str(rm_dirs[1]).replace("rm_seed1", "rm_seed{seed}")
+    base = {"type": "ensemble", "name": "ens", "objective": "uwo", "uwo_weight": 0.5, "path_template": template, "seeds": [1, 2]}
+    each, local = both({**base, "member": {"placement": ON_CPU}}, placer)
+    assert all(isinstance(m, PlacedMember) for m in each.root.members)
+    expected = local.score(SAMPLES)
+    assert_same(each.score(SAMPLES), expected)
+
+    whole, _ = both({**base, "placement": ON_CPU}, placer)
+    assert isinstance(whole.root, PlacedPlugin)
+    assert_same(whole.score(SAMPLES), expected)
+
+
+def test_vrcli_placed_scorer_matches_unplaced(placer, lm_dir):
+    reward = {"type": "vrcli", "name": "vr", "scorer": {"model": str(lm_dir), "batch_size": 2, "placement": ON_CPU}}
+    placed, local = both(reward, placer)
+    samples = [Sample(prompt="p", response=plan, label=label) for plan, label in zip(PLANS, LABELS)]
+    expected = local.score(samples)
+    assert [r.status for r in expected.results] == [Status.OK, Status.OK, Status.ERROR]
+    assert_same(placed.score(samples), expected)
+
+
+def test_unsatisfiable_placement_fails_at_start_saying_what_was_asked(placer, rm_dirs):
+    reward = {"type": "reward_model", "name": "rm", "path": str(rm_dirs[1]), "placement": {"num_gpus": 1, "replicas": 2}}
+    config = parse_pipeline_config({"reward": reward})
+    with pytest.raises(PlacementError, match=r"asked 2 GPUs in total \(rm: 2 x 1\), the Ray cluster has 0"):
+        build_pipeline(config, placer)
+
+    hold = ray.util.placement_group([{"CPU": 2}])
+    ray.get(hold.ready())
+    try:
+        reward["placement"] = {**ON_CPU, "ready_timeout_s": 1}
+        started = time.monotonic()
+        with pytest.raises(PlacementError, match=r"not granted within 1 s; the cluster has 0 GPUs"):
+            build_pipeline(parse_pipeline_config({"reward": reward}), placer)
+        assert time.monotonic() - started < 30
+    finally:
+        ray.util.remove_placement_group(hold)
+
+
+def test_serve_builds_placed_plugins_in_the_ray_cluster(cluster, monkeypatch, tmp_path, rm_dirs):
+    from openrlhf_ext import serve
+
+    config = tmp_path / "placed.yaml"
+    config.write_text(
+        "on_error: penalty\nerror_penalty: -1.0\nreward:\n  type: reward_model\n  name: rm\n"
+        f"  path: {rm_dirs[2]}\n  placement: {{num_gpus: 0, num_cpus: 0.25, replicas: 1}}\n"
+    )
+    built = {}
+    monkeypatch.setattr(serve, "create_app", lambda scorer, settings: built.setdefault("scorer", scorer))
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **kwargs: built.setdefault("kwargs", kwargs))
+    serve.main(["--config", str(config), "--ray-address", "auto"])
+    root = built["scorer"].pipeline.root
+    assert isinstance(root, PlacedPlugin) and built["kwargs"]["host"] == "127.0.0.1"
+    try:
+        local = build_pipeline(parse_pipeline_config({"reward": {"type": "reward_model", "name": "rm", "path": str(rm_dirs[2])}}))
+        np.testing.assert_allclose(root.score(SAMPLES[:3])[0].reward, local.score(SAMPLES[:3]).rewards[0], rtol=1e-5)
+    finally:
+        root.replicas.close()
