@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from reward_plugins.config import Placement
 from reward_plugins.placement import split_even
@@ -121,7 +121,7 @@ class RayReplicas:
         while self.alive:
             slot = self.alive[0]
             try:
-                return ray.get(self.actors[slot].call.remote(method))
+                return _get(self.actors[slot].call.remote(method))
             except RayActorError:
                 self._lost(slot)
         raise PlacementError(f"{self.name}: every replica has died (max_restarts {self.placement.max_restarts})")
@@ -161,7 +161,7 @@ class _RayPending:
         for job in self.jobs:
             while True:
                 try:
-                    gathered.extend(ray.get(job.ref))
+                    gathered.extend(_get(job.ref))
                     break
                 except RayActorError:
                     self.group._lost(job.slot)
@@ -175,6 +175,16 @@ class _RayPending:
         if len(gathered) != len(self.items):
             raise PlacementError(f"{self.group.name}: replicas returned {len(gathered)} results for {len(self.items)} items")
         return gathered
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get`, re-raising an exception from inside the replica as itself (the caller isolates bad samples)."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, Exception) and not isinstance(exc.cause, RayActorError):
+            raise exc.cause from None
+        raise
 
 
 class RayPlacer:

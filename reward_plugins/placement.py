@@ -72,7 +72,10 @@ def plugin_placement(config: PluginConfig) -> Placement | None:
 
 def _placeable(value: Any) -> Iterator[BaseModel]:
     """Configs with a `placement` field (model-backed ones) anywhere under `value`, `value` excluded."""
-    children = value if isinstance(value, (list, tuple)) else [getattr(value, k) for k in type(value).model_fields] if isinstance(value, BaseModel) else []
+    if isinstance(value, BaseModel):
+        children = [getattr(value, key) for key in type(value).model_fields]
+    else:
+        children = value if isinstance(value, (list, tuple)) else []
     for child in children:
         if isinstance(child, BaseModel) and "placement" in type(child).model_fields:
             yield child

@@ -82,14 +82,19 @@ def test_reward_model_replicas_match_unplaced_and_survive_a_killed_replica(place
 def test_ensemble_members_placed_each_or_all_at_once_match_unplaced(placer, rm_dirs):
     template = str(rm_dirs[1]).replace("rm_seed1", "rm_seed{seed}")
     base = {"type": "ensemble", "name": "ens", "objective": "uwo", "uwo_weight": 0.5, "path_template": template, "seeds": [1, 2]}
-    each, local = both({**base, "member": {"placement": ON_CPU}}, placer)
+    member = {"template": "{prompt}{label[hint]} {response}"}
+    samples = [Sample(s.prompt, s.response, label={"hint": f"h{i}"}) for i, s in enumerate(SAMPLES)]
+    samples[2] = Sample("No hint. ", "a response", label={})
+    each, local = both({**base, "member": {**member, "placement": ON_CPU}}, placer)
     assert all(isinstance(m, PlacedMember) for m in each.root.members)
-    expected = local.score(SAMPLES)
-    assert_same(each.score(SAMPLES), expected)
+    expected = local.score(samples)
+    assert "ens: a member template needs 'hint' from the sample/label" in expected.results[2].error
+    assert [r.status for r in expected.results].count(Status.OK) == len(samples) - 2
+    assert_same(each.score(samples), expected)
 
-    whole, _ = both({**base, "placement": ON_CPU}, placer)
+    whole, _ = both({**base, "member": member, "placement": ON_CPU}, placer)
     assert isinstance(whole.root, PlacedPlugin)
-    assert_same(whole.score(SAMPLES), expected)
+    assert_same(whole.score(samples), expected)
 
 
 def test_vrcli_placed_scorer_matches_unplaced(placer, lm_dir):
