@@ -153,9 +153,10 @@ def refuse_unplaced_models(reward_config: str, spec: Any) -> None:
     if unplaced:
         raise LaunchError(
             f"{reward_config}: --reward-config scores in OpenRLHF's trainer actor, which holds no GPU, so these models "
-            f"would load and run on its CPU: {'; '.join(unplaced)}. Fix: give each a placement so it runs in Ray actors "
-            "holding GPUs (placement: {num_gpus: 1} on a reward_model or vrcli scorer, member: {placement: {num_gpus: 1}} "
-            "on an ensemble; see configs/rewards/ensemble_uwo5_placed.yaml), or serve the file on GPUs with "
+            f"would load and run on its CPU: {'; '.join(unplaced)}. Fix: give each a placement so it runs in Ray "
+            "actors holding GPUs (placement: {num_gpus: 1} on a reward_model or vrcli scorer, "
+            "member: {placement: {num_gpus: 1}} on an ensemble; see configs/rewards/ensemble_uwo5_placed.yaml), "
+            "or serve the file on GPUs with "
             "python -m openrlhf_ext.serve --config FILE and pass --reward.remote_url http://HOST:PORT/get_reward "
             "instead of --reward-config"
         )

@@ -63,7 +63,9 @@ def unsatisfiable(requests: Sequence[tuple[str, Placement]], nodes: Sequence[Map
         widest = max(have, default=0.0)
         for name, _, each in asks:
             if each > widest + 1e-9:
-                problems.append(f"{name} asks {_fmt(each)} {resource}s per replica, the largest node has {_fmt(widest)}")
+                problems.append(
+                    f"{name} asks {_fmt(each)} {resource}s per replica, the largest node has {_fmt(widest)}"
+                )
     if not problems:
         return None
     return "placement cannot be satisfied: " + "; ".join(problems) + (
@@ -113,7 +115,10 @@ class RayReplicas:
         if not self.alive:
             raise PlacementError(f"{self.name}: every replica has died (max_restarts {self.placement.max_restarts})")
         chunks = split_even(len(items), len(self.alive))
-        jobs = [_Job(chunk, slot, self.actors[slot].call.remote(method, items[chunk])) for chunk, slot in zip(chunks, self.alive)]
+        jobs = [
+            _Job(chunk, slot, self.actors[slot].call.remote(method, items[chunk]))
+            for chunk, slot in zip(chunks, self.alive)
+        ]
         return _RayPending(self, method, items, jobs)
 
     def call_one(self, method: str) -> Any:
@@ -134,7 +139,11 @@ class RayReplicas:
         if slot in self.alive:
             self.alive.remove(slot)
             logger.warning(
-                "%s: replica %d is gone for good after %d restart(s); %d left", self.name, slot, self.placement.max_restarts, len(self.alive)
+                "%s: replica %d is gone for good (max_restarts %d); %d left",
+                self.name,
+                slot,
+                self.placement.max_restarts,
+                len(self.alive),
             )
 
     def close(self) -> None:
@@ -166,14 +175,17 @@ class _RayPending:
                 except RayActorError:
                     self.group._lost(job.slot)
                     if not self.group.alive:
+                        restarts = self.group.placement.max_restarts
                         raise PlacementError(
-                            f"{self.group.name}: every replica has died (max_restarts {self.group.placement.max_restarts}); "
-                            f"{len(self.items)} samples not scored"
+                            f"{self.group.name}: every replica has died (max_restarts {restarts}); "
+                            f"{len(self.items)} items not scored"
                         ) from None
                     job.slot = self.group.alive[job.chunk.start % len(self.group.alive)]
                     job.ref = self.group.actors[job.slot].call.remote(self.method, self.items[job.chunk])
         if len(gathered) != len(self.items):
-            raise PlacementError(f"{self.group.name}: replicas returned {len(gathered)} results for {len(self.items)} items")
+            raise PlacementError(
+                f"{self.group.name}: replicas returned {len(gathered)} results for {len(self.items)} items"
+            )
         return gathered
 
 
@@ -205,7 +217,13 @@ class RayPlacer:
     def place(self, factory: Callable[[], Any], placement: Placement, name: str) -> RayReplicas:
         group = RayReplicas(factory, placement, name, self.runtime_env)
         self.groups.append(group)
-        logger.info("%s: %d replica(s) ready (%s GPU, %s CPU each)", name, placement.replicas, _fmt(placement.num_gpus), _fmt(placement.num_cpus))
+        logger.info(
+            "%s: %d replica(s) ready (%s GPU, %s CPU each)",
+            name,
+            placement.replicas,
+            _fmt(placement.num_gpus),
+            _fmt(placement.num_cpus),
+        )
         return group
 
     def close(self) -> None:

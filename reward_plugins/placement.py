@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
@@ -87,7 +88,7 @@ def _unplaced(value: Any, path: str) -> Iterator[str]:
         if "placement" in type(value).model_fields:
             if value.placement is not None:
                 return
-            if not any(True for _ in _placeable(value)):
+            if next(_placeable(value), None) is None:
                 if getattr(value, "backend", "hf") != "external":
                     yield path
                 return
@@ -162,8 +163,6 @@ class PlacedPlugin(RewardPlugin):
 
     @classmethod
     def build(cls, spec: PluginSpec, placement: Placement, placer: Placer) -> PlacedPlugin:
-        from functools import partial
-
         return cls(spec, placer.place(partial(PluginWorker, spec), placement, spec.name))
 
     @property
@@ -190,8 +189,6 @@ class PlacedMember:
     """An ensemble member in remote replicas; `submit` returns at once so members score in parallel."""
 
     def __init__(self, config: RewardModelConfig, name: str, placer: Placer):
-        from functools import partial
-
         self.config = config
         self.replicas = placer.place(partial(MemberWorker, config), config.placement, name)
 
