@@ -108,3 +108,14 @@ def test_launcher_refuses_models_on_the_trainer_cpu_before_ray_starts(monkeypatc
             launch.preflight(launch.parse_openrlhf_args(argv), str(REWARDS / name))
     assert launch.preflight(launch.parse_openrlhf_args(argv), str(REWARDS / "ensemble_uwo5_placed.yaml")) == []
     assert launch.main(["--dry-run", "--reward-config", str(REWARDS / "ensemble_uwo5_placed.yaml"), *argv]) == 0
+
+
+def test_without_a_placer_a_placement_is_ignored_loudly(rm_dirs, caplog):
+    from reward_plugins.pipeline import build_pipeline
+    from reward_plugins.reward_model import RewardModelPlugin
+
+    reward = {"type": "reward_model", "name": "rm", "path": str(rm_dirs[1]), "placement": {"num_gpus": 1}}
+    with caplog.at_level("WARNING", logger="reward_plugins.placement"):
+        pipeline = build_pipeline(parse_pipeline_config({"reward": reward}))
+    assert isinstance(pipeline.root, RewardModelPlugin)
+    assert "rm has a placement but this process has no placer (Ray); its model loads here" in caplog.text
