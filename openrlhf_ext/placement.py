@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from reward_plugins.config import Placement
 from reward_plugins.placement import split_even
 
 logger = logging.getLogger(__name__)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
 class PlacementError(RuntimeError):
@@ -43,6 +45,13 @@ class _Replica:
 
 def _fmt(value: float) -> str:
     return f"{value:g}"
+
+
+def failure_text(message: str) -> str:
+    """The exception line(s) at the end of a remote traceback, without the traceback itself."""
+    lines = message.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    return "\n".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else message)
 
 
 def unsatisfiable(requests: Sequence[tuple[str, Placement]], nodes: Sequence[Mapping[str, float]]) -> str | None:
@@ -107,7 +116,7 @@ class RayReplicas:
             ) from None
         except RayActorError as exc:
             self.close()
-            raise PlacementError(f"{self.name}: a replica failed to start: {exc}") from None
+            raise PlacementError(f"{self.name}: a replica failed to start: {failure_text(str(exc))}") from None
 
     def submit(self, method: str, items: Sequence) -> _RayPending:
         """Start `method(chunk)` on every live replica, one contiguous chunk each."""

@@ -119,3 +119,14 @@ def test_without_a_placer_a_placement_is_ignored_loudly(rm_dirs, caplog):
         pipeline = build_pipeline(parse_pipeline_config({"reward": reward}))
     assert isinstance(pipeline.root, RewardModelPlugin)
     assert "rm has a placement but this process has no placer (Ray); its model loads here" in caplog.text
+
+
+def test_failure_text_keeps_the_exception_not_the_traceback():
+    ray_placement = pytest.importorskip("openrlhf_ext.placement")
+    remote = (
+        "The actor died because of an error raised in its creation task, ray::_Replica.__init__() (pid=1)\n"
+        '  File "x.py", line 3, in __init__\n    self.obj = factory()\n'
+        "ValueError: Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n"
+    )
+    assert ray_placement.failure_text(remote) == "ValueError: Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file"
+    assert ray_placement.failure_text("the actor was killed\n") == "the actor was killed"
