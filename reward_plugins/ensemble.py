@@ -112,7 +112,9 @@ class EnsembleConfig(PluginConfig):
         if self.standardize == "reference_set" and self.reference_set is None:
             raise ValueError("standardize: reference_set needs reference_set: a JSONL file of samples")
         if self.placement is not None and any(m.placement is not None for m in self.members):
-            raise ValueError("give placement once: on the ensemble (all members per replica) or on its members, not both")
+            raise ValueError(
+                "give placement once: on the ensemble (all members per replica) or on its members, not both"
+            )
         return self
 
 
