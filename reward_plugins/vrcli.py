@@ -558,6 +558,25 @@ def check_baselines(plugin: RewardPlugin, labels: Sequence[Any]) -> None:
         node.check_labels(labels)
 
 
+EVAL_METRICS = ("vrcli_reward", "vrcli_improvement", "vrcli_improved_share")
+
+
+def eval_metrics(rewards: Sequence[float | None], components: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Held-out VR-CLI metrics (the paper's eval_reward / eval_pct_improvements, plus the improved share).
+
+    `vrcli_reward`: mean reward of the scored samples; `vrcli_improvement`: mean raw percent improvement;
+    `vrcli_improved_share`: the share of samples whose plan lowered the gold perplexity (improvement > 0).
+    Samples without an improvement (errors) are left out of the last two; NaN when nothing is left.
+    """
+    scored = [float(r) for r in rewards if r is not None]
+    gains = np.array([c["improvement"] for c in components if "improvement" in c and math.isfinite(c["improvement"])])
+    return {
+        "vrcli_reward": float(np.mean(scored)) if scored else float("nan"),
+        "vrcli_improvement": float(gains.mean()) if gains.size else float("nan"),
+        "vrcli_improved_share": float((gains > 0).mean()) if gains.size else float("nan"),
+    }
+
+
 def load_vrcli_plugin(path: str | os.PathLike) -> VRCLIPlugin:
     """Build the first `vrcli` plugin in a reward YAML: baselines then use exactly the reward's settings."""
     from .config import load_pipeline_config
