@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError, iter_jsonl
 from reward_plugins.pipeline import RewardPipeline
+from reward_plugins.vrcli import BaselineMismatchError, check_baselines
 
 from .config import ExistingPath, load_config
 from .eval_callback import EvalFileCallback
@@ -129,6 +130,10 @@ def build_trainer(cfg: TrainConfig):
         table_dir=out / "completions" if main_process else None, table_every=cfg.table_every,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
+    try:
+        check_baselines(pipeline.root, [r[cfg.label_key] for r in rows])
+    except BaselineMismatchError as exc:
+        raise SystemExit(f"{cfg.train_data}: {exc}") from None
     callbacks = []
     if cfg.eval_data:
         eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key)
