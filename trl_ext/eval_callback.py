@@ -9,6 +9,7 @@ frozen copy loaded from the policy path.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ class EvalFileCallback(TrainerCallback):
             if self.has_vrcli and "tensorboard" in (args.report_to or []):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(args.logging_dir)  # eval/vrcli_* beside the trainer's own scalars
+                folder = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "heldout_eval")
+                self._writer = SummaryWriter(folder)  # eval/vrcli_* beside the trainer's own runs/ scalars
             self.write(state.global_step, model, processing_class)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
