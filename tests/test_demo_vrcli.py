@@ -58,3 +58,20 @@ def test_stage_writes_curve_summary_and_fingerprinted_baselines(stage, monkeypat
     calls = []
     monkeypatch.setattr(dv, "train_lm", lambda *a: calls.append(a))
     assert dv.run_stage(cfg) == section and calls == []  # finished steps are skipped
+
+
+def test_trl_refuses_baselines_from_other_settings_at_load(stage, tmp_path):
+    import json
+
+    from trl_ext import train as train_mod
+
+    cfg, _ = stage
+    out = dv.Path(cfg.out)
+    rows = read_jsonl(out / "data_with_baseline" / "train.jsonl")
+    rows[1]["label"]["baseline_fingerprint"]["max_length"] = 4096
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = train_mod.TrainConfig(policy=str(out / "models" / "ref_lm"), reward_config=str(out / "reward.yaml"),
+                                   train_data=str(bad), output_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="max_length: baseline 4096, reward 128"):
+        train_mod.build_trainer(config)

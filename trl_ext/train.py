@@ -130,13 +130,14 @@ def build_trainer(cfg: TrainConfig):
         table_dir=out / "completions" if main_process else None, table_every=cfg.table_every,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
-    try:
-        check_baselines(pipeline.root, [r[cfg.label_key] for r in rows])
-    except BaselineMismatchError as exc:
-        raise SystemExit(f"{cfg.train_data}: {exc}") from None
+    eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else []
+    for path, checked in ((cfg.train_data, rows), (cfg.eval_data, eval_rows)):
+        try:
+            check_baselines(pipeline.root, [r[cfg.label_key] for r in checked])
+        except BaselineMismatchError as exc:
+            raise SystemExit(f"{path}: {exc}") from None
     callbacks = []
     if cfg.eval_data:
-        eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key)
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
                 "policy": str(cfg.policy), "backend": "trl"}
         callbacks.append(EvalFileCallback(
