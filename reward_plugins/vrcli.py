@@ -5,8 +5,11 @@ perplexity of the gold tokens given the prompt with the plan inserted and `basel
 the same without the plan, both from one frozen model. The improvement is in percent; shaping maps it to
 the training reward, and the raw improvement is always logged.
 
-`VRCLIPrompt.token_ids` builds the scored input for both the reward and the baseline precomputation
-(`setup_data/compute_baseline_perplexity.py`), so the two cannot drift apart.
+`VRCLIPrompt.scored_input` builds the scored input for both the reward and the baseline precomputation
+(`setup_data/compute_baseline_perplexity.py`): the story context is cut identically with and without the
+plan, the gold never. The baseline script records the reward's fingerprint (scorer model name, temperature,
+max_length, prompt-settings hash) in every label, and the reward refuses labels whose fingerprint differs.
+The plan is extracted with the paper's chain (`find_plan`); a response without a marker is the plan.
 """
 
 from __future__ import annotations
@@ -478,7 +481,7 @@ class VRCLIPlugin(RewardPlugin):
             logger.warning("%s: %d label(s) carry no %s; their baselines cannot be checked", self.name, missing,
                            FINGERPRINT_KEY)
 
-    def _prepare(self, sample: Sample) -> tuple[ScoredInput, float, bool]:
+    def _prepare(self, sample: Sample, expected: dict[str, Any]) -> tuple[ScoredInput, float, bool]:
         label = sample.label
         if not isinstance(label, Mapping):
             raise LabelError(f"label must be an object, got {type(label).__name__}")
@@ -494,7 +497,7 @@ class VRCLIPlugin(RewardPlugin):
             )
         found = label.get(FINGERPRINT_KEY)
         if self.config.fingerprint != "off" and (found is not None or self.config.fingerprint == "require"):
-            differences = fingerprint_differences(self.fingerprint(), found)
+            differences = fingerprint_differences(expected, found)
             if differences:
                 raise LabelError("baseline fingerprint differs from this reward: " + "; ".join(differences))
         raw_plan, found_marker = find_plan(sample.response, self.config.plan.markers)
@@ -511,10 +514,10 @@ class VRCLIPlugin(RewardPlugin):
         if self.scorer is None:
             raise RuntimeError(f"{self.name}: scorer backend is external but no scorer was attached")
         results: list[RewardResult | None] = [None] * len(samples)
-        prepared, positions = [], []
+        prepared, positions, expected = [], [], self.fingerprint()
         for i, sample in enumerate(samples):
             try:
-                prepared.append(self._prepare(sample))
+                prepared.append(self._prepare(sample, expected))
                 positions.append(i)
             except ValueError as exc:
                 results[i] = RewardResult.failed(f"{self.name}: {exc}")
