@@ -60,8 +60,8 @@ class VRCLIDemoConfig(BaseModel):
     grpo_steps: int = 80
     grpo_batch: int = 64
     grpo_generations: int = 8
-    grpo_lr: float = 3e-3
-    grpo_beta: float = 0.02
+    grpo_lr: float = 1.5e-3
+    grpo_beta: float = 0.04
     reward_threshold: float = 10.0  # percent; see reward_yaml
     max_new_tokens: int = 6
     eval_every: int = 10
