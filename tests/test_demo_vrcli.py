@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def stage(tmp_path_factory):
 
 def test_stage_writes_curve_summary_and_fingerprinted_baselines(stage, monkeypatch):
     cfg, section = stage
-    out = dv.Path(cfg.out)
+    out = Path(cfg.out)
     labels = [row["label"] for row in read_jsonl(out / "data_with_baseline" / "train.jsonl")]
     plugin = load_vrcli_plugin(out / "reward.yaml")
     assert len(labels) == cfg.n_rl and all(label["baseline_fingerprint"] == plugin.fingerprint() for label in labels)
@@ -66,7 +67,7 @@ def test_trl_refuses_baselines_from_other_settings_at_load(stage, tmp_path):
     from trl_ext import train as train_mod
 
     cfg, _ = stage
-    out = dv.Path(cfg.out)
+    out = Path(cfg.out)
     rows = read_jsonl(out / "data_with_baseline" / "train.jsonl")
     rows[1]["label"]["baseline_fingerprint"]["max_length"] = 4096
     bad = tmp_path / "train.jsonl"
