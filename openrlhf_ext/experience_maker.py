@@ -10,11 +10,23 @@ Installed in the trainer actor by `openrlhf_ext.hooks.install` (through the laun
 2. The base class runs the policy, reference and critic forwards.
 3. Every `eval_every` steps the batch is written as an eval file (`evaluation.eval_files`): prompts,
    answers, proxy scores, per-member components, ensemble variance and the sequence KL to the reference.
+
+Held-out evaluation (`--eval.dataset`, every `--eval.steps`): `plugin_evaluate` wraps the trainer's
+`evaluate` so the eval samples are scored here by the same pipeline (the rollout side only has a
+placeholder). Their rewards replace the placeholder's before OpenRLHF computes its pass@k metrics; the
+VR-CLI metrics (`eval/vrcli_reward`, `eval/vrcli_improvement`, `eval/vrcli_improved_share`) go to the
+trainer's loggers and, with the samples, to an eval file under `<eval dir>/heldout/`.
+
+Labels whose VR-CLI baselines were computed with other settings (`baseline_fingerprint`) stop the run at
+the first batch that carries them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import os
 
 import numpy as np
 import torch
@@ -23,6 +35,7 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
 from reward_plugins.types import Sample
+from reward_plugins.vrcli import check_baselines, eval_metrics, model_id, vrcli_plugins
 
 from .placement import RayPlacer
 from .ref_scorer import (
@@ -58,6 +71,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
     def _attach_reference_scorers(self) -> None:
         a = self.args
         coef = a.algo.kl.init_coef if self.initial_model_group is not None else 0.0
+        reference_name = model_id(a.actor.model_name_or_path)  # the reference actors load the initial policy
         check_reference_setup(self.external, kl_init_coef=coef, rollout_temperature=a.rollout.temperature)
         duplicate = a.ds.ring_attn_size * a.ds.tensor_parallel_size
         for plugin in self.external:
@@ -73,6 +87,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
                     sync=a.train.colocate_all or a.train.colocate_actor_ref,
                 )
             )
+            plugin.scorer.model_id = reference_name
 
     @torch.no_grad()
     def make_experience(self, samples_list):
@@ -92,8 +107,10 @@ class PluginExperienceMaker(RemoteExperienceMaker):
 
     def score_samples(self, samples: list[Sample]) -> ScoredBatch:
         """One pipeline call for the whole batch; a sample left without a reward stops the run, loudly."""
+        labels = [s.label for s in samples]
         if self.external:
-            check_label_temperatures([s.label for s in samples], self.args.rollout.temperature)
+            check_label_temperatures(labels, self.args.rollout.temperature)
+        check_baselines(self.pipeline.root, labels)
         scored = self.pipeline.score(samples)
         missing = [i for i, reward in enumerate(scored.rewards) if reward is None]
         if missing:
@@ -103,6 +120,30 @@ class PluginExperienceMaker(RemoteExperienceMaker):
                 "the experience maker needs one per sample"
             )
         return scored
+
+    def score_eval_samples(self, samples_list, step: int, n_samples_per_prompt: int) -> dict[str, float]:
+        """Score held-out samples with the pipeline, put the rewards on them, write an eval file; the metrics."""
+        samples = [s for e in samples_list for s in experience_samples(e, self.tokenizer, n_samples_per_prompt)]
+        scored = self.score_samples(samples)
+        start = 0
+        for experience in samples_list:
+            size = len(experience.sequences)
+            chunk = torch.tensor(scored.rewards[start : start + size], dtype=torch.float32)
+            experience.rewards = chunk
+            experience.scores = chunk.clone()
+            start += size
+        components = [dict(result.components) for result in scored.results]
+        metrics = {"reward": float(np.mean(scored.rewards)), **scored.logs}
+        if vrcli_plugins(self.pipeline.root):
+            metrics.update(eval_metrics(scored.rewards, components))
+        metrics = {key: value for key, value in metrics.items() if math.isfinite(value)}
+        if self.settings.eval_dir:
+            answers = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+            rows = rows_from_scores([s.prompt for s in samples], answers, scored.rewards, components)
+            meta = {**self._meta(), "split": "heldout", "metrics": metrics}
+            path = write_eval_file(os.path.join(self.settings.eval_dir, "heldout"), EvalFile(step=step, rows=rows, meta=meta))
+            logger.info("wrote held-out eval file %s (%d rows)", path, len(rows))
+        return metrics
 
     def record(self, step: int, experiences, samples: list[Sample], scored: ScoredBatch | None) -> None:
         """Write this batch as the eval file for `step`: answers without special tokens, for any gold RM.
@@ -166,3 +207,38 @@ def assign_rewards(samples_list, scored: ScoredBatch) -> None:
         for key in scored.log_keys:
             experience.info[key] = torch.tensor([logs[i][key] for i in range(start, start + size)], dtype=torch.float32)
         start += size
+
+
+def plugin_evaluate(evaluate):
+    """Wrap `PPOTrainer.evaluate(global_step, **generate_kwargs)`: held-out samples scored by our pipeline.
+
+    Without a trainer-side pipeline the original runs unchanged.
+    """
+
+    @functools.wraps(evaluate)
+    def wrapped(self, global_step, **generate_kwargs):
+        maker = getattr(self, "experience_maker", None)
+        if getattr(maker, "pipeline", None) is None:
+            return evaluate(self, global_step, **generate_kwargs)
+        generator = self.samples_generator
+        generate = generator.generate_eval_samples
+        metrics: dict[str, float] = {}
+
+        def generate_and_score(**kwargs):
+            samples_list = generate(**kwargs)
+            n = kwargs.get("n_samples_per_prompt", generate_kwargs.get("n_samples_per_prompt", 1))
+            metrics.update(maker.score_eval_samples(samples_list, global_step, n))
+            return samples_list
+
+        generator.generate_eval_samples = generate_and_score
+        try:
+            logs = evaluate(self, global_step, **generate_kwargs)
+        finally:
+            generator.generate_eval_samples = generate
+        for tracker in (getattr(self, "tensorboard_logger", None), getattr(self, "wandb_logger", None)):
+            if tracker is not None and metrics:
+                tracker.log_eval(global_step, metrics)
+        logger.info("held-out reward metrics at step %s: %s", global_step, metrics)
+        return {**(logs or {}), **metrics}
+
+    return wrapped

@@ -37,15 +37,24 @@ def installed_in_this_process() -> bool:
 
 
 def patch_trainer_module(module: ModuleType) -> None:
-    """Point the module's `RemoteExperienceMaker` at ours and let it see the trainer's global step."""
+    """Point the module's `RemoteExperienceMaker` at ours, let it see the trainer's global step and score held-out eval."""
     if getattr(module, _MARK, False):
         return
-    from openrlhf_ext.experience_maker import PluginExperienceMaker
+    from openrlhf_ext.experience_maker import PluginExperienceMaker, plugin_evaluate
 
     module.RemoteExperienceMaker = PluginExperienceMaker
     trainer = module.BasePPOTrainer
     trainer.train_step = _with_global_step(trainer.train_step)
+    if hasattr(module, "PPOTrainer"):
+        ppo = trainer_class(module.PPOTrainer)
+        ppo.evaluate = plugin_evaluate(ppo.evaluate)
     setattr(module, _MARK, True)
+
+
+def trainer_class(cls):
+    """The plain class behind a `@ray.remote` trainer (patching the Ray wrapper would not reach the actor)."""
+    metadata = getattr(cls, "__ray_metadata__", None)
+    return metadata.modified_class.__ray_actor_class__ if metadata is not None else cls
 
 
 def _with_global_step(train_step):

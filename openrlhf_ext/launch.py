@@ -141,7 +141,7 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
         rollout_temperature=args.rollout.temperature,
     )
     if args.eval.dataset:
-        notes.append("--eval.dataset is scored by --reward.remote_url on the rollout side, not by --reward-config")
+        notes.append("--eval.dataset is scored in the trainer by --reward-config (logged as eval/<metric>)")
     return notes
 
 

@@ -53,11 +53,13 @@ def build_rollouts(path: Path, vrcli_config: Path) -> None:
     if path.exists():
         return
     plugin = load_vrcli_plugin(vrcli_config)
-    labels = [{"id": f"story-{i}", "context": context, "gold": gold} for i, (context, gold) in enumerate(STORIES)]
+    labels = [{"id": f"story-{i}", "context": context, "gold": gold, "instruction": "Write the next chapter.",
+               "plan_instruction": "Use the plan to write the next chapter."} for i, (context, gold) in enumerate(STORIES)]
     baselines = baseline_perplexities(plugin.scorer, plugin.config.prompt, labels)
     rows = []
     for label, baseline in zip(labels, baselines):
-        label = {**label, "baseline_ppl": float(baseline), "baseline_temperature": plugin.scorer.temperature}
+        label = {**label, "baseline_ppl": float(baseline), "baseline_temperature": plugin.scorer.temperature,
+                 "baseline_fingerprint": plugin.fingerprint()}
         for response in RESPONSES:
             rows.append({"prompt": f"Plan the next chapter. {label['context']}\n", "response": response, "label": label})
     write_jsonl(path, rows)

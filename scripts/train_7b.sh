@@ -3,13 +3,25 @@
 # translated to OpenRLHF 0.11.2 flags and run through openrlhf_ext.launch. 8 GPUs: actor 4 + reference 4
 # (colocated), vLLM 2 engines x TP 2. Every variable below can be overridden from the environment;
 # DRY_RUN=1 prints the resolved command and exits. EXTRA_ARGS is appended (word-split).
-# Not translatable: --torch_compile has no 0.11.2 flag.
+# Data: setup_rl_data.py on the paper's story records (prompts ask for a plan), then
+# compute_baseline_perplexity.py --model_name "$POLICY" (writes rl_data_with_baseline/, fingerprinted for
+# configs/rewards/vrcli_reference.yaml). Held-out evaluation: the validation split every EVAL_EVERY steps,
+# scored in the trainer by the same reward (eval/vrcli_reward, eval/vrcli_improvement, eval/vrcli_improved_share).
+# Remaining differences from the paper's rl_training/train_7b.sh, and why:
+# - --torch_compile has no 0.11.2 flag.
+# - Held-out eval samples EVAL_SAMPLES (1) answer per prompt at --eval.temperature TEMPERATURE; the paper's
+#   fork evaluated with its rollout settings (its exact eval sampling is not recorded in the scripts).
+# - OpenRLHF 0.11.2 instead of the authors' 0.6.1 fork: same estimator (group_norm), loss (PPO clip, now
+#   with --actor.loss_agg_mode seq-mean-token-mean: per-sequence token mean, then the mean over sequences,
+#   as the paper), k3 KL loss, scheduler (cosine_with_min_lr, warmup 0.03, min 0.1 lr), Adam betas and clip.
+# - The reward-side differences (context cut at 16384 tokens, gold-only scored tokens, empty plan = error)
+#   are listed in configs/rewards/vrcli_reference.yaml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 PYTHON="${PYTHON:-python3}"
 POLICY="${POLICY:-Qwen/Qwen2.5-7B-Instruct-1M}"
-DATA="${DATA:-json@$ROOT/rl_data}"                       # {prompt: messages, label: {gold, baseline_ppl, ...}}
+DATA="${DATA:-json@$ROOT/rl_data_with_baseline}"         # {prompt: messages, label: {gold, baseline_ppl, ...}}
 REWARD_CONFIG="${REWARD_CONFIG:-$ROOT/configs/rewards/vrcli_reference.yaml}"
 RUN_DIR="${RUN_DIR:-$ROOT/runs/grpo_vrcli_7b}"
 ACTOR_GPUS="${ACTOR_GPUS:-4}"
@@ -27,6 +39,7 @@ KL_COEF="${KL_COEF:-1e-6}"                               # > 0 keeps the referen
 TEMPERATURE="${TEMPERATURE:-1.0}"                        # must equal the baselines' temperature
 SAVE_STEPS="${SAVE_STEPS:-16}"
 EVAL_EVERY="${EVAL_EVERY:-8}"
+EVAL_SAMPLES="${EVAL_SAMPLES:-1}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
 CMD=(
@@ -48,7 +61,9 @@ CMD=(
   --rollout.batch_size "$ROLLOUT_BATCH" --rollout.micro_batch_size 1
   --train.batch_size "$TRAIN_BATCH" --train.micro_batch_size 1
   --train.max_epochs 1 --train.num_episodes "$EPISODES" --train.seed 42
-  --actor.adam.lr "$LR"
+  --actor.adam.lr "$LR" --actor.loss_agg_mode seq-mean-token-mean
+  --eval.dataset "$DATA" --eval.split validation --eval.steps "$EVAL_EVERY"
+  --eval.temperature "$TEMPERATURE" --eval.n_samples_per_prompt "$EVAL_SAMPLES"
   --algo.kl.use_loss --algo.kl.estimator k3 --algo.kl.init_coef "$KL_COEF"
   --ckpt.path "$RUN_DIR/checkpoints" --ckpt.output_dir "$RUN_DIR/final" --ckpt.save_steps "$SAVE_STEPS"
   --ckpt.load_enable

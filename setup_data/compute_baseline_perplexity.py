@@ -1,12 +1,17 @@
 """Precompute the VR-CLI baseline perplexity of every datapoint, with exactly the reward's prompt and scorer.
 
-The prompt construction (`VRCLIPrompt.token_ids`), the scorer settings (temperature, max_length, dtype,
-batch size) and the perplexity come from the same reward YAML the `vrcli` plugin is built from
-(`--reward_config`, default `configs/rewards/vrcli.yaml`), so baseline and reward cannot drift apart;
-`--model_name` replaces the YAML's scorer model.
+The prompt construction (`VRCLIPrompt.scored_input`, which cuts a long story context exactly as the reward
+will), the scorer settings (temperature, max_length, dtype, batch size) and the perplexity come from the same
+reward YAML the `vrcli` plugin is built from (`--reward_config`, default `configs/rewards/vrcli_reference.yaml`,
+the one the training scripts use); `--model_name` replaces the YAML's scorer model. Each label records the
+fingerprint the reward checks (`baseline_fingerprint`: scorer model name, temperature, max_length and a hash
+of the prompt settings), so a reward configured differently refuses these baselines instead of using them.
 
-For each split in `--data_dir` (`{train,test,val}.jsonl` from `setup_rl_data.py`) it writes, atomically:
-- the split file again, each label with `baseline_ppl`, `baseline_temperature` and `baseline_model`;
+For each split in `--data_dir` (`{train,test,val}.jsonl` from `setup_rl_data.py`) it writes, atomically, to
+`--out_dir` (default `<data_dir>_with_baseline`; never the input folder, so no input row is lost):
+- the split file again, each label with `baseline_ppl`, `baseline_temperature`, `baseline_model` and
+  `baseline_fingerprint`; rows that cannot be scored go to `baseline_rejects_{nice_model_name}.jsonl`
+  with file, line and reason;
 - `baseline_ppl_{nice_model_name}.jsonl` (and `.parquet` with `--table_format parquet`): one row per id.
 
 Rows are scored in fixed length-sorted chunks; each finished chunk is appended to
@@ -31,11 +36,11 @@ from tqdm import tqdm
 from reward_plugins.config import ConfigError, PluginSpec, load_pipeline_config
 from reward_plugins.io import DataError, atomic_open, write_jsonl
 from reward_plugins.logprobs import LogProbScorer, perplexity
-from reward_plugins.vrcli import VRCLIConfig, VRCLIPrompt
+from reward_plugins.vrcli import FINGERPRINT_KEY, VRCLIConfig, VRCLIPrompt, fingerprint, model_id
 from setup_data.validation import RejectLog, RowError, iter_json_lines
 
 SPLITS = ("train", "test", "val")
-DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli.yaml")
+DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli_reference.yaml")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Item:
     row: dict[str, Any]
     context: list[int]
     gold: list[int]
+    truncated: bool = False
 
     @property
     def id(self) -> str:
@@ -153,17 +159,18 @@ def read_split(path: Path, split: str, prompt: VRCLIPrompt, tokenizer, max_lengt
             gold = label.get(prompt.gold_key)
             if isinstance(gold, str) and not gold.strip():
                 raise RowError("empty_gold", f"label {prompt.gold_key!r} is empty")
-            try:
-                context, gold_ids = prompt.token_ids(tokenizer, label, None)
-            except ValueError as exc:
-                raise RowError("bad_label", str(exc)) from None
+            gold_ids = tokenizer(gold, add_special_tokens=False)["input_ids"] if isinstance(gold, str) else []
             if len(gold_ids) >= max_length:
                 raise RowError("too_long", f"gold has {len(gold_ids)} tokens, no room for context in max_length {max_length}")
+            try:
+                scored = prompt.scored_input(tokenizer, label, None, max_length)
+            except ValueError as exc:
+                raise RowError("bad_label", str(exc)) from None
         except RowError as error:
             rejects.reject(path, line, error, raw, split=split)
             continue
         seen[label["id"]] = f"{path}:{line}"
-        items.append(Item(split, line, raw, dict(value), context, gold_ids))
+        items.append(Item(split, line, raw, dict(value), scored.context, scored.gold, scored.truncated))
     return items
 
 
@@ -189,7 +196,10 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     scorer_config = config.scorer.model_copy(update=overrides)
-    data_dir, out_dir = Path(args.data_dir), Path(args.out_dir or args.data_dir)
+    data_dir = Path(args.data_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else data_dir.with_name(data_dir.name + "_with_baseline")
+    if out_dir.resolve() == data_dir.resolve():
+        raise SystemExit(f"--out_dir {out_dir} is the input folder: write the labelled splits elsewhere so no input row is lost")
     paths = {split: data_dir / f"{split}.jsonl" for split in args.splits}
     absent = [str(p) for p in paths.values() if not p.is_file()]
     if absent:
@@ -197,8 +207,11 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     if scorer is None:
         scorer = scorer_config.build()
     dtype = str(getattr(getattr(scorer, "model", None), "dtype", scorer_config.dtype))
+    stamp = fingerprint(scorer_config.model_id or model_id(args.model_name), scorer.temperature,
+                        scorer_config.max_length, config.prompt)
     settings = {
         "model": args.nice_model_name,
+        "fingerprint": stamp,
         "temperature": scorer.temperature,
         "max_length": scorer_config.max_length,
         "dtype": dtype,
@@ -225,18 +238,18 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
             ppls = score_chunk(scorer, chunk_items)
             cache.add([
                 {"id": it.id, "split": split, "baseline_ppl": ppl, "gold_tokens": len(it.gold),
-                 "context_tokens": len(it.context), "truncated": it.length > scorer_config.max_length,
+                 "context_tokens": len(it.context), "truncated": it.truncated,
                  "temperature": scorer.temperature, "model": args.nice_model_name}
                 for it, ppl in zip(chunk_items, ppls)
             ])
             progress.update(len(chunk))
         progress.close()
         summary[split] = {"scored": sum(map(len, todo)), "cached": done_before}
-    return finish(args, out_dir, items, cache, rejects, summary)
+    return finish(args, out_dir, items, cache, rejects, summary, stamp)
 
 
 def finish(args: argparse.Namespace, out_dir: Path, items: dict[str, list[Item]], cache: ScoreCache,
-           rejects: RejectLog, summary: dict[str, Any]) -> dict[str, Any]:
+           rejects: RejectLog, summary: dict[str, Any], stamp: dict[str, Any]) -> dict[str, Any]:
     """Write labelled splits, the id-keyed table and the rejects file; print counts per split."""
     table = []
     for split, split_items in items.items():
@@ -249,14 +262,15 @@ def finish(args: argparse.Namespace, out_dir: Path, items: dict[str, list[Item]]
                 bad += 1
                 continue
             label = {**it.row["label"], "baseline_ppl": entry["baseline_ppl"],
-                     "baseline_temperature": entry["temperature"], "baseline_model": args.nice_model_name}
+                     "baseline_temperature": entry["temperature"], "baseline_model": args.nice_model_name,
+                     FINGERPRINT_KEY: stamp}
             rows.append({**it.row, "label": label})
             table.append(entry)
         write_jsonl(out_dir / f"{split}.jsonl", rows)
         truncated = sum(cache.scores[it.id]["truncated"] for it in split_items)
         summary[split].update(written=len(rows), truncated_context=truncated)
         print(f"{split}: {len(rows)} rows with baseline_ppl ({summary[split]['cached']} from cache, "
-              f"{truncated} with the context cut to max_length); {bad} non-finite")
+              f"{truncated} with the story context cut to fit max_length); {bad} non-finite")
     written = write_table(out_dir / f"baseline_ppl_{args.nice_model_name}", table, args.table_format)
     print(f"table: {', '.join(map(str, written))}")
     rejects_path = rejects.write(out_dir / f"baseline_rejects_{args.nice_model_name}.jsonl")
@@ -270,7 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_name", required=True, help="the frozen reference model (local path, safetensors)")
     parser.add_argument("--nice_model_name", required=True, help="short name recorded in labels and file names")
     parser.add_argument("--data_dir", default="rl_data/", help="holds {split}.jsonl from setup_rl_data.py")
-    parser.add_argument("--out_dir", default=None, help="where to write (default: --data_dir, files replaced atomically)")
+    parser.add_argument("--out_dir", default=None, help="where to write (default: <data_dir>_with_baseline; never --data_dir)")
     parser.add_argument("--reward_config", default=DEFAULT_REWARD_CONFIG, help="reward YAML with the vrcli plugin")
     parser.add_argument("--reward_name", default=None, help="which vrcli plugin, if the YAML has several")
     parser.add_argument("--tokenizer_name", default=None, help="default: the YAML's scorer.tokenizer, else the model's own")

@@ -1,18 +1,22 @@
 """Turn chat-message JSONL into RL prompt files whose label carries everything the rewards need.
 
 Input: `{input_dir}/{dataset_name}_{split}.jsonl`, each line `{"messages": [...]}` (or a bare message list):
-an optional system turn, one user turn (the story context) and the assistant's gold answer last.
+an optional system turn, one user turn (the story context) and the assistant's gold answer last; or a story
+record in the VR-CLI paper's format (converted by `setup_data.story_format`, with the paper's filters).
 Output: `{data_dir}/{split}.jsonl`, one row per kept line:
 
     {"prompt": <message list without the gold, or the chat-template-rendered string>,
      "label": {"id": <content hash>, "gold": <assistant text>, "context": <user text>, "system": <text|null>,
-               "baseline_ppl": null, "baseline_temperature": null, "baseline_model": null, ...--label_fields}}
+               "baseline_ppl": null, "baseline_temperature": null, "baseline_model": null,
+               [story rows: "instruction", "plan_instruction", "prompt_layout": "paper"], ...--label_fields}}
 
 OpenRLHF reads it with `--data.input_key prompt --data.label_key label [--data.apply_chat_template]`, TRL
 as a JSON dataset. `context` is what the `vrcli` prompt templates reference as `{context}`; the baseline
-fields are filled in by `compute_baseline_perplexity.py`. `--user_template` rewrites the policy's user turn
-(for example to ask for a plan) while `label.context` keeps the raw user text the baseline is scored on. Bad lines are skipped, counted per reason and
-written to `{data_dir}/rejects.jsonl` (`--strict`: fail on the first).
+fields are filled in by `compute_baseline_perplexity.py`. The policy's user turn is `--user_template`
+rendered over `{context}` and the label fields; by default story rows get the paper's prompt asking for
+`<citation>...</citation>, therefore <reasoning>...</reasoning>` pairs and an "In summary: " plan, other rows
+their user text as is. `label.context` keeps the raw user text the baseline is scored on. Bad lines are
+skipped, counted per reason and written to `{data_dir}/rejects.jsonl` (`--strict`: fail on the first).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from reward_plugins.io import DataError, write_json, write_jsonl
+from setup_data.story_format import LAYOUT_FIELDS, PAPER_POLICY_TEMPLATE, StoryFilters, filter_args, filters_from, story_messages
 from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, stable_id
 
 SPLITS = ("train", "test", "val")
@@ -39,7 +44,14 @@ class PromptOptions:
     merge_system: bool = False
     max_prompt_tokens: int | None = None
     label_fields: tuple[str, ...] = ()
-    user_template: str = "{context}"
+    user_template: str | None = None  # None: the paper's plan-asking prompt for story rows, `{context}` otherwise
+    story_filters: StoryFilters = StoryFilters()
+
+    def template_for(self, record: Mapping[str, Any]) -> str:
+        """The policy's user-turn template for one input record."""
+        if self.user_template is not None:
+            return self.user_template
+        return PAPER_POLICY_TEMPLATE if record.get("prompt_layout") == "paper" else "{context}"
 
 
 def merge_system_turn(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
@@ -59,6 +71,8 @@ def build_row(value: Any, options: PromptOptions, tokenizer=None) -> tuple[dict[
         record = value
     else:
         raise RowError("bad_type", f"a line must be an object with 'messages' or a message list, got {type(value).__name__}")
+    if "messages" not in record and "next_chapter" in record:  # a story record in the paper's format
+        record = story_messages(record, filters=options.story_filters, policy_template=options.template_for({"prompt_layout": "paper"}))
     if "messages" not in record:
         raise RowError("missing_key", "missing key 'messages'")
     messages = check_messages(record["messages"], final_role="assistant")
@@ -71,15 +85,16 @@ def build_row(value: Any, options: PromptOptions, tokenizer=None) -> tuple[dict[
     context = messages[-2]["content"]
     if not context.strip():
         raise RowError("empty_value", "the user message is empty")
-    extra = {key: record[key] for key in options.label_fields if key in record}
+    extra = {key: record[key] for key in (*LAYOUT_FIELDS, *options.label_fields) if key in record}
     missing = [key for key in options.label_fields if key not in record]
     if missing:
         raise RowError("missing_key", f"missing label field(s) {missing}")
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     prompt_messages = messages[:-1]
-    if options.user_template != "{context}":
+    template = options.template_for(record)
+    if template != "{context}":
         try:
-            user_text = options.user_template.format_map({**extra, "context": context})
+            user_text = template.format_map({**extra, "context": context})
         except KeyError as exc:
             raise RowError("missing_key", f"--user_template needs {exc}") from None
         prompt_messages[-1] = {"role": "user", "content": user_text}
@@ -150,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_prompt_tokens=args.max_prompt_tokens,
         label_fields=tuple(args.label_fields),
         user_template=args.user_template,
+        story_filters=filters_from(args),
     )
     tokenizer = load_chat_tokenizer(args.tokenizer_name, args.merge_system, args.trust_remote_code)
     input_dir, data_dir = Path(args.input_dir), Path(args.data_dir)
@@ -187,16 +203,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--merge_system", action="store_true", help="merge the system message into the first user turn")
     parser.add_argument("--max_prompt_tokens", type=int, default=None, help="report and skip longer prompts")
     parser.add_argument("--label_fields", nargs="*", default=[], help="top-level input keys to copy into the label")
-    parser.add_argument("--user_template", default="{context}",
-                        help="policy user turn as a str.format template over {context} and --label_fields "
-                        "(e.g. to ask for a plan); the label's context stays the raw user text")
+    parser.add_argument("--user_template", default=None,
+                        help="policy user turn as a str.format template over {context} and --label_fields; default: "
+                        "the paper's prompt asking for a plan for story rows, the user text as is otherwise. "
+                        "The label's context stays the raw user text")
+    filter_args(parser)
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         parser.error("--max_prompt_tokens must be positive")
     try:
-        args.user_template.format_map({key: "" for key in ["context", *args.label_fields]})
+        if args.user_template is not None:
+            args.user_template.format_map({key: "" for key in ["context", *LAYOUT_FIELDS, *args.label_fields]})
     except (KeyError, ValueError, IndexError) as exc:
         parser.error(f"--user_template {args.user_template!r}: {exc!r} (fields: context and --label_fields)")
     return args

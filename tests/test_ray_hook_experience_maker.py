@@ -293,6 +293,68 @@ def test_refuses_temperature_mismatch(ray_session, models, vrcli, tmp_path):
         maker.make_experience_batch(rollouts(models, labels))
 
 
+class FakeTracker:
+    def __init__(self):
+        self.logged = []
+
+    def log_eval(self, global_step, logs):
+        self.logged.append((global_step, dict(logs)))
+
+
+def test_held_out_eval_is_scored_by_the_pipeline(ray_session, models, vrcli, tmp_path):
+    """OpenRLHF's real `PPOTrainer.evaluate`, wrapped by our hook, on a fake trainer: the eval samples get the
+    pipeline's rewards (not the rollout placeholder's 0) and the VR-CLI metrics reach the loggers and a file."""
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+
+    from openrlhf_ext.experience_maker import plugin_evaluate
+    from openrlhf_ext.hooks import trainer_class
+
+    args = grpo_args(models, tmp_path, "--eval.steps", "8")
+    maker = make_maker(models, args, HookSettings(vrcli.external, str(tmp_path / "eval"), None))
+    eval_samples = rollouts(models, vrcli.labels)
+    prompts = [e.prompts[0] for e in eval_samples]
+    tensorboard = FakeTracker()
+    trainer = SimpleNamespace(
+        experience_maker=maker,
+        samples_generator=SimpleNamespace(generate_eval_samples=lambda **kwargs: eval_samples),
+        eval_dataloader=[(["stories"] * len(prompts), prompts, [e.labels[0] for e in eval_samples], None)],
+        wandb_logger=None, tensorboard_logger=tensorboard,
+    )
+    logs = plugin_evaluate(trainer_class(PPOTrainer).evaluate)(trainer, 8, n_samples_per_prompt=2, temperature=1.0)
+
+    tok = models.tokenizer
+    local = [Sample(prompt=e.prompts[0], label=e.labels[0],
+                    response=tok.decode(e.sequences[0][-e.action_mask.shape[1]:][e.action_mask[0].bool()].tolist()))
+             for e in eval_samples]
+    expected = RewardPipeline.from_yaml(vrcli.local).score(local)
+    gains = np.array([r.components["improvement"] for r in expected.results])
+    want = {"vrcli_reward": np.mean(expected.rewards), "vrcli_improvement": gains.mean(),
+            "vrcli_improved_share": float(np.sum(gains > 0)) / len(gains)}
+    assert 0 < want["vrcli_improved_share"] < 1 or want["vrcli_reward"] > 0
+    for key, value in want.items():
+        assert logs[key] == pytest.approx(value, rel=1e-4, abs=1e-3)
+    assert logs["eval_stories_pass1"] == pytest.approx(np.mean(expected.rewards), abs=1e-6)  # OpenRLHF's own metric
+    ((step, logged),) = tensorboard.logged[1:]  # the trainer's own metrics first, then ours
+    assert step == 8 and set(want) <= set(logged)
+    (path,) = list_eval_files(tmp_path / "eval" / "heldout")
+    written = read_eval_file(path)
+    assert written.step == 8 and [row.proxy_score for row in written.rows] == pytest.approx(expected.rewards, abs=1e-6)
+    assert written.meta["metrics"]["vrcli_improvement"] == pytest.approx(want["vrcli_improvement"], rel=1e-4, abs=1e-3)
+
+
+def test_mismatched_baselines_stop_the_first_batch(ray_session, models, vrcli, tmp_path):
+    from reward_plugins.vrcli import BaselineMismatchError
+
+    maker = make_maker(models, grpo_args(models, tmp_path), HookSettings(vrcli.external, None, None))
+    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash()}
+    matching = [dict(label, baseline_fingerprint=stamp) for label in vrcli.labels]
+    assert len(maker.make_experience_batch(rollouts(models, matching))) == 2
+    for change in ({"max_length": 4096}, {"model": "ref_lm"}):
+        labels = [dict(label, baseline_fingerprint={**stamp, **change}) for label in vrcli.labels]
+        with pytest.raises(BaselineMismatchError, match=next(iter(change))):
+            maker.make_experience_batch(rollouts(models, labels))
+
+
 def test_rollout_rewards_are_kept_and_recorded_with_members(ray_session, models, tmp_path):
     """PPO with our reward server: rewards and `reward/*` logs come from the rollouts; the hook records them."""
     args = openrlhf_args(models, tmp_path, "--algo.advantage.estimator", "reinforce_baseline", "--eval.steps", "1")
@@ -343,3 +405,24 @@ def test_setup_hook_swaps_experience_maker_in_worker(ray_session):
     assert installed_at_start, "worker_process_setup_hook did not run in the worker"
     assert maker == "openrlhf_ext.experience_maker.PluginExperienceMaker"
     assert config == WORKER_CONFIG
+
+
+def test_patch_wraps_the_plain_trainer_class_evaluate():
+    from types import ModuleType
+
+    from openrlhf_ext import hooks
+
+    class Base:
+        def train_step(self, rollout_samples, global_step):
+            return {}, global_step
+
+    class Trainer(Base):
+        def evaluate(self, global_step, **kwargs):
+            return {"plain": 1.0}
+
+    module = ModuleType("fake_trainer_module")
+    module.BasePPOTrainer, module.PPOTrainer = Base, ray.remote(Trainer)
+    hooks.patch_trainer_module(module)
+    assert Trainer.evaluate.__wrapped__.__name__ == "evaluate"
+    fake = SimpleNamespace(experience_maker=None)
+    assert Trainer.evaluate(fake, 3) == {"plain": 1.0}  # no trainer-side pipeline: the original runs unchanged

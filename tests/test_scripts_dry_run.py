@@ -39,6 +39,8 @@ def test_scripts_resolve_paper_settings():
     assert args.actor.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct" and args.rollout.n_samples_per_prompt == 16
     assert args.algo.advantage.estimator == "group_norm" and args.algo.kl.use_loss and args.algo.kl.estimator == "k3"
     assert args.actor.adam.lr == 5e-7 and args.algo.kl.init_coef == 1e-6 and ours.reward_config.endswith("vrcli_reference.yaml")
+    assert args.actor.loss_agg_mode == "seq-mean-token-mean"  # the paper: mean per sequence, then across sequences
+    assert args.eval.dataset == args.data.prompt_dataset and args.eval.split == "validation" and args.eval.steps == 8
     _, rest = launch.split_argv(dry_run("train_7b.sh")[3:])
     assert launch.parse_openrlhf_args(rest).rollout.n_samples_per_prompt == 8
     _, rest = launch.split_argv(dry_run("train_ppo_ensemble.sh")[3:])

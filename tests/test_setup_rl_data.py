@@ -169,28 +169,3 @@ def test_template_without_system_role_asks_for_merge(tokenizer_dir, tmp_path):
         run(no_system, SAMPLE, tmp_path / "out", "--splits", "val")
     assert run(no_system, SAMPLE, tmp_path / "out", "--splits", "val", "--merge_system") == 0
     assert read_jsonl(tmp_path / "out" / "val.jsonl")[0]["prompt"][0]["role"] == "user"
-
-
-def test_story_records_feed_setup_rl_data(tokenizer_dir, tmp_path):
-    from setup_data import story_format
-
-    story = {"story_id": "s1", "chapter_index": 3, "high_level_plot_summary": "A fox seeks a map.",
-             "prior_plot_summary": "The fox left home.", "character_sheets": {"Fox": "clever, restless"},
-             "last_n_chapters": "Chapter 2: The fox crossed the river.", "next_chapter_synopsis": "The fox finds the map.",
-             "next_chapter_header": "Chapter 3: The Map", "next_chapter": "Chapter 3: The Map\n\nThe fox dug by the oak."}
-    write_lines(tmp_path / "stories.jsonl", [
-        story, {**story, "next_chapter": ""}, {**story, "next_chapter_synopsis": "### oops"},
-        {k: v for k, v in story.items() if k != "story_id"},
-    ])
-    out = tmp_path / "in" / "story_dataset_val.jsonl"
-    out.parent.mkdir()
-    assert story_format.main(["--input", str(tmp_path / "stories.jsonl"), "--output", str(out)]) == 0
-    rejects = read_jsonl(f"{out}.rejects.jsonl")
-    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "empty_gold"), (3, "bad_value"), (4, "missing_key")]
-    assert run(tokenizer_dir, out.parent, tmp_path / "rl", "--splits", "val",
-               "--label_fields", *story_format.CARRIED) == 0
-    label = read_jsonl(tmp_path / "rl" / "val.jsonl")[0]["label"]
-    assert label["gold"] == story["next_chapter"] and label["story_id"] == "s1"
-    for field in ("high_level_plot_summary", "last_n_chapters", "next_chapter_synopsis", "next_chapter_header"):
-        assert story[field] in label["context"]
-    assert "Fox: clever, restless" in label["context"]

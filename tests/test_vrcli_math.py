@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reward_plugins.vrcli import extract_plan, improvement, shape, strip_special_suffix
+from reward_plugins.vrcli import extract_plan, find_plan, improvement, shape, strip_special_suffix
 
 
 def test_improvement_formula_vectorised():
@@ -54,21 +54,26 @@ def test_plan_after_last_marker():
     assert extract_plan(text) == "the real plan."
 
 
-def test_plan_marker_fallback_order():
+def test_plan_marker_chain_as_the_paper():
     assert extract_plan("thinking... In summary, go north.") == "go north."
     assert extract_plan("Detailed Plan: a then b") == "a then b"
-    # The first marker that appears wins, even if a later-listed one comes after it in the text.
-    assert extract_plan("In summary: x. Detailed Plan: y") == "x. Detailed Plan: y"
+    # The chain goes on inside what the previous marker left (ray_utils.py's three splits on the last occurrence).
+    assert extract_plan("In summary: x. Detailed Plan: y") == "y"
+    assert extract_plan("In summary: A. In summary, B") == "B"
+    assert extract_plan("Detailed Plan: X. In summary: Y") == "Y"
+    assert extract_plan("In summary, a. In summary: b. In summary, c") == "c"
+    assert find_plan("  just prose  ") == ("just prose", False)
+    assert find_plan("x In summary: y") == ("y", True)
 
 
 def test_plan_missing_or_empty():
+    assert extract_plan("no marker here") == "no marker here"  # the paper's fallback: the whole response
     with pytest.raises(ValueError, match="no plan marker"):
-        extract_plan("no marker here")
-    assert extract_plan("no marker here", whole_response_fallback=True) == "no marker here"
+        extract_plan("no marker here", whole_response_fallback=False)
     with pytest.raises(ValueError, match="empty plan"):
         extract_plan("In summary:   ")
-    with pytest.raises(ValueError):
-        extract_plan("   ", whole_response_fallback=True)
+    with pytest.raises(ValueError, match="empty plan"):
+        extract_plan("   ")
 
 
 def test_strip_special_suffix():

@@ -83,22 +83,109 @@ def test_bad_samples_get_errors_and_batch_survives(lm_dir):
     good_label = {**LABELS[0], "baseline_ppl": 50.0}
     samples = [
         Sample(prompt="p", response="In summary: fine", label=good_label),
-        Sample(prompt="p", response="", label=good_label),
         Sample(prompt="p", response="no marker", label=good_label),
+        Sample(prompt="p", response="", label=good_label),
         Sample(prompt="p", response="In summary: x", label={**LABELS[0]}),
         Sample(prompt="p", response="In summary: x", label={**good_label, "baseline_temperature": 0.6}),
         Sample(prompt="p", response="In summary: x", label="just a string"),
         Sample(prompt="p", response="In summary: x", label={"gold": "g", "baseline_ppl": 3.0}),
+        Sample(prompt="p", response="In summary: x", label={**good_label, "baseline_ppl": True}),
     ]
     results = plugin.score(samples)
-    assert results[0].status is Status.OK
-    messages = [r.error for r in results[1:]]
-    assert all(r.status is Status.ERROR for r in results[1:])
-    assert "no plan marker" in messages[0] and "no plan marker" in messages[1]
-    assert "baseline_ppl" in messages[2]
-    assert "temperature" in messages[3]
-    assert "label must be an object" in messages[4]
-    assert "context" in messages[5]
+    assert results[0].status is Status.OK and results[0].components["vrcli_no_plan"] == 0.0
+    assert results[1].status is Status.OK and results[1].components["vrcli_no_plan"] == 1.0  # the paper's fallback
+    messages = [r.error for r in results[2:]]
+    assert all(r.status is Status.ERROR for r in results[2:])
+    assert "empty plan" in messages[0]
+    assert "baseline_ppl" in messages[1]
+    assert "temperature" in messages[2]
+    assert "label must be an object" in messages[3]
+    assert "context" in messages[4]
+    assert "baseline_ppl" in messages[5]
+    strict = plugin_for(lm_dir, plan={"whole_response_fallback": False})
+    assert "no plan marker" in strict.score([samples[1]])[0].error
+
+
+def test_no_plan_share_is_logged(lm_dir):
+    from reward_plugins.pipeline import RewardPipeline
+
+    plugin = plugin_for(lm_dir)
+    label = {**LABELS[0], "baseline_ppl": 50.0}
+    batch = RewardPipeline(plugin, "raise").score(
+        [Sample(prompt="p", response=r, label=label) for r in ("In summary: go", "prose only", "more prose", "x In summary, y")])
+    assert batch.logs["reward/vrcli_no_plan"] == 0.5 and batch.logs["reward/errors"] == 0
+    assert batch.logs["reward/vrcli_truncated"] == 0.0
+
+
+def test_long_story_is_cut_identically_and_the_gold_never(scorer):
+    prompt = VRCLIPrompt(plan_token_reserve=8)
+    story = " ".join(f"The fox walked to the river on day {i} ." for i in range(40))
+    label = {"context": story, "gold": "She opened the door and smiled at the sea."}
+    tok = scorer.tokenizer
+    gold = tok(label["gold"], add_special_tokens=False)["input_ids"]
+    story_ids = tok(story, add_special_tokens=False)["input_ids"]
+    untouched = prompt.scored_input(tok, label, None, None)
+    fixed = len(untouched.context) - len(story_ids)
+    fixed_plan = len(prompt.scored_input(tok, label, "go", None).context) - len(story_ids) - len(tok("go", add_special_tokens=False)["input_ids"])
+    max_length = 120
+    budget = max_length - len(gold) - max(fixed, fixed_plan) - 8
+    assert 0 < budget < len(story_ids)
+    base = prompt.scored_input(tok, label, None, max_length)
+    short = prompt.scored_input(tok, label, "go to the sea", max_length)
+    long_plan = " ".join(["the fox runs"] * 30)
+    cut = prompt.scored_input(tok, label, long_plan, max_length)
+    kept = story_ids[-budget:]
+    for scored in (base, short, cut):
+        assert scored.gold == gold and scored.story_cut
+        assert len(scored.context) + len(scored.gold) <= max_length
+        window = [scored.context[i : i + budget] for i in range(len(scored.context) - budget + 1)]
+        assert kept in window  # the same story tokens, the newest ones, in every input
+    assert len(base.context) + len(gold) < max_length and not short.plan_cut
+    assert cut.plan_cut and len(cut.context) + len(gold) == max_length
+    assert prompt.scored_input(tok, label, None, 10_000).context == untouched.context
+
+
+def test_truncation_is_counted(lm_dir):
+    from reward_plugins.pipeline import RewardPipeline
+
+    plugin = plugin_for(lm_dir, prompt={"plan_token_reserve": 8})
+    plugin.scorer.max_length = 120
+    long_label = {"context": " ".join(["The fox walked to the river ."] * 40), "gold": "She smiled."}
+    labels = [long_label, LABELS[1]]
+    baselines = baseline_perplexities(plugin.scorer, plugin.config.prompt, labels)
+    samples = [Sample(prompt="p", response="In summary: the fox swims", label={**label, "baseline_ppl": float(b)})
+               for label, b in zip(labels, baselines)]
+    batch = RewardPipeline(plugin, "raise").score(samples)
+    assert [r.components["vrcli_truncated"] for r in batch.results] == [1.0, 0.0]
+    assert batch.logs["reward/vrcli_truncated"] == 0.5
+
+
+def test_fingerprint_mismatch_is_refused(lm_dir):
+    from reward_plugins.vrcli import BaselineMismatchError, check_baselines, fingerprint
+
+    plugin = plugin_for(lm_dir)
+    own = plugin.fingerprint()
+    assert own == {"model": "ref_lm", "temperature": 1.0, "max_length": 4096,
+                   "prompt_hash": VRCLIPrompt().settings_hash()}
+    assert VRCLIPrompt(layout="paper").settings_hash() != own["prompt_hash"]
+    good = {**LABELS[0], "id": "a", "baseline_ppl": 50.0, "baseline_fingerprint": dict(own)}
+    check_baselines(plugin, [good])
+    assert plugin.score([Sample(prompt="p", response="In summary: x", label=good)])[0].is_ok
+    for change in ({"model": "other_lm"}, {"temperature": 0.7}, {"max_length": 16384}, {"prompt_hash": "0" * 16}):
+        bad = {**good, "id": "b", "baseline_fingerprint": {**own, **change}}
+        key = next(iter(change))
+        with pytest.raises(BaselineMismatchError, match=key):
+            check_baselines(plugin, [good, bad])
+        result = plugin.score([Sample(prompt="p", response="In summary: x", label=bad)])[0]
+        assert result.status is Status.ERROR and key in result.error
+    unmarked = {**LABELS[0], "baseline_ppl": 50.0}
+    check_baselines(plugin, [unmarked])  # fingerprint: check accepts hand-made labels
+    strict = plugin_for(lm_dir, fingerprint="require")
+    with pytest.raises(BaselineMismatchError, match="no 'baseline_fingerprint'"):
+        check_baselines(strict, [unmarked])
+    assert strict.score([Sample(prompt="p", response="In summary: x", label=unmarked)])[0].status is Status.ERROR
+    assert fingerprint("m", 1, 8, VRCLIPrompt()) == {"model": "m", "temperature": 1.0, "max_length": 8,
+                                                     "prompt_hash": VRCLIPrompt().settings_hash()}
 
 
 def test_external_backend_needs_a_scorer(lm_dir, scorer):

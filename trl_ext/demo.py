@@ -8,6 +8,7 @@ Stages, each skipped when its output already exists (rerun to resume; `--fresh` 
   grpo  GRPO with one proxy RM and with the UWO ensemble (the shipped reward YAML files)
   gold  gold evaluation of both runs' eval files against KL
   report  plots and a summary table in runs/demo/, printed at the end
+  vrcli   VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 from reward_plugins.types import Sample
 from setup_data import synthetic_task as st
 
+from . import demo_vrcli
 from . import sft as sft_mod
 from . import train as train_mod
 from . import train_rm as rm_mod
@@ -288,7 +290,7 @@ def run_demo(cfg: DemoConfig) -> str:
     torch.set_num_threads(cfg.threads)
     paths = Paths(cfg.out)
     paths.out.mkdir(parents=True, exist_ok=True)
-    stages = ["data", "sft", "rms", "bon", "grpo", "gold", "report"]
+    stages = ["data", "sft", "rms", "bon", "grpo", "gold", "report", "vrcli"]
     timings: dict[str, float] = {}
     rm_reports: list[dict] = []
     curves: dict = {}
@@ -309,6 +311,10 @@ def run_demo(cfg: DemoConfig) -> str:
                 stage_grpo(cfg, paths)
             elif stage == "gold":
                 stage_gold(cfg, paths)
+            elif stage == "vrcli":
+                vrcli_cfg = demo_vrcli.VRCLIDemoConfig(out=str(paths.out / "vrcli"), seed=cfg.seed, threads=cfg.threads)
+                table += "\n" + demo_vrcli.run_stage(vrcli_cfg)
+                paths.summary.write_text(table)
             else:
                 table = stage_report(cfg, paths, rm_reports, curves)
             timings[stage] = round(time.perf_counter() - start, 1)

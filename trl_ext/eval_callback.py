@@ -1,13 +1,15 @@
 """Eval files at every eval step: sample the eval prompts, score them with the pipeline, log KL to the initial policy.
 
 Writes `EVAL_DIR/eval_step{step:06d}.json` through `evaluation.eval_files`, so the gold evaluation and the
-plots read TRL runs exactly like OpenRLHF runs. Runs on the main process only; the initial policy is a
+plots read TRL runs exactly like OpenRLHF runs. With a `vrcli` reward the held-out VR-CLI metrics
+(`vrcli_reward`, `vrcli_improvement`, `vrcli_improved_share`) go into the file's meta and to TensorBoard as `eval/*`. Runs on the main process only; the initial policy is a
 frozen copy loaded from the policy path.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from evaluation.eval_checkpoints import sequence_kls
 from reward_plugins.logprobs import HFLogProbScorer
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.types import Sample
+from reward_plugins.vrcli import eval_metrics, vrcli_plugins
 
 from .generation import sample
 
@@ -76,6 +79,8 @@ class EvalFileCallback(TrainerCallback):
         self.seed = seed
         self._ref = None
         self._done: set[int] = set()
+        self._writer = None
+        self.has_vrcli = bool(vrcli_plugins(pipeline.root))
 
     def _ref_model(self, device: torch.device):
         if self._ref is None:
@@ -96,6 +101,13 @@ class EvalFileCallback(TrainerCallback):
         eval_file = evaluate_policy(model, tokenizer, self._ref_model(device), self.pipeline, self.prompts, self.labels,
                                     step, history, self.max_new_tokens, self.temperature, self.meta, self.seed)
         self._done.add(step)
+        if self.has_vrcli:
+            metrics = eval_metrics([r.proxy_score for r in eval_file.rows], [r.components for r in eval_file.rows])
+            eval_file.meta["metrics"] = metrics
+            if self._writer is not None:
+                for key, value in metrics.items():
+                    self._writer.add_scalar(f"eval/{key}", value, step)
+                self._writer.flush()
         path = write_eval_file(self.eval_dir, eval_file)
         logger.info("eval step %d: kl %.3f, mean proxy %.3f -> %s", step, eval_file.kl,
                     float(np.mean([r.proxy_score for r in eval_file.rows if r.proxy_score is not None] or [0.0])), path)
@@ -103,6 +115,11 @@ class EvalFileCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero:
+            if self.has_vrcli and "tensorboard" in (args.report_to or []):
+                from torch.utils.tensorboard import SummaryWriter
+
+                folder = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs", "heldout_eval")
+                self._writer = SummaryWriter(folder)  # eval/vrcli_* beside the trainer's own runs/ scalars
             self.write(state.global_step, model, processing_class)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -112,3 +129,5 @@ class EvalFileCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero:
             self.write(state.global_step, model, processing_class)
+            if self._writer is not None:
+                self._writer.close()

@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError, iter_jsonl
 from reward_plugins.pipeline import RewardPipeline
+from reward_plugins.vrcli import BaselineMismatchError, check_baselines
 
 from .config import ExistingPath, load_config
 from .eval_callback import EvalFileCallback
@@ -129,9 +130,14 @@ def build_trainer(cfg: TrainConfig):
         table_dir=out / "completions" if main_process else None, table_every=cfg.table_every,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
+    eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else []
+    for path, checked in ((cfg.train_data, rows), (cfg.eval_data, eval_rows)):
+        try:
+            check_baselines(pipeline.root, [r[cfg.label_key] for r in checked])
+        except BaselineMismatchError as exc:
+            raise SystemExit(f"{path}: {exc}") from None
     callbacks = []
     if cfg.eval_data:
-        eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key)
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
                 "policy": str(cfg.policy), "backend": "trl"}
         callbacks.append(EvalFileCallback(
