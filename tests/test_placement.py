@@ -98,7 +98,8 @@ def test_ensemble_members_placed_each_or_all_at_once_match_unplaced(placer, rm_d
 
 
 def test_vrcli_placed_scorer_matches_unplaced(placer, lm_dir):
-    reward = {"type": "vrcli", "name": "vr", "scorer": {"model": str(lm_dir), "batch_size": 2, "placement": ON_CPU}}
+    reward = {"type": "vrcli", "name": "vr", "plan": {"whole_response_fallback": False},
+              "scorer": {"model": str(lm_dir), "batch_size": 2, "placement": ON_CPU}}
     placed, local = both(reward, placer)
     samples = [Sample(prompt="p", response=plan, label=label) for plan, label in zip(PLANS, LABELS)]
     expected = local.score(samples)
