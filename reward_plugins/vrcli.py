@@ -239,6 +239,16 @@ def baseline_perplexities(scorer: LogProbScorer, prompt: VRCLIPrompt, labels: Se
     return np.array([perplexity(row) for row in logprobs])
 
 
+def _positive_finite(value: Any) -> bool:
+    """True for a real number (not a bool) that is finite and positive as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
+
+
 @register_plugin("vrcli")
 class VRCLIPlugin(RewardPlugin):
     """Components: `improvement` (raw, percent), `ppl` (with the plan) and `baseline_ppl`."""
@@ -262,8 +272,8 @@ class VRCLIPlugin(RewardPlugin):
         if not isinstance(label, Mapping):
             raise LabelError(f"label must be an object, got {type(label).__name__}")
         baseline = label.get(self.config.baseline_key)
-        if not isinstance(baseline, (int, float)) or not math.isfinite(baseline) or baseline <= 0:
-            raise LabelError(f"label has no positive finite {self.config.baseline_key!r} (got {baseline!r})")
+        if not _positive_finite(baseline):
+            raise LabelError(f"label has no positive finite number {self.config.baseline_key!r} (got {baseline!r})")
         baseline_temperature = label.get("baseline_temperature")
         if baseline_temperature is not None and not math.isclose(baseline_temperature, self.scorer.temperature):
             raise LabelError(
