@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 
+import uvicorn
 
 from reward_plugins.config import ConfigError, load_pipeline_config
 from reward_plugins.pipeline import build_pipeline

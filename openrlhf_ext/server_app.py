@@ -280,7 +280,7 @@ async def _score(parsed: RewardRequest, batcher: DynamicBatcher, scorer: Guarded
         try:
             scored = await asyncio.wait_for(batcher.submit(samples), timeout_s)
         except asyncio.TimeoutError:
-            logger.warning("scoring %d samples took over %.0f s; answering the fallback", len(samples), timeout_s)
+            logger.warning("scoring %d samples took over %.1f s; answering the fallback", len(samples), timeout_s)
             scored = [scorer.failure(f"timed out after {timeout_s} s")] * len(samples)
         except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed answer
             logger.warning("batcher failed: %s: %s", type(exc).__name__, exc)

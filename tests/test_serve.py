@@ -125,10 +125,15 @@ def test_malformed_oversized_and_token():
         assert httpx.post(endpoint, json=ok, headers={"Authorization": "Bearer nope"}).status_code == 401
         good = httpx.post(endpoint, json=ok, headers=auth)
         assert good.status_code == 200 and good.json()["rewards"] == -3.0
-        assert httpx.post(endpoint + "?token=s3cret", json=ok).status_code == 200
+        assert httpx.post(endpoint + "?token=s3cret", json=ok).status_code == 401, "tokens in URLs end up in logs"
 
-        bad_json = httpx.post(endpoint, content=b"{not json", headers=auth)
+        as_json = {**auth, "Content-Type": "application/json"}
+        bad_json = httpx.post(endpoint, content=b"{not json", headers=as_json)
         assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
+        plain = httpx.post(endpoint, content=json.dumps(ok), headers={**auth, "Content-Type": "text/plain"})
+        assert plain.status_code == 415, "a cross-origin text/plain POST must not be scored"
+        bad_utf8 = httpx.post(endpoint, content=b'{"query": ["p\xff\xfe"]}', headers=as_json)
+        assert bad_utf8.status_code == 400 and "UTF-8" in bad_utf8.json()["error"]
         mismatch = httpx.post(endpoint, json={"query": ["a", "b"], "prompts": ["a"]}, headers=auth)
         assert mismatch.status_code == 422 and "prompts has 1 entries" in mismatch.json()["error"]
         wrong_type = httpx.post(endpoint, json={"query": "pabc"}, headers=auth)
@@ -138,11 +143,31 @@ def test_malformed_oversized_and_token():
         too_big = httpx.post(endpoint, json={"query": ["x" * 5000]}, headers=auth)
         assert too_big.status_code == 413
 
-        health = httpx.get(url + "/health").json()
+        assert httpx.get(url + "/health").json() == {"status": "ok"}, "counters only with the token"
+        health = httpx.get(url + "/health", headers=auth).json()
         assert health["status"] == "ok" and health["log_keys"][:3] == ["reward/mean", "reward/errors", "reward/skipped"]
 
 
-def test_full_queue_answers_503_and_recovers():
+def test_hostile_bodies_get_4xx_never_5xx():
+    settings = ServerSettings(max_body_bytes=4_000_000, max_request_samples=100_000)
+    with serve_in_thread(create_app(_rule_scorer(), settings)) as url:
+        endpoint = url + "/get_reward"
+        deep = b'{"query": ["pabc"], "labels": [' + b"[" * 5000 + b"]" * 5000 + b"]}"
+        moderately_deep = b'{"query": ["pabc"], "labels": [' + b"[" * 200 + b"]" * 200 + b"]}"
+        many_errors = json.dumps({"query": [1] * 50_000}).encode()
+        answers = {
+            "deep": httpx.post(endpoint, content=deep, headers={"Content-Type": "application/json"}),
+            "200 deep": httpx.post(endpoint, content=moderately_deep, headers={"Content-Type": "application/json"}),
+            "422": httpx.post(endpoint, content=many_errors, headers={"Content-Type": "application/json"}),
+        }
+    assert answers["deep"].status_code == 400 and "deeper than" in answers["deep"].json()["error"]
+    assert answers["200 deep"].status_code == 400
+    unprocessable = answers["422"]
+    assert unprocessable.status_code == 422 and len(unprocessable.content) < 2000
+    assert unprocessable.json()["error"].endswith("and 49995 more")
+
+
+def test_full_queue_waits_its_turn_then_429():
     scorer = _rule_scorer()
     release = threading.Event()
     original = scorer.score
@@ -152,7 +177,7 @@ def test_full_queue_answers_503_and_recovers():
         return original(samples)
 
     scorer.score = blocking
-    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2, request_timeout_s=30)
     app = create_app(scorer, settings)
     batcher = app.state.batcher
 
@@ -171,17 +196,42 @@ def test_full_queue_answers_503_and_recovers():
                 post = lambda: asyncio.create_task(client.post(url + "/get_reward", json=payload))  # noqa: E731
                 tasks = [post()]
                 await until(lambda: batcher.stats.submitted == 1 and batcher.queued == 0, "first request in the model")
-                tasks += [post(), post()]
-                await until(lambda: batcher.queued == 2, "two requests waiting")
-                rejected = await client.post(url + "/get_reward", json=payload)
+                tasks += [post() for _ in range(5)]
+                await until(lambda: app.state.admission.in_use == 2 and len(app.state.admission._waiters) == 4, "4 waiting")
                 release.set()
-                return rejected, await asyncio.gather(*tasks)
+                return await asyncio.gather(*tasks)
 
-        rejected, accepted = asyncio.run(burst())
-    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
-    assert "queue full" in rejected.json()["error"]
-    assert [r.status_code for r in accepted] == [200, 200, 200]
+        accepted = asyncio.run(burst())
+    assert [r.status_code for r in accepted] == [200] * 6, "over capacity, requests wait instead of 503"
     assert all(json.loads(r.content)["rewards"] == -3.0 for r in accepted)
+    assert batcher.stats.rejected == 0
+
+
+
+def test_admission_is_first_come_first_served_and_bounded():
+    from openrlhf_ext.server_app import Admission
+
+    async def scenario():
+        gate = Admission(3)
+        assert await gate.acquire(2, 0.1)
+        order = []
+
+        async def waiter(name, n, timeout):
+            ok = await gate.acquire(n, timeout)
+            order.append((name, ok))
+
+        big = asyncio.create_task(waiter("big", 2, 5))
+        await asyncio.sleep(0.05)
+        small = asyncio.create_task(waiter("small", 1, 5))
+        late = asyncio.create_task(waiter("late", 3, 0.1))
+        await asyncio.sleep(0.3)
+        assert order == [("late", False)], "room for 1 is free, yet the small request waits behind the big one"
+        gate.release(2)
+        await asyncio.gather(big, small)
+        return order, gate.in_use
+
+    order, in_use = asyncio.run(scenario())
+    assert order == [("late", False), ("big", True), ("small", True)] and in_use == 3
 
 
 def test_timeout_answers_fallback_instead_of_hanging():
