@@ -264,8 +264,7 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
             retry = str(max(1, round(settings.max_wait_ms / 1000 + 1)))
             return _error(429, f"reward queue stayed full for {settings.request_timeout_s:g} s; retry", **{"Retry-After": retry})
         try:
-            remaining = max(0.01, settings.request_timeout_s - (time.monotonic() - arrived))
-            outcomes = await _score(parsed, batcher, scorer, remaining)
+            outcomes = await _score(parsed, batcher, scorer, settings.request_timeout_s)
         finally:
             admission.release(n)
         return JSONResponse(to_payload(outcomes, scorer.log_keys))
