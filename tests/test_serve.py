@@ -302,3 +302,31 @@ def test_openrlhf_round_robins_over_several_servers(tokenizer_dir):
     expected = [-float(len(response)) for _, response in pairs]
     assert [o["reward"] for o in outputs] == expected, "chars penalty of each response, derived from the query"
     assert [app.state.batcher.stats.delivered for app in apps] == [4, 4]
+
+
+def test_non_finite_results_become_error_samples():
+    config = parse_pipeline_config({"reward": {"type": "length_penalty", "coef": 1e308, "unit": "chars"}})
+    scorer = GuardedScorer(build_pipeline(config), -5.0)
+    with serve_in_thread(create_app(scorer)) as url:
+        reply = httpx.post(url + "/get_reward", json={"query": ["pa", "pabcde"], "prompts": ["p", "p"]})
+    assert reply.status_code == 200, "an infinite reward cannot be encoded in JSON: it must not reach the encoder"
+    body = reply.json()
+    assert body["rewards"] == [-1e308, -5.0] and body["extra_logs"]["reward/errors"] == [0.0, 1.0]
+
+
+def test_vrcli_label_values_are_validated_by_the_plugin(models_env):
+    scorer = GuardedScorer(build_pipeline(load_pipeline_config("configs/rewards/vrcli.yaml")), -4.0)
+    label = {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea."}
+    prompt = "<|user|>Plan the chapter.<eos><|assistant|>"
+    query = prompt + "In summary: the dragon flies to the sea and meets a ship.<eos>"
+    values = [50.0, 1e308, True, "50", 10**400, -1.0]
+    payload = json.dumps({"query": [query] * len(values), "prompts": [prompt] * len(values),
+                          "labels": [{**label, "baseline_ppl": v} for v in values]})
+    with serve_in_thread(create_app(scorer)) as url:
+        reply = httpx.post(url + "/get_reward", content=payload, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200
+    errors = reply.json()["extra_logs"]["reward/errors"]
+    rewards = reply.json()["rewards"]
+    assert errors[0] == 0.0 and errors[2:] == [1.0] * 4, "bool, string, overflowing and negative baselines are errors"
+    assert rewards[2:] == [0.0] * 4, "on_error: penalty gives the config's error_penalty"
+    assert all(np.isfinite(rewards))
