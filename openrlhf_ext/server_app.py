@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -171,6 +171,25 @@ def validation_summary(exc: ValidationError, limit: int) -> str:
     return "; ".join(shown) + more
 
 
+class StatusCounter:
+    """ASGI middleware counting answers by HTTP status (shown in /health, read by the benchmark)."""
+
+    def __init__(self, app, counts: Counter):
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[str(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def _is_json(request: Request) -> bool:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -223,6 +242,8 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
     app.state.batcher = batcher
     app.state.scorer = scorer
     app.state.admission = admission
+    app.state.statuses = Counter()
+    app.add_middleware(StatusCounter, counts=app.state.statuses)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -235,6 +256,7 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
             "log_keys": list(scorer.log_keys),
             "fallback": scorer.fallback,
             "stats": asdict(batcher.stats),
+            "statuses": dict(app.state.statuses),
         }
 
     @app.post("/get_reward")
