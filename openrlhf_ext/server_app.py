@@ -36,6 +36,8 @@ from .server_protocol import GuardedScorer, Outcome, to_payload
 
 logger = logging.getLogger(__name__)
 
+INLINE_PREPARE_CHARS = 20_000
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -295,8 +297,15 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
 
 
 async def _score(parsed: RewardRequest, batcher: DynamicBatcher, scorer: GuardedScorer, timeout_s: float) -> list[Outcome]:
-    """Outcomes in request order; the prompt search runs off the event loop; a timeout gives fallbacks, never a hang."""
-    outcomes, samples, positions = await asyncio.to_thread(scorer.prepare, parsed.query, parsed.prompts, parsed.labels)
+    """Outcomes in request order; a timeout gives fallbacks, never a hang.
+
+    The prompt search is linear; for requests over INLINE_PREPARE_CHARS it runs in a thread, off the event loop.
+    """
+    size = sum(map(len, parsed.query)) + sum(len(p or "") for p in parsed.prompts or ())
+    if size > INLINE_PREPARE_CHARS:
+        outcomes, samples, positions = await asyncio.to_thread(scorer.prepare, parsed.query, parsed.prompts, parsed.labels)
+    else:
+        outcomes, samples, positions = scorer.prepare(parsed.query, parsed.prompts, parsed.labels)
     if samples:
         try:
             scored = await asyncio.wait_for(batcher.submit(samples), timeout_s)
