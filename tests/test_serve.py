@@ -330,3 +330,22 @@ def test_vrcli_label_values_are_validated_by_the_plugin(models_env):
     assert errors[0] == 0.0 and errors[2:] == [1.0] * 4, "bool, string, overflowing and negative baselines are errors"
     assert rewards[2:] == [0.0] * 4, "on_error: penalty gives the config's error_penalty"
     assert all(np.isfinite(rewards))
+
+
+def test_torch_threads_and_finite_fallback(tmp_path):
+    import torch
+
+    from openrlhf_ext import serve
+
+    before = torch.get_num_threads()
+    try:
+        assert serve.torch_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--torch-threads must be >= 1"):
+        serve.torch_threads(0)
+    config = tmp_path / "chars.yaml"
+    config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit, match="fallback reward must be a finite number"):
+            serve.main(["--config", str(config), "--fallback-reward", bad, "--torch-threads", str(before)])
