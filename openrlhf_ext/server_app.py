@@ -285,13 +285,16 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
             return _error(413, f"{n} samples in one request; the limit is {settings.max_request_samples}")
         wait = max(0.0, settings.request_timeout_s - (time.monotonic() - arrived))
         if not await admission.acquire(n, wait):
-            retry = str(max(1, round(settings.max_wait_ms / 1000 + 1)))
-            return _error(429, f"reward queue stayed full for {settings.request_timeout_s:g} s; retry", **{"Retry-After": retry})
+            return _error(429, f"reward queue stayed full for {settings.request_timeout_s:g} s; retry", **{"Retry-After": "1"})
         try:
             outcomes = await _score(parsed, batcher, scorer, settings.request_timeout_s)
+            payload = to_payload(outcomes, scorer.log_keys)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours still answers every sample, counted as an error
+            logger.exception("answering %d samples failed", n)
+            payload = to_payload([scorer.failure(f"{type(exc).__name__}: {exc}")] * n, scorer.log_keys)
         finally:
             admission.release(n)
-        return JSONResponse(to_payload(outcomes, scorer.log_keys))
+        return JSONResponse(payload)
 
     return app
 
