@@ -59,13 +59,13 @@ def build_models(out: Path, hidden: int, layers: int) -> Path:
     return tiny_models.build_reward_model(out / "rm", tokenizer, seed=1, **sizes)
 
 
-def write_config(out: Path, model: Path, batch: int, max_len: int) -> Path:
+def write_config(out: Path, model: Path, batch: int, max_len: int, dtype: str = "float32") -> Path:
     """One RM scoring the whole query (prompt + response), the text serve_rm scores."""
     config = out / "rm.yaml"
     config.write_text(
         "on_error: penalty\nerror_penalty: -1.0\nreward:\n  type: reward_model\n  name: rm\n"
         f"  path: {model}\n  template: '{{prompt}}{{response}}'\n  max_length: {max_len}\n"
-        f"  truncation_side: left\n  batch_size: {batch}\n  dtype: float32\n  device: cpu\n"
+        f"  truncation_side: left\n  batch_size: {batch}\n  dtype: {dtype}\n  device: cpu\n"
     )
     return config
 
@@ -219,14 +219,14 @@ async def run_clients(url: str, payloads: list[dict], expected: np.ndarray, clie
 
 
 def throughput(args, work: Path, model: Path) -> None:
-    config = write_config(work, model, args.member_batch_size, args.max_len)
+    config = write_config(work, model, args.member_batch_size, args.max_len, args.dtype)
     payloads = make_requests(args.distinct)
     expected = expected_rewards(config, payloads)
     ours = Server("ours", args.port, ["--config", str(config), "--max-batch-size", str(args.max_batch_size),
                                       "--max-wait-ms", str(args.max_wait_ms)], args.torch_threads)
     theirs = Server("serve_rm", args.port + 1, ["--reward.model_name_or_path", str(model), "--ds.attn_implementation",
                                                 "eager", "--data.max_len", str(args.max_len)], args.torch_threads)
-    exact = lambda got, want: abs(got - want) <= 1e-3  # noqa: E731
+    exact = lambda got, want: abs(got - want) <= (1e-3 if args.dtype == "float32" else 0.02 * abs(want) + 0.1)  # noqa: E731
     bf16 = lambda got, want: abs(got - want) <= 0.02 * abs(want) + 0.1  # noqa: E731
     tallies = {"ours": Tally(), "serve_rm": Tally()}
     try:
@@ -250,7 +250,7 @@ def throughput(args, work: Path, model: Path) -> None:
           f"per server, one tiny RM (hidden {args.hidden}, {args.layers} layers), CPU only, {os.cpu_count()} cores "
           f"shared with other jobs, OMP/torch threads {args.torch_threads} for both; {index} distinct requests sent")
     print(f"{'server':<46}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}{'wrong':>7}")
-    labels = {"ours": f"openrlhf_ext.serve (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms, fp32)",
+    labels = {"ours": f"openrlhf_ext.serve (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms, {args.dtype})",
               "serve_rm": "openrlhf.cli.serve_rm (eager, bf16)"}
     for kind, tally in tallies.items():
         bad = sum(v for k, v in tally.statuses.items() if k != 200) + sum(tally.errors.values())
@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--member-batch-size", type=int, default=64, help="the RM's forward batch inside a server batch")
     parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our server's model dtype (serve_rm always loads bf16); float32 answers are checked exactly")
     parser.add_argument("--hidden", type=int, default=32, help="hidden size of the random RM")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, default=1, help="torch/OMP threads of every server")
