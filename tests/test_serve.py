@@ -349,3 +349,25 @@ def test_torch_threads_and_finite_fallback(tmp_path):
     for bad in ("nan", "inf"):
         with pytest.raises(SystemExit, match="fallback reward must be a finite number"):
             serve.main(["--config", str(config), "--fallback-reward", bad, "--torch-threads", str(before)])
+
+
+def test_slow_headers_are_closed_and_slow_bodies_get_408():
+    import socket
+    import time
+
+    settings = ServerSettings(header_timeout_s=0.5, body_timeout_s=0.5)
+    with serve_in_thread(create_app(_rule_scorer(), settings), settings=settings) as url:
+        port = int(url.rsplit(":", 1)[1])
+        half_open = socket.create_connection(("127.0.0.1", port))
+        half_open.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n")
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"query\":")
+        time.sleep(1.5)
+        half_open.settimeout(5)
+        slow_body.settimeout(5)
+        assert half_open.recv(100) == b"", "a connection without complete headers is closed"
+        assert slow_body.recv(100).startswith(b"HTTP/1.1 408")
+        half_open.close()
+        slow_body.close()
+        assert httpx.post(url + "/get_reward", json={"query": ["pab"], "prompts": ["p"]}).json()["rewards"] == -2.0
