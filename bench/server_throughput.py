@@ -1,18 +1,23 @@
-"""Reward-server benchmark: our batching server against one-request-at-a-time, plus load and fault runs.
+"""Reward-server benchmark: ours against OpenRLHF's own `serve_rm`, plus fault and bad-input runs.
 
-    python bench/server_throughput.py                       # all three modes, default durations
-    python bench/server_throughput.py --mode throughput --duration 10
-    python bench/server_throughput.py --mode load --load-clients 256 --load-duration 60
-    python bench/server_throughput.py --mode fault --fault-duration 30
+    python bench/server_throughput.py                                  # all modes
+    python bench/server_throughput.py --mode throughput --rounds 3 --duration 10
+    python bench/server_throughput.py --mode fault --fault-duration 20 --restart-delay 20
+    python bench/server_throughput.py --mode battery
 
-throughput: 64 concurrent clients for --duration seconds against a 5-member ensemble of tiny random RMs,
-  (a) `python -m openrlhf_ext.serve` (dynamic batching) and (b) a server like OpenRLHF's serve_rm (the
-  model runs synchronously inside the async handler, one sample per forward); prints req/s, p50/p99 and
-  the ratio. Both servers answer with the same GuardedScorer, so only the scheduling differs.
-load: 256 clients for 60 s; every answer is checked against the reward computed directly for its text,
-  and the server's delivered count against the client's sent count (lost or duplicated must be 0).
-fault: clients retry like OpenRLHF (5 attempts, 1 s apart); the server is killed (SIGKILL) and restarted
-  mid-run; prints what the clients saw.
+throughput: 64 concurrent clients against one tiny random RM served (a) by `python -m openrlhf_ext.serve`
+  and (b) by the real `openrlhf.cli.serve_rm` (run on CPU with the flash_attn/vllm stand-ins and
+  `--ds.attn_implementation eager`; it loads the model in bf16, its only CPU-capable choice), interleaved
+  round by round. Every request is a distinct text, and every answer is checked against the reward computed
+  directly for its own text (ours exactly; serve_rm within bf16 precision), so swapped or duplicated answers
+  show up as wrong. Prints req/s, p50/p99 and the ratio.
+fault: rollouts through OpenRLHF 0.11.2's real `SingleTurnAgentExecutor` with its own HTTP client and with
+  ours (`openrlhf_ext.hooks.install()`), interleaved: (1) overload, 4x more concurrent rollouts than the
+  server admits (--max-queue); (2) the server killed with SIGKILL and restarted after --restart-delay s.
+  Counts samples that ended without a reward, wrong rewards, clean stops, and the server's 5xx answers.
+battery: the hostile inputs of issue 9 sent to our server; prints each status (5xx must be 0), the 422
+  answer size, whether /health stays responsive during a large request, and how many half-open connections
+  are still open after the header timeout.
 Everything binds to 127.0.0.1; every loop is bounded by its duration.
 """
 
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +39,9 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from fastapi import FastAPI, Request
 
 HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
     "the quick brown fox jumps over lazy dog dragon paint storm harbour ship reward model policy answer "
     "question chapter hero village map light sea door morning apple banana cherry"
@@ -44,21 +51,21 @@ WORDS = (
 # ---------------------------------------------------------------- models, config and request texts
 
 
-def build_models(out: Path, hidden: int, layers: int) -> None:
+def build_models(out: Path, hidden: int, layers: int) -> Path:
     from reward_plugins import tiny_models
 
     tokenizer = tiny_models.build_tokenizer(out / "tokenizer")
     sizes = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers)
-    for seed in range(1, 6):
-        tiny_models.build_reward_model(out / f"rm_seed{seed}", tokenizer, seed=seed, **sizes)
+    return tiny_models.build_reward_model(out / "rm", tokenizer, seed=1, **sizes)
 
 
-def write_config(out: Path, models: Path, batch: int, device: str) -> Path:
-    config = out / "ensemble.yaml"
+def write_config(out: Path, model: Path, batch: int, max_len: int, dtype: str = "float32") -> Path:
+    """One RM scoring the whole query (prompt + response), the text serve_rm scores."""
+    config = out / "rm.yaml"
     config.write_text(
-        "on_error: penalty\nerror_penalty: -1.0\nreward:\n  type: ensemble\n  name: uwo\n  objective: uwo\n"
-        f"  uwo_weight: 0.1\n  path_template: {models}/rm_seed{{seed}}\n  seeds: [1, 2, 3, 4, 5]\n"
-        f"  member:\n    max_length: 256\n    batch_size: {batch}\n    device: {device}\n"
+        "on_error: penalty\nerror_penalty: -1.0\nreward:\n  type: reward_model\n  name: rm\n"
+        f"  path: {model}\n  template: '{{prompt}}{{response}}'\n  max_length: {max_len}\n"
+        f"  truncation_side: left\n  batch_size: {batch}\n  dtype: {dtype}\n  device: cpu\n"
     )
     return config
 
@@ -74,11 +81,15 @@ def make_requests(n: int, seed: int = 0) -> list[dict]:
     return payloads
 
 
-def expected_rewards(config: Path, payloads: list[dict]) -> np.ndarray:
+def make_scorer(config: Path):
     from openrlhf_ext.server_protocol import GuardedScorer
     from reward_plugins import build_pipeline, load_pipeline_config
 
-    scorer = GuardedScorer(build_pipeline(load_pipeline_config(config)), -1.0)
+    return GuardedScorer(build_pipeline(load_pipeline_config(config)), -1.0)
+
+
+def expected_rewards(config: Path, payloads: list[dict]) -> np.ndarray:
+    scorer = make_scorer(config)
     outcomes = scorer.score_raw([p["query"][0] for p in payloads], [p["prompts"][0] for p in payloads], None)
     return np.array([o.reward for o in outcomes])
 
@@ -86,37 +97,24 @@ def expected_rewards(config: Path, payloads: list[dict]) -> np.ndarray:
 # ---------------------------------------------------------------- servers as subprocesses
 
 
-def serve_baseline(config: str, port: int) -> None:
-    """Like OpenRLHF's serve_rm: the model call blocks inside the async route, one sample per forward."""
-    import uvicorn
+def run_serve_rm(argv: list[str]) -> None:
+    """OpenRLHF's serve_rm main, with the CPU stand-ins for flash_attn/vllm installed first."""
+    import runpy
 
-    from openrlhf_ext.server_protocol import GuardedScorer, to_payload
-    from reward_plugins import build_pipeline, load_pipeline_config
+    sys.path.insert(0, str(ROOT / "tests"))
+    import openrlhf_stand_ins
 
-    scorer = GuardedScorer(build_pipeline(load_pipeline_config(config)), -1.0)
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.post("/get_reward")
-    async def get_reward(request: Request):
-        data = await request.json()
-        outcomes = [scorer.score_raw([q], [p], [lab])[0] for q, p, lab in zip(data["query"], data["prompts"], data["labels"])]
-        return to_payload(outcomes, scorer.log_keys)
-
-    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
+    openrlhf_stand_ins.install()
+    sys.argv = ["openrlhf.cli.serve_rm", *argv]
+    runpy.run_module("openrlhf.cli.serve_rm", run_name="__main__", alter_sys=True)
 
 
 @dataclass
 class Server:
-    kind: str
-    config: Path
+    kind: str  # "ours" or "serve_rm"
     port: int
-    max_batch_size: int
-    max_wait_ms: float
-    torch_threads: int = 0
+    args: list[str]
+    threads: int
     proc: subprocess.Popen | None = None
 
     @property
@@ -124,20 +122,16 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
-        if self.kind == "batched":
-            cmd = [sys.executable, "-m", "openrlhf_ext.serve", "--config", str(self.config), "--host", HOST,
-                   "--port", str(self.port), "--max-batch-size", str(self.max_batch_size),
-                   "--max-wait-ms", str(self.max_wait_ms), "--log-level", "warning"]
+        if self.kind == "ours":
+            cmd = [sys.executable, "-m", "openrlhf_ext.serve", "--host", HOST, "--port", str(self.port),
+                   "--torch-threads", str(self.threads), "--log-level", "warning", *self.args]
         else:
-            cmd = [sys.executable, __file__, "--serve-baseline", str(self.config), "--port", str(self.port)]
-        env = dict(os.environ)
-        if self.torch_threads:
-            env["OMP_NUM_THREADS"] = str(self.torch_threads)
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+            cmd = [sys.executable, __file__, "--serve-rm", "--", "--host", HOST, "--port", str(self.port), *self.args]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=ROOT)
 
-    def wait_ready(self, timeout: float = 180.0) -> float:
+    def wait_ready(self, timeout: float = 300.0) -> float:
         import httpx
 
         start = time.monotonic()
@@ -145,17 +139,18 @@ class Server:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}")
             try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                probe = {"query": ["<|user|>hi<eos><|assistant|>ok<eos>"], "prompts": ["<|user|>hi<eos><|assistant|>"]}
+                if httpx.post(self.url + "/get_reward", json=probe, timeout=5.0).status_code == 200:
                     return time.monotonic() - start
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.2)
         raise TimeoutError(f"{self.kind} server not ready after {timeout} s")
 
-    def health(self) -> dict:
+    def statuses(self) -> Counter:
         import httpx
 
-        return httpx.get(self.url + "/health", timeout=5.0).json()
+        return Counter(httpx.get(self.url + "/health", timeout=10.0).json().get("statuses", {}))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -164,189 +159,344 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
 
 
-# ---------------------------------------------------------------- clients
+# ---------------------------------------------------------------- throughput
 
 
 @dataclass
 class Tally:
     latencies: list[float] = field(default_factory=list)
-    sent: int = 0
     answered: int = 0
+    wrong: int = 0
     statuses: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
-    mismatched: int = 0
-    retried_ok: int = 0
-    gave_up: int = 0
+    seconds: float = 0.0
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
 
 
-async def run_clients(url: str, payloads: list[dict], expected: np.ndarray | None, clients: int, duration: float,
-                      retries: int = 1, on_tick=None) -> Tally:
-    """`clients` loops posting one-sample requests until `duration` elapses; retries like OpenRLHF if asked."""
-    tally = Tally()
+async def run_clients(url: str, payloads: list[dict], expected: np.ndarray, clients: int, duration: float,
+                      tolerance, start_index: int, tally: Tally) -> int:
+    """`clients` loops posting distinct one-sample requests for `duration` s; returns the next payload index."""
     deadline = time.monotonic() + duration
-    counter = iter(range(10**9))
-    timeout = aiohttp.ClientTimeout(total=60)
-    connector = aiohttp.TCPConnector(limit=clients)
-
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    counter = iter(range(start_index, 10**12))
+    last = [start_index]
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
 
         async def one_client() -> None:
             while time.monotonic() < deadline:
-                index = next(counter) % len(payloads)
-                tally.sent += 1
+                index = next(counter)
+                last[0] = max(last[0], index + 1)
+                payload = payloads[index % len(payloads)]
                 start = time.monotonic()
-                for attempt in range(retries):
-                    try:
-                        async with session.post(url + "/get_reward", json=payloads[index]) as response:
-                            tally.statuses[response.status] += 1
-                            if response.status != 200:
-                                raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
-                            body = await response.json()
-                        tally.answered += 1
-                        tally.retried_ok += attempt > 0
-                        tally.latencies.append(time.monotonic() - start)
-                        if expected is not None and abs(body["rewards"] - expected[index]) > 1e-3:
-                            tally.mismatched += 1
-                        break
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        tally.errors[type(exc).__name__] += 1
-                        if attempt + 1 < retries:
-                            await asyncio.sleep(1.0)
-                else:
-                    tally.gave_up += 1
+                try:
+                    async with session.post(url + "/get_reward", json=payload) as response:
+                        tally.statuses[response.status] += 1
+                        body = await response.json(content_type=None) if response.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    tally.errors[type(exc).__name__] += 1
+                    continue
+                if body is None:
+                    continue
+                tally.answered += 1
+                tally.latencies.append(time.monotonic() - start)
+                reward = body["rewards"][0] if isinstance(body["rewards"], list) else body["rewards"]
+                if not tolerance(reward, expected[index % len(payloads)]):
+                    tally.wrong += 1
 
-        tasks = [asyncio.create_task(one_client()) for _ in range(clients)]
-        if on_tick is not None:
-            tasks.append(asyncio.create_task(on_tick()))
-        await asyncio.gather(*tasks)
-    return tally
+        started = time.monotonic()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        tally.seconds += time.monotonic() - started
+    return last[0]
 
 
-# ---------------------------------------------------------------- modes
-
-
-def throughput(args, config: Path, payloads: list[dict]) -> None:
-    rows = {}
-    for kind, port in (("batched", args.port), ("serial", args.port + 1)):
-        server = Server(kind, config, port, args.max_batch_size, args.max_wait_ms, args.torch_threads)
-        server.start()
-        try:
+def throughput(args, work: Path, model: Path) -> None:
+    config = write_config(work, model, args.member_batch_size, args.max_len, args.dtype)
+    payloads = make_requests(args.distinct)
+    expected = expected_rewards(config, payloads)
+    ours = Server("ours", args.port, ["--config", str(config), "--max-batch-size", str(args.max_batch_size),
+                                      "--max-wait-ms", str(args.max_wait_ms)], args.torch_threads)
+    theirs = Server("serve_rm", args.port + 1, ["--reward.model_name_or_path", str(model), "--ds.attn_implementation",
+                                                "eager", "--data.max_len", str(args.max_len)], args.torch_threads)
+    exact = lambda got, want: abs(got - want) <= (1e-3 if args.dtype == "float32" else 0.02 * abs(want) + 0.1)  # noqa: E731
+    bf16 = lambda got, want: abs(got - want) <= 0.02 * abs(want) + 0.1  # noqa: E731
+    tallies = {"ours": Tally(), "serve_rm": Tally()}
+    try:
+        for server in (ours, theirs):
+            server.start()
+        for server in (ours, theirs):
             server.wait_ready()
-            asyncio.run(run_clients(server.url, payloads, None, args.clients, min(2.0, args.duration)))
-            tally = asyncio.run(run_clients(server.url, payloads, None, args.clients, args.duration))
+        index = 0
+        for kind, server in (("ours", ours), ("serve_rm", theirs)):
+            index = asyncio.run(run_clients(server.url, payloads, expected, args.clients, 2.0,
+                                            exact if kind == "ours" else bf16, index, Tally()))
+        for round_ in range(args.rounds):
+            order = [("ours", ours), ("serve_rm", theirs)]
+            for kind, server in order if round_ % 2 == 0 else order[::-1]:
+                index = asyncio.run(run_clients(server.url, payloads, expected, args.clients, args.duration,
+                                                exact if kind == "ours" else bf16, index, tallies[kind]))
+    finally:
+        for server in (ours, theirs):
+            server.stop()
+    print(f"\nthroughput: {args.clients} concurrent clients, {args.rounds} interleaved rounds of {args.duration:g} s "
+          f"per server, one tiny RM (hidden {args.hidden}, {args.layers} layers), CPU only, {os.cpu_count()} cores "
+          f"shared with other jobs, OMP/torch threads {args.torch_threads} for both; {index} distinct requests sent")
+    print(f"{'server':<46}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}{'wrong':>7}")
+    labels = {"ours": f"openrlhf_ext.serve (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms, {args.dtype})",
+              "serve_rm": "openrlhf.cli.serve_rm (eager, bf16)"}
+    for kind, tally in tallies.items():
+        bad = sum(v for k, v in tally.statuses.items() if k != 200) + sum(tally.errors.values())
+        rps = tally.answered / max(tally.seconds, 1e-9)
+        print(f"{labels[kind]:<46}{rps:>9.1f}{tally.percentile(50):>9.1f}{tally.percentile(99):>9.1f}{bad:>9}{tally.wrong:>7}")
+    rate = {kind: t.answered / max(t.seconds, 1e-9) for kind, t in tallies.items()}
+    print(f"ratio ours / serve_rm: {rate['ours'] / max(rate['serve_rm'], 1e-9):.1f}x req/s; "
+          f"p99 {tallies['ours'].percentile(99):.0f} ms vs {tallies['serve_rm'].percentile(99):.0f} ms")
+
+
+# ---------------------------------------------------------------- fault runs through OpenRLHF's executor
+
+
+@dataclass
+class RolloutTally:
+    rollouts: int = 0
+    no_reward: int = 0
+    wrong: int = 0
+    stopped: int = 0
+    first_stop: str = ""
+
+
+def rollout_setup(work: Path, model: Path, n: int):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serve_helpers import PROMPTS, RESPONSES, make_engine
+
+    from reward_plugins import Sample
+
+    pairs = [(PROMPTS[i % 4] + f" Case {i}.", RESPONSES[i % 4]) for i in range(n)]
+    tokenizer, engine, prompts = make_engine(model, pairs)
+    config = write_config(work, model, 16, 256)
+    direct = make_scorer(config).pipeline.score([Sample(p, r) for p, (_, r) in zip(prompts, pairs)])
+    return config, tokenizer, engine, prompts, np.array(direct.rewards, dtype=float)
+
+
+async def run_rollouts(url: str, client: str, tokenizer, engine, prompts, expected, loops: int, duration: float,
+                       tally: RolloutTally) -> None:
+    """`loops` rollout loops through OpenRLHF's executor for `duration` s, with its own client or ours."""
+    from openrlhf.utils import agent
+
+    from openrlhf_ext import reward_client
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serve_helpers import sampling_params
+
+    original = getattr(agent.SingleTurnAgentExecutor, "_openrlhf_fetch", None)
+    if original is None:
+        original = agent.SingleTurnAgentExecutor._fetch_rewards_via_http
+        agent.SingleTurnAgentExecutor._openrlhf_fetch = original
+    agent.SingleTurnAgentExecutor._fetch_rewards_via_http = (
+        reward_client.fetch_rewards_via_http if client == "ours" else original
+    )
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=[url + "/get_reward"])
+    deadline = time.monotonic() + duration
+    counter = iter(range(10**12))
+
+    async def loop() -> None:
+        while time.monotonic() < deadline:
+            i = next(counter) % len(prompts)
+            tally.rollouts += 1
+            try:
+                out = await executor.execute(prompts[i], None, sampling_params(), 256, tokenizer, engine)
+            except reward_client.RewardClientError as exc:
+                tally.stopped += 1
+                tally.first_stop = tally.first_stop or str(exc)
+                return
+            if out["reward"] is None:
+                tally.no_reward += 1
+            elif abs(float(out["reward"]) - expected[i]) > 1e-3:
+                tally.wrong += 1
+
+    await asyncio.gather(*(loop() for _ in range(loops)))
+
+
+def fault(args, work: Path, model: Path) -> None:
+    import logging
+
+    logging.getLogger("openrlhf_ext.reward_client").setLevel(logging.ERROR)
+    os.environ["REWARD_CLIENT_TIMEOUT_S"] = str(args.client_budget)
+    config, tokenizer, engine, prompts, expected = rollout_setup(work, model, 256)
+    rows = []
+    capacity = args.fault_capacity
+    for client in ("openrlhf", "ours"):
+        server = Server("ours", args.port + 2, ["--config", str(config), "--max-queue", str(capacity),
+                                                "--max-batch-size", str(capacity), "--request-timeout", "2"],
+                        args.torch_threads)
+        server.start()
+        server.wait_ready()
+        tally = RolloutTally()
+        try:
+            asyncio.run(run_rollouts(server.url, client, tokenizer, engine, prompts, expected, 4 * capacity,
+                                     args.fault_duration, tally))
+            statuses = server.statuses()
         finally:
             server.stop()
-        rows[kind] = (tally.answered / args.duration, tally.percentile(50), tally.percentile(99), tally)
-    print(f"\nthroughput: {args.clients} concurrent clients, {args.duration:.0f} s each, 5-member ensemble "
-          f"(member batch {args.member_batch_size}, hidden {args.hidden}, {args.layers} layers, device {args.device}, "
-          f"torch threads {args.torch_threads or 'default'}, {os.cpu_count()} CPUs)")
-    print(f"{'server':<34}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-200':>10}")
-    labels = {"batched": f"ours (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms)",
-              "serial": "serve_rm-style (one at a time)"}
-    for kind, (rps, p50, p99, tally) in rows.items():
-        bad = sum(v for k, v in tally.statuses.items() if k != 200) + sum(tally.errors.values())
-        print(f"{labels[kind]:<34}{rps:>10.1f}{p50:>10.1f}{p99:>10.1f}{bad:>10}")
-    ratio = rows["batched"][0] / max(rows["serial"][0], 1e-9)
-    print(f"throughput ratio ours / one-at-a-time: {ratio:.1f}x (target >= 5x)")
+        rows.append((f"overload 4x (max-queue {capacity}, {4 * capacity} rollouts)", client, tally, statuses))
 
-
-def load(args, config: Path, payloads: list[dict]) -> None:
-    expected = expected_rewards(config, payloads)
-    server = Server("batched", config, args.port, args.max_batch_size, args.max_wait_ms, args.torch_threads)
-    server.start()
-    try:
+        server = Server("ours", args.port + 3, ["--config", str(config)], args.torch_threads)
+        server.start()
         server.wait_ready()
-        before = server.health()["stats"]
-        tally = asyncio.run(run_clients(server.url, payloads, expected, args.load_clients, args.load_duration))
-        after = server.health()["stats"]
-    finally:
-        server.stop()
-    delivered = after["delivered"] - before["delivered"]
-    lost = tally.sent - tally.answered
-    print(f"\nload: {args.load_clients} clients for {args.load_duration:.0f} s")
-    print(f"sent {tally.sent}, answered 200 {tally.answered}, lost {lost}, server delivered {delivered} "
-          f"(duplicates {max(0, delivered - tally.sent)}), wrong reward for its text {tally.mismatched}")
-    print(f"req/s {tally.answered / args.load_duration:.1f}, p50 {tally.percentile(50):.1f} ms, "
-          f"p99 {tally.percentile(99):.1f} ms, statuses {dict(tally.statuses)}, errors {dict(tally.errors)}, "
-          f"largest batch {after['largest_batch']}")
+        tally, statuses, events = RolloutTally(), Counter(), {}
+
+        async def with_kill() -> None:
+            async def killer() -> None:
+                await asyncio.sleep(5.0)
+                statuses.update(await asyncio.to_thread(server.statuses))
+                server.kill()
+                events["killed"] = time.monotonic()
+                await asyncio.sleep(args.restart_delay)
+                server.start()
+                await asyncio.to_thread(server.wait_ready)
+                events["back_s"] = time.monotonic() - events["killed"]
+
+            await asyncio.gather(killer(), run_rollouts(server.url, client, tokenizer, engine, prompts, expected,
+                                                        args.fault_loops, args.fault_duration + args.restart_delay + 10,
+                                                        tally))
+
+        try:
+            asyncio.run(with_kill())
+            statuses.update(server.statuses())
+        finally:
+            server.stop()
+        rows.append((f"kill -9, restart after {args.restart_delay:g} s (back in {events.get('back_s', float('nan')):.0f} s)",
+                     client, tally, statuses))
+    print(f"\nfault: rollouts through OpenRLHF 0.11.2's SingleTurnAgentExecutor, its own client vs ours "
+          f"(budget {args.client_budget:g} s); CPU only, shared cores")
+    print(f"{'scenario':<58}{'client':<10}{'rollouts':>9}{'no reward':>10}{'wrong':>7}{'stopped':>8}{'5xx':>6}")
+    for scenario, client, tally, statuses in rows:
+        five = sum(v for k, v in statuses.items() if str(k).startswith("5"))
+        print(f"{scenario:<58}{client:<10}{tally.rollouts:>9}{tally.no_reward:>10}{tally.wrong:>7}{tally.stopped:>8}{five:>6}")
+        if tally.first_stop:
+            print(f"    stop message: {tally.first_stop[:200]}")
 
 
-def fault(args, config: Path, payloads: list[dict]) -> None:
-    server = Server("batched", config, args.port, args.max_batch_size, args.max_wait_ms, args.torch_threads)
+# ---------------------------------------------------------------- bad-input battery
+
+
+def battery(args, work: Path, model: Path) -> None:
+    import httpx
+
+    config = write_config(work, model, 16, 256)
+    server = Server("ours", args.port + 4, ["--config", str(config), "--header-timeout", "3"], args.torch_threads)
     server.start()
     server.wait_ready()
-    events: dict[str, float] = {}
-
-    async def kill_and_restart() -> None:
-        await asyncio.sleep(args.fault_duration / 3)
-        events["killed"] = time.monotonic()
-        server.kill()
-        await asyncio.sleep(args.restart_delay)
-        server.start()
-        events["restart_ready_s"] = await asyncio.to_thread(server.wait_ready) + args.restart_delay
-
+    url = server.url + "/get_reward"
+    as_json = {"Content-Type": "application/json"}
+    ok = {"query": ["<|user|>hi<eos><|assistant|>yes<eos>"], "prompts": ["<|user|>hi<eos><|assistant|>"]}
+    cases = {
+        "invalid UTF-8": (b'{"query": ["\xff\xfe"]}', as_json),
+        "labels nested 5000 deep": (b'{"query": ["a"], "labels": [' + b"[" * 5000 + b"]" * 5000 + b"]}", as_json),
+        "text/plain POST": (json.dumps(ok).encode(), {"Content-Type": "text/plain"}),
+        "NaN label": (b'{"query": ["a"], "labels": [NaN]}', as_json),
+        "1 MB of wrong types (422)": (json.dumps({"query": [1] * 200_000}).encode(), as_json),
+        "2 MB sample (over the size cap)": (json.dumps({"query": ["p" + "x" * 2_000_000], "prompts": ["p"]}).encode(), as_json),
+    }
+    results, five = [], 0
     try:
-        tally = asyncio.run(run_clients(server.url, payloads, expected_rewards(config, payloads), args.fault_clients,
-                                        args.fault_duration, retries=5, on_tick=kill_and_restart))
+        with httpx.Client(timeout=120) as client:
+            for name, (body, headers) in cases.items():
+                start = time.monotonic()
+                reply = client.post(url, content=body, headers=headers)
+                five += reply.status_code >= 500
+                detail = reply.json().get("error", "") if reply.status_code != 200 else f"errors={reply.json()['extra_logs']['reward/errors']}"
+                results.append((name, reply.status_code, len(reply.content), time.monotonic() - start, detail[:70]))
+
+            async def health_during_big() -> tuple[float, float]:
+                big = json.dumps({"query": ["<|user|>" + "y" * 200_000 + "z"], "prompts": ["<|user|>" + "y" * 200_000]})
+                async with httpx.AsyncClient(timeout=120) as aclient:
+                    task = asyncio.create_task(aclient.post(url, content=big, headers=as_json))
+                    await asyncio.sleep(0.05)
+                    worst = 0.0
+                    while not task.done():
+                        start = time.monotonic()
+                        await aclient.get(server.url + "/health")
+                        worst = max(worst, time.monotonic() - start)
+                        await asyncio.sleep(0.02)
+                    start = time.monotonic()
+                    await task
+                    return worst, time.monotonic() - start
+
+            worst_health, _ = asyncio.run(health_during_big())
+        sockets = []
+        for _ in range(200):
+            sock = socket.create_connection((HOST, server.port))
+            sock.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n")
+            sockets.append(sock)
+        time.sleep(4.5)
+        still_open = 0
+        for sock in sockets:
+            sock.settimeout(0.5)
+            try:
+                still_open += sock.recv(1) != b""
+            except (socket.timeout, BlockingIOError):
+                still_open += 1
+            except OSError:
+                pass
+            sock.close()
+        statuses = server.statuses()
     finally:
         server.stop()
-    print(f"\nfault: {args.fault_clients} clients with OpenRLHF's retry policy (5 tries, 1 s apart), server killed "
-          f"(SIGKILL) at {args.fault_duration / 3:.0f} s, restarted after {args.restart_delay:g} s, "
-          f"serving again {events.get('restart_ready_s', float('nan')):.1f} s after the kill")
-    print(f"requests {tally.sent}: answered {tally.answered} (after a retry {tally.retried_ok}), "
-          f"failed all 5 tries {tally.gave_up} (OpenRLHF would record reward None), "
-          f"wrong reward {tally.mismatched}")
-    print(f"failed attempts by error: {dict(tally.errors)}; HTTP statuses: {dict(tally.statuses)}; "
-          f"p99 latency {tally.percentile(99):.0f} ms")
+    print("\nbattery: hostile inputs against openrlhf_ext.serve (CPU only, shared cores)")
+    print(f"{'input':<34}{'status':>7}{'bytes':>8}{'s':>7}  detail")
+    for name, status, size, seconds, detail in results:
+        print(f"{name:<34}{status:>7}{size:>8}{seconds:>7.2f}  {detail}")
+    print(f"slowest /health while a 200k-character prompt search ran: {worst_health * 1000:.0f} ms")
+    print(f"half-open connections still open 4.5 s after sending partial headers (header timeout 3 s): {still_open} of 200")
+    print(f"5xx answers in the battery: {five}; all statuses the server counted: {dict(statuses)}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["--serve-rm"]:
+        run_serve_rm(raw[2:] if raw[1:2] == ["--"] else raw[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["throughput", "load", "fault", "all"], default="all")
+    parser.add_argument("--mode", choices=["throughput", "fault", "battery", "all"], default="all")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--load-clients", type=int, default=256)
-    parser.add_argument("--load-duration", type=float, default=60.0)
-    parser.add_argument("--fault-clients", type=int, default=32)
-    parser.add_argument("--fault-duration", type=float, default=30.0)
-    parser.add_argument("--restart-delay", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per server per round")
+    parser.add_argument("--fault-capacity", type=int, default=16, help="--max-queue of the overload run")
+    parser.add_argument("--fault-loops", type=int, default=32, help="concurrent rollouts in the kill run")
+    parser.add_argument("--fault-duration", type=float, default=20.0)
+    parser.add_argument("--restart-delay", type=float, default=20.0)
+    parser.add_argument("--client-budget", type=float, default=600.0, help="REWARD_CLIENT_TIMEOUT_S for our client")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--member-batch-size", type=int, default=16,
-                        help="each RM's forward batch inside a server batch (16 as in configs/rewards/ensemble_uwo5.yaml)")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden size of each random RM")
+    parser.add_argument("--member-batch-size", type=int, default=64, help="the RM's forward batch inside a server batch")
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our server's model dtype (serve_rm always loads bf16); float32 answers are checked exactly")
+    parser.add_argument("--hidden", type=int, default=32, help="hidden size of the random RM")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--torch-threads", type=int, default=0, help="OMP_NUM_THREADS of both servers (0: torch's default)")
-    parser.add_argument("--distinct", type=int, default=512, help="distinct request texts")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch/OMP threads of every server")
+    parser.add_argument("--distinct", type=int, default=8192, help="distinct request texts")
     parser.add_argument("--port", type=int, default=5917)
     parser.add_argument("--work-dir", default=None, help="where to build the models (default: a temp dir)")
-    parser.add_argument("--serve-baseline", metavar="CONFIG", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.serve_baseline:
-        serve_baseline(args.serve_baseline, args.port)
-        return
+    args = parser.parse_args(raw)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        out = Path(tmp)
-        build_models(out / "models", args.hidden, args.layers)
-        config = write_config(out, out / "models", args.member_batch_size, args.device)
-        payloads = make_requests(args.distinct)
+        work = Path(tmp)
+        model = build_models(work / "models", args.hidden, args.layers)
         if args.mode in ("throughput", "all"):
-            throughput(args, config, payloads)
-        if args.mode in ("load", "all"):
-            load(args, config, payloads)
+            throughput(args, work, model)
+        if args.mode in ("battery", "all"):
+            battery(args, work, model)
         if args.mode in ("fault", "all"):
-            fault(args, config, payloads)
+            fault(args, work, model)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ A ready `global_stepN_hf` folder is copied as is; otherwise the ZeRO shards are 
 DeepSpeed's own `zero_to_fp32` and saved with `save_pretrained` (safetensors) together with the config
 and tokenizer of `--base-model` (the DeepSpeed checkpoint carries neither). The output folder appears
 atomically: it is written beside OUT_DIR and renamed into place.
+
+`zero_to_fp32` reads the shards with `torch.load(weights_only=False)`, i.e. it unpickles them: export only
+checkpoints you (or your own training run) wrote. The tag (`--tag` or the `latest` file) must be a plain
+folder name, so a crafted `latest` cannot point the loader outside the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -30,13 +34,23 @@ def deepspeed_dir(ckpt_dir: Path) -> Path:
     return ckpt_dir / "_actor" if (ckpt_dir / "_actor").is_dir() else ckpt_dir
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def plain_tag(tag: str, where: str) -> str:
+    """`tag` if it is a plain folder name (no path separator, no `..`); the checkpoint loader joins it to the folder."""
+    if not _PLAIN_NAME.match(tag) or ".." in tag:
+        raise ExportError(f"{where}: checkpoint tag {tag!r} is not a plain folder name; refusing to follow it")
+    return tag
+
+
 def resolve_tag(ds_dir: Path, tag: str | None = None) -> str:
     """`tag` if given, else the one named in `latest`, else the highest `global_stepN` folder."""
     if tag:
-        return tag
+        return plain_tag(tag, "--tag")
     latest = ds_dir / "latest"
     if latest.is_file():
-        return latest.read_text().strip()
+        return plain_tag(latest.read_text().strip(), str(latest))
     steps = [(int(m.group(1)), p.name) for p in ds_dir.glob("global_step*") if p.is_dir() and (m := _STEP.match(p.name))]
     if not steps:
         raise ExportError(f"{ds_dir}: no 'latest' file and no global_stepN folder; pass --tag")

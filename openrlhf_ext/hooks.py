@@ -1,9 +1,10 @@
-"""Ray `worker_process_setup_hook`: swap OpenRLHF's `RemoteExperienceMaker` for ours in every worker.
+"""Ray `worker_process_setup_hook`: swap OpenRLHF's `RemoteExperienceMaker` and HTTP reward client for ours.
 
-The trainer is a Ray actor, so a swap done in the driver never reaches it. `install` runs in every worker
-process of the job (vLLM and model actors included), so it must be cheap: it imports nothing from
-openrlhf, it only arranges for `openrlhf.trainer.ppo_trainer` to be patched the moment it is imported
-(or at once if it already is). Repeated calls are harmless.
+The trainer and the rollout engines are Ray actors, so a swap done in the driver never reaches them. `install`
+runs in every worker process of the job (vLLM and model actors included), so it must be cheap: it imports
+nothing from openrlhf, it only arranges for `openrlhf.trainer.ppo_trainer` (experience maker) and
+`openrlhf.utils.agent` (`SingleTurnAgentExecutor._fetch_rewards_via_http`, see `reward_client`) to be
+patched the moment they are imported (or at once if they already are). Repeated calls are harmless.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import sys
 from types import ModuleType
 
 TARGET_MODULE = "openrlhf.trainer.ppo_trainer"
+AGENT_MODULE = "openrlhf.utils.agent"
 _MARK = "_reward_plugins_patched"
 
 
 def install() -> None:
-    """Patch the trainer module now if loaded, else as soon as it is imported."""
-    module = sys.modules.get(TARGET_MODULE)
-    if module is not None:
-        patch_trainer_module(module)
-        return
-    if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
+    """Patch the target modules now if loaded, else as soon as each is imported."""
+    pending = False
+    for name, patch in _patches().items():
+        module = sys.modules.get(name)
+        if module is not None:
+            patch(module)
+        else:
+            pending = True
+    if pending and not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 
 
@@ -34,6 +39,21 @@ def installed_in_this_process() -> bool:
     return bool(module is not None and getattr(module, _MARK, False)) or any(
         isinstance(finder, _PatchOnImport) for finder in sys.meta_path
     )
+
+
+def patch_agent_module(module: ModuleType) -> None:
+    """Replace `SingleTurnAgentExecutor._fetch_rewards_via_http` with `reward_client.fetch_rewards_via_http`."""
+    executor = module.SingleTurnAgentExecutor
+    if getattr(executor, _MARK, False):
+        return
+    from openrlhf_ext.reward_client import fetch_rewards_via_http
+
+    executor._fetch_rewards_via_http = fetch_rewards_via_http
+    setattr(executor, _MARK, True)
+
+
+def _patches():
+    return {TARGET_MODULE: patch_trainer_module, AGENT_MODULE: patch_agent_module}
 
 
 def patch_trainer_module(module: ModuleType) -> None:
@@ -71,10 +91,11 @@ def _with_global_step(train_step):
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds the trainer module through the other finders and patches it right after it executes."""
+    """Finds a target module through the other finders and patches it right after it executes."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET_MODULE:
+        patch = _patches().get(fullname)
+        if patch is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -91,7 +112,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             execute(module)
-            patch_trainer_module(module)
+            patch(module)
 
         loader.exec_module = exec_module
         return spec

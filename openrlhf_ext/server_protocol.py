@@ -9,24 +9,32 @@ The response is derived from the query, never guessed:
   1. if the query starts with the prompt, the response is the rest of the query;
   2. otherwise, if the query starts with the last `MIN_OVERLAP` or more characters of the prompt (OpenRLHF
      cut an over-long prompt from the left before generating), the response is what follows that overlap;
+     replacement characters (U+FFFD) at the start of the query are skipped first: they are what decoding
+     leaves of a multi-byte character (CJK, emoji) whose first bytes the cut removed;
   3. otherwise the sample fails with a message and gets the fallback reward, counted in `reward/errors`.
+
+A sample over the size cap, or whose reward or logs are not finite, fails the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from reward_plugins.config import PipelineConfig
-from reward_plugins.pipeline import FIXED_LOG_KEYS, RewardPipeline
+from reward_plugins.config import PluginSpec
+from reward_plugins.pipeline import FIXED_LOG_KEYS, LOG_PREFIX, RewardPipeline
+from reward_plugins.registry import RewardPlugin, plugin_class
 from reward_plugins.types import Sample, Status
 
 logger = logging.getLogger(__name__)
 
 MIN_OVERLAP = 16
+REPLACEMENT = "\ufffd"
 
 
 def longest_prompt_overlap(prompt: str, query: str) -> int:
@@ -47,9 +55,10 @@ def derive_response(query: str, prompt: str) -> str:
     """The generated text inside an OpenRLHF query (rules in the module docstring); ValueError if not found."""
     if query.startswith(prompt):
         return query[len(prompt) :]
-    overlap = longest_prompt_overlap(prompt, query)
+    rest = query.lstrip(REPLACEMENT)
+    overlap = longest_prompt_overlap(prompt, rest)
     if overlap >= MIN_OVERLAP:
-        return query[overlap:]
+        return rest[overlap:]
     raise ValueError(
         f"the query does not start with the prompt (query begins {query[:40]!r}, prompt begins {prompt[:40]!r}); "
         "cannot tell the response apart"
@@ -73,9 +82,25 @@ class Outcome:
     error: str | None = None
 
 
+def config_log_keys(config: PipelineConfig) -> tuple[str, ...]:
+    """The pipeline's log keys, from the validated config alone: no model is loaded (leaf plugins stay hollow)."""
+
+    def hollow(spec: PluginSpec) -> RewardPlugin:
+        cls = plugin_class(spec.type)
+        if getattr(cls.from_spec, "__func__", None) is not RewardPlugin.from_spec.__func__:
+            return cls.from_spec(spec, hollow)
+        plugin = cls.__new__(cls)
+        RewardPlugin.__init__(plugin, spec.config, spec.name)
+        return plugin
+
+    return FIXED_LOG_KEYS + tuple(LOG_PREFIX + key for key in hollow(config.reward).component_keys)
+
+
 def resolve_fallback(config: PipelineConfig, explicit: float | None) -> float:
     """The reward an unscorable sample gets: the explicit value, else the config's error_penalty, else 0.0."""
     if explicit is not None:
+        if not math.isfinite(float(explicit)):
+            raise ValueError(f"the fallback reward must be a finite number, got {explicit!r}")
         return float(explicit)
     if config.error_penalty is not None:
         return float(config.error_penalty)
@@ -94,11 +119,14 @@ class GuardedScorer:
     tokenizers and models are shared.
     """
 
-    def __init__(self, pipeline: RewardPipeline, fallback: float):
+    def __init__(self, pipeline: RewardPipeline, fallback: float, max_sample_chars: int | None = None):
         if pipeline.on_error == "raise":
             pipeline = RewardPipeline(pipeline.root, on_error="skip")
+        if not math.isfinite(float(fallback)):
+            raise ValueError(f"the fallback reward must be a finite number, got {fallback!r}")
         self.pipeline = pipeline
         self.fallback = float(fallback)
+        self.max_sample_chars = max_sample_chars
         self.log_keys: tuple[str, ...] = pipeline.log_keys
         self._lock = threading.Lock()
 
@@ -126,6 +154,12 @@ class GuardedScorer:
                 reward = self.fallback
                 if result.status is Status.ERROR:
                     logs["reward/errors"] = 1.0
+            bad = [key for key, value in logs.items() if not math.isfinite(value)]
+            if not math.isfinite(reward) or bad:
+                message = f"non-finite result (reward {reward}, logs {', '.join(bad) or 'finite'})"
+                logger.warning("sample %d: %s", i, message)
+                outcomes.append(self.failure(message))
+                continue
             outcomes.append(Outcome(float(reward), float(reward), logs, result.error))
         return outcomes
 
@@ -145,7 +179,13 @@ class GuardedScorer:
             return [self.failure(message)] * n, [], []
         outcomes: list[Outcome | None] = [None] * n
         samples, positions = [], []
+        cap = self.max_sample_chars
         for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels)):
+            if cap is not None and len(query) + len(prompt or "") > cap:
+                message = f"sample of {len(query) + len(prompt or '')} characters (query + prompt) is over the {cap} cap"
+                logger.warning("sample %d: %s", i, message)
+                outcomes[i] = self.failure(message)
+                continue
             try:
                 samples.append(to_sample(query, prompt, label))
                 positions.append(i)

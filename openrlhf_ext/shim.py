@@ -2,21 +2,25 @@
 
 Configured by environment variables (the launcher passes them through Ray's runtime_env):
   REWARD_PLUGINS_CONFIG                    path of the reward pipeline YAML (required)
-  REWARD_PLUGINS_FALLBACK                  reward of a sample that cannot be scored (default: the config's
-                                           error_penalty, else 0.0)
+  REWARD_PLUGINS_FALLBACK                  reward of a sample that cannot be scored, a finite number
+                                           (default: the config's error_penalty, else 0.0)
   REWARD_PLUGINS_MAX_CONSECUTIVE_FAILURES  end the worker process (os._exit) after this many failed samples
                                            in a row, so Ray reports the death; 0 (default) never aborts
   REWARD_PLUGINS_MAX_BATCH                 most samples scored together (default 64)
 
 OpenRLHF calls `reward_func` from many threads at once, one sample per call, and swallows exceptions into
-a `None` reward that breaks training later. So this never raises: the pipeline is built once on first use
-(under a lock), and every failure gives the fallback reward, `reward/errors` = 1 and a WARNING. Calls that
-arrive while the pipeline is busy are scored together as one batch when it frees up.
+a `None` reward that breaks training later. So a sample that fails to score gets the fallback reward,
+`reward/errors` = 1 and a WARNING, and every answer carries the pipeline's full set of log keys. What no
+sample can fix stops the worker the way the consecutive-failure limit does (CRITICAL log, then os._exit, so
+Ray reports the death): a pipeline that cannot be built, or a bad value in one of the variables above.
+The pipeline is built once on first use (under a lock); calls that arrive while it is busy are scored
+together as one batch when it frees up.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,7 +30,7 @@ from reward_plugins.config import load_pipeline_config
 from reward_plugins.pipeline import FIXED_LOG_KEYS, build_pipeline
 
 from .batcher import ThreadBatcher
-from .server_protocol import GuardedScorer, Outcome, resolve_fallback, to_payload
+from .server_protocol import GuardedScorer, Outcome, config_log_keys, resolve_fallback, to_payload
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +41,31 @@ MAX_BATCH_ENV = "REWARD_PLUGINS_MAX_BATCH"
 
 
 def _env_float(name: str) -> float | None:
+    """A finite number from the variable, None when unset; ValueError naming the variable otherwise."""
     value = os.environ.get(name, "").strip()
     if not value:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"${name} must be a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"${name} must be a finite number, got {value!r}")
+    return number
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """An integer >= `minimum` from the variable, `default` when unset; ValueError naming the variable otherwise."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"${name} must be an integer >= {minimum}, got {value!r}")
+    return number
 
 
 class ShimState:
@@ -54,6 +76,7 @@ class ShimState:
         self._scorer: GuardedScorer | None = None
         self.batcher: ThreadBatcher | None = None
         self._build_error: str | None = None
+        self._log_keys: tuple[str, ...] = FIXED_LOG_KEYS
         self._fallback = 0.0
         self._max_failures = 0
         self._consecutive = 0
@@ -67,27 +90,46 @@ class ShimState:
             return self._scorer
 
     def _build(self) -> None:
+        path = os.environ.get(CONFIG_ENV)
         try:
-            self._max_failures = int(_env_float(MAX_FAILURES_ENV) or 0)
-            explicit = _env_float(FALLBACK_ENV)
-            self._fallback = explicit if explicit is not None else 0.0
-            path = os.environ.get(CONFIG_ENV)
             if not path:
                 raise ValueError(f"${CONFIG_ENV} is not set; point it at a reward pipeline YAML")
+            self._derive_log_keys(path)
+            self._max_failures = _env_int(MAX_FAILURES_ENV, 0, 0)
+            max_batch = _env_int(MAX_BATCH_ENV, 64, 1)
+            explicit = _env_float(FALLBACK_ENV)
+            self._fallback = explicit if explicit is not None else self._fallback
             config = load_pipeline_config(path)
             self._fallback = resolve_fallback(config, explicit)
-            max_batch = int(_env_float(MAX_BATCH_ENV) or 64)
             self._scorer = GuardedScorer(build_pipeline(config), self._fallback)
             self.batcher = ThreadBatcher(self._scorer.score, max_batch)
             logger.info("reward_func: pipeline %s ready, log keys %s", path, ", ".join(self._scorer.log_keys))
-        except Exception as exc:  # noqa: BLE001 - every call then answers the fallback and counts an error
+        except Exception as exc:  # noqa: BLE001 - reported at CRITICAL and the worker stops at this call
             self._build_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("reward_func: cannot build the reward pipeline: %s", self._build_error)
+
+    def _derive_log_keys(self, path: str) -> None:
+        """Log keys and error_penalty from the config alone (no model loads), so even a failed build answers with them."""
+        try:
+            config = load_pipeline_config(path, check_paths=False)
+            self._log_keys = config_log_keys(config)
+            if config.error_penalty is not None:
+                self._fallback = float(config.error_penalty)
+        except Exception:  # noqa: BLE001 - the full load that follows reports the problem
+            self._log_keys = FIXED_LOG_KEYS
 
     def unbuilt_failure(self) -> Outcome:
-        logs = dict.fromkeys(FIXED_LOG_KEYS, 0.0)
+        logs = dict.fromkeys(self._log_keys, 0.0)
         logs["reward/errors"] = 1.0
         return Outcome(self._fallback, self._fallback, logs, self._build_error)
+
+    def stop_unbuilt(self) -> None:
+        """A pipeline that cannot be built stops the worker at its first call, naming the config and the error."""
+        logger.critical(
+            "reward_func: cannot build the reward pipeline from $%s=%s: %s; ending this worker",
+            CONFIG_ENV, os.environ.get(CONFIG_ENV), self._build_error,
+        )
+        logging.shutdown()
+        self._abort(1)
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Count failed samples in a row; abort the process once the configured limit is reached."""
@@ -105,8 +147,8 @@ class ShimState:
         try:
             scorer = self.scorer()
             if scorer is None:
-                outcomes, keys = [self.unbuilt_failure()] * len(queries), FIXED_LOG_KEYS
-                logger.warning("reward_func: pipeline unavailable (%s); answering %s", self._build_error, self._fallback)
+                self.stop_unbuilt()
+                return to_payload([self.unbuilt_failure()] * len(queries), self._log_keys)
             else:
                 outcomes, samples, positions = scorer.prepare(queries, prompts, labels)
                 for i, outcome in zip(positions, self.batcher.submit(samples) if samples else []):
@@ -117,7 +159,7 @@ class ShimState:
                         logger.warning("reward_func: sample failed (%s); reward %s", outcome.error, outcome.reward)
         except Exception as exc:  # noqa: BLE001 - last line of defence: OpenRLHF would turn this into None
             logger.warning("reward_func: unexpected %s: %s", type(exc).__name__, exc)
-            outcomes, keys = [self.unbuilt_failure()] * max(1, len(queries or [])), FIXED_LOG_KEYS
+            outcomes, keys = [self.unbuilt_failure()] * max(1, len(queries or [])), self._log_keys
             if self._scorer is not None:
                 keys = self._scorer.log_keys
                 outcomes = [self._scorer.failure(f"{type(exc).__name__}: {exc}")] * len(outcomes)

@@ -413,8 +413,13 @@ def baseline_perplexities(scorer: LogProbScorer, prompt: VRCLIPrompt, labels: Se
 
 
 def valid_baseline(value: Any) -> bool:
-    """A usable baseline perplexity: a finite positive number (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    """A usable baseline perplexity: a real number (not a bool) that is finite and positive as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
 
 
 @register_plugin("vrcli")
@@ -490,7 +495,7 @@ class VRCLIPlugin(RewardPlugin):
             raise LabelError(f"label must be an object, got {type(label).__name__}")
         baseline = label.get(self.config.baseline_key)
         if not valid_baseline(baseline):
-            raise LabelError(f"label has no positive finite {self.config.baseline_key!r} (got {baseline!r})")
+            raise LabelError(f"label has no positive finite number {self.config.baseline_key!r} (got {baseline!r})")
         baseline_temperature = label.get("baseline_temperature")
         if baseline_temperature is not None and not valid_baseline(baseline_temperature):
             raise LabelError(f"label 'baseline_temperature' must be a positive number, got {baseline_temperature!r}")

@@ -120,5 +120,21 @@ def test_prefers_openrlhf_hf_folder(zero3_checkpoint, lm_dir, tmp_path):
     assert (out / "model.safetensors").read_bytes() == (lm_dir / "model.safetensors").read_bytes()
 
 
+
+@pytest.mark.parametrize("tag", ["../elsewhere", "/abs/global_step1", "global_step1/../../x", "..", "a/b", ""])
+def test_latest_tag_must_be_a_plain_folder_name(tmp_path, tag):
+    from openrlhf_ext.export import ExportError, resolve_tag
+
+    (tmp_path / "global_step3").mkdir()
+    (tmp_path / "latest").write_text(tag + "\n")
+    if not tag:
+        (tmp_path / "latest").write_text("   ")
+    with pytest.raises(ExportError, match="not a plain folder name"):
+        resolve_tag(tmp_path)
+    with pytest.raises(ExportError, match="--tag"):
+        resolve_tag(tmp_path, "../x")
+    (tmp_path / "latest").write_text("global_step3\n")
+    assert resolve_tag(tmp_path) == "global_step3"
+
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "write":
     sys.exit(_write_checkpoint(sys.argv[2], sys.argv[3], int(sys.argv[4])))

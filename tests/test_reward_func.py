@@ -27,7 +27,7 @@ def fresh_state(monkeypatch):
     state = shim.ShimState(abort=aborts.append)
     monkeypatch.setattr(shim, "_STATE", state)
     state.aborts = aborts
-    for name in (shim.CONFIG_ENV, shim.FALLBACK_ENV, shim.MAX_FAILURES_ENV):
+    for name in (shim.CONFIG_ENV, shim.FALLBACK_ENV, shim.MAX_FAILURES_ENV, shim.MAX_BATCH_ENV):
         monkeypatch.delenv(name, raising=False)
     return state
 
@@ -61,12 +61,58 @@ def test_shim_rewards_reach_openrlhf(fresh_state, models_env, tokenizer_dir, mon
     assert fresh_state.batcher.stats.delivered == len(pairs), "every call went through the shared batcher"
 
 
-def test_missing_config_gives_fallback_and_warning(fresh_state, monkeypatch, caplog):
+def test_missing_config_stops_the_worker(fresh_state, monkeypatch, caplog):
     monkeypatch.setenv(shim.FALLBACK_ENV, "-2.5")
     with caplog.at_level(logging.WARNING, logger="openrlhf_ext.shim"):
         result = shim.reward_func(["<|user|>hi<|assistant|>yo"], ["<|user|>hi<|assistant|>"], [None])
-    assert result["rewards"] == -2.5 and result["extra_logs"]["reward/errors"] == 1.0
-    assert any("REWARD_PLUGINS_CONFIG is not set" in r.getMessage() for r in caplog.records)
+    assert fresh_state.aborts == [1]
+    assert any(r.levelno == logging.CRITICAL and "REWARD_PLUGINS_CONFIG is not set" in r.getMessage() for r in caplog.records)
+    assert result["extra_logs"]["reward/errors"] == 1.0
+
+
+def test_unbuildable_pipeline_stops_at_first_call_with_the_pipelines_log_keys(
+    fresh_state, models_env, tmp_path, monkeypatch, caplog
+):
+    good = Path("configs/rewards/reward_model.yaml")
+    bad = tmp_path / "wrong_model.yaml"
+    bad.write_text(good.read_text().replace("${MODELS_DIR:-models}", str(tmp_path / "nowhere")))
+    assert bad.read_text() != good.read_text()
+    monkeypatch.setenv(shim.CONFIG_ENV, str(bad))
+    with caplog.at_level(logging.CRITICAL, logger="openrlhf_ext.shim"):
+        result = shim.reward_func(["pabc"], ["p"], [None])
+    assert fresh_state.aborts == [1], "the run stops instead of answering 0.0 on every call"
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert critical and str(bad) in critical[0] and "nowhere" in critical[0]
+    assert result["rewards"] == -1.0, "the config's error_penalty, not 0.0"
+    assert list(result["extra_logs"]) == list(RewardPipeline.from_yaml(good).log_keys)
+
+
+@pytest.mark.parametrize(
+    "name, value", [(shim.MAX_FAILURES_ENV, "three"), (shim.MAX_FAILURES_ENV, "-1"), (shim.FALLBACK_ENV, "nan"),
+                    (shim.FALLBACK_ENV, "inf"), (shim.MAX_BATCH_ENV, "0")]
+)
+def test_bad_environment_values_stop_the_worker(fresh_state, tmp_path, monkeypatch, caplog, name, value):
+    config = tmp_path / "chars.yaml"
+    config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    monkeypatch.setenv(shim.CONFIG_ENV, str(config))
+    monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.CRITICAL, logger="openrlhf_ext.shim"):
+        result = shim.reward_func(["pabc"], ["p"], [None])
+    assert fresh_state.aborts == [1]
+    assert any(f"${name}" in r.getMessage() and repr(value) in r.getMessage() for r in caplog.records)
+    assert np.isfinite(result["rewards"])
+
+
+def test_log_keys_from_config_match_the_built_pipelines(models_env):
+    from openrlhf_ext.server_protocol import config_log_keys
+    from reward_plugins import build_pipeline, load_pipeline_config
+
+    configs = sorted(Path("configs/rewards").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = load_pipeline_config(path)
+        derived = config_log_keys(load_pipeline_config(path, check_paths=False))
+        assert derived == build_pipeline(config).log_keys, path
 
 
 def test_consecutive_failures_abort_and_ok_resets(fresh_state, tmp_path, monkeypatch):

@@ -125,10 +125,15 @@ def test_malformed_oversized_and_token():
         assert httpx.post(endpoint, json=ok, headers={"Authorization": "Bearer nope"}).status_code == 401
         good = httpx.post(endpoint, json=ok, headers=auth)
         assert good.status_code == 200 and good.json()["rewards"] == -3.0
-        assert httpx.post(endpoint + "?token=s3cret", json=ok).status_code == 200
+        assert httpx.post(endpoint + "?token=s3cret", json=ok).status_code == 401, "tokens in URLs end up in logs"
 
-        bad_json = httpx.post(endpoint, content=b"{not json", headers=auth)
+        as_json = {**auth, "Content-Type": "application/json"}
+        bad_json = httpx.post(endpoint, content=b"{not json", headers=as_json)
         assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
+        plain = httpx.post(endpoint, content=json.dumps(ok), headers={**auth, "Content-Type": "text/plain"})
+        assert plain.status_code == 415, "a cross-origin text/plain POST must not be scored"
+        bad_utf8 = httpx.post(endpoint, content=b'{"query": ["p\xff\xfe"]}', headers=as_json)
+        assert bad_utf8.status_code == 400 and "UTF-8" in bad_utf8.json()["error"]
         mismatch = httpx.post(endpoint, json={"query": ["a", "b"], "prompts": ["a"]}, headers=auth)
         assert mismatch.status_code == 422 and "prompts has 1 entries" in mismatch.json()["error"]
         wrong_type = httpx.post(endpoint, json={"query": "pabc"}, headers=auth)
@@ -138,11 +143,31 @@ def test_malformed_oversized_and_token():
         too_big = httpx.post(endpoint, json={"query": ["x" * 5000]}, headers=auth)
         assert too_big.status_code == 413
 
-        health = httpx.get(url + "/health").json()
+        assert httpx.get(url + "/health").json() == {"status": "ok"}, "counters only with the token"
+        health = httpx.get(url + "/health", headers=auth).json()
         assert health["status"] == "ok" and health["log_keys"][:3] == ["reward/mean", "reward/errors", "reward/skipped"]
 
 
-def test_full_queue_answers_503_and_recovers():
+def test_hostile_bodies_get_4xx_never_5xx():
+    settings = ServerSettings(max_body_bytes=4_000_000, max_request_samples=100_000)
+    with serve_in_thread(create_app(_rule_scorer(), settings)) as url:
+        endpoint = url + "/get_reward"
+        deep = b'{"query": ["pabc"], "labels": [' + b"[" * 5000 + b"]" * 5000 + b"]}"
+        moderately_deep = b'{"query": ["pabc"], "labels": [' + b"[" * 200 + b"]" * 200 + b"]}"
+        many_errors = json.dumps({"query": [1] * 50_000}).encode()
+        answers = {
+            "deep": httpx.post(endpoint, content=deep, headers={"Content-Type": "application/json"}),
+            "200 deep": httpx.post(endpoint, content=moderately_deep, headers={"Content-Type": "application/json"}),
+            "422": httpx.post(endpoint, content=many_errors, headers={"Content-Type": "application/json"}),
+        }
+    assert answers["deep"].status_code == 400 and "deeper than" in answers["deep"].json()["error"]
+    assert answers["200 deep"].status_code == 400
+    unprocessable = answers["422"]
+    assert unprocessable.status_code == 422 and len(unprocessable.content) < 2000
+    assert unprocessable.json()["error"].endswith("and 49995 more")
+
+
+def test_full_queue_waits_its_turn_then_429():
     scorer = _rule_scorer()
     release = threading.Event()
     original = scorer.score
@@ -152,7 +177,7 @@ def test_full_queue_answers_503_and_recovers():
         return original(samples)
 
     scorer.score = blocking
-    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2)
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, max_queue=2, request_timeout_s=30)
     app = create_app(scorer, settings)
     batcher = app.state.batcher
 
@@ -171,17 +196,42 @@ def test_full_queue_answers_503_and_recovers():
                 post = lambda: asyncio.create_task(client.post(url + "/get_reward", json=payload))  # noqa: E731
                 tasks = [post()]
                 await until(lambda: batcher.stats.submitted == 1 and batcher.queued == 0, "first request in the model")
-                tasks += [post(), post()]
-                await until(lambda: batcher.queued == 2, "two requests waiting")
-                rejected = await client.post(url + "/get_reward", json=payload)
+                tasks += [post() for _ in range(5)]
+                await until(lambda: app.state.admission.in_use == 2 and len(app.state.admission._waiters) == 4, "4 waiting")
                 release.set()
-                return rejected, await asyncio.gather(*tasks)
+                return await asyncio.gather(*tasks)
 
-        rejected, accepted = asyncio.run(burst())
-    assert rejected.status_code == 503 and rejected.headers["retry-after"] == "1"
-    assert "queue full" in rejected.json()["error"]
-    assert [r.status_code for r in accepted] == [200, 200, 200]
+        accepted = asyncio.run(burst())
+    assert [r.status_code for r in accepted] == [200] * 6, "over capacity, requests wait instead of 503"
     assert all(json.loads(r.content)["rewards"] == -3.0 for r in accepted)
+    assert batcher.stats.rejected == 0
+
+
+
+def test_admission_is_first_come_first_served_and_bounded():
+    from openrlhf_ext.server_app import Admission
+
+    async def scenario():
+        gate = Admission(3)
+        assert await gate.acquire(2, 0.1)
+        order = []
+
+        async def waiter(name, n, timeout):
+            ok = await gate.acquire(n, timeout)
+            order.append((name, ok))
+
+        big = asyncio.create_task(waiter("big", 2, 5))
+        await asyncio.sleep(0.05)
+        small = asyncio.create_task(waiter("small", 1, 5))
+        late = asyncio.create_task(waiter("late", 3, 0.1))
+        await asyncio.sleep(0.3)
+        assert order == [("late", False)], "room for 1 is free, yet the small request waits behind the big one"
+        gate.release(2)
+        await asyncio.gather(big, small)
+        return order, gate.in_use
+
+    order, in_use = asyncio.run(scenario())
+    assert order == [("late", False), ("big", True), ("small", True)] and in_use == 3
 
 
 def test_timeout_answers_fallback_instead_of_hanging():
@@ -252,3 +302,72 @@ def test_openrlhf_round_robins_over_several_servers(tokenizer_dir):
     expected = [-float(len(response)) for _, response in pairs]
     assert [o["reward"] for o in outputs] == expected, "chars penalty of each response, derived from the query"
     assert [app.state.batcher.stats.delivered for app in apps] == [4, 4]
+
+
+def test_non_finite_results_become_error_samples():
+    config = parse_pipeline_config({"reward": {"type": "length_penalty", "coef": 1e308, "unit": "chars"}})
+    scorer = GuardedScorer(build_pipeline(config), -5.0)
+    with serve_in_thread(create_app(scorer)) as url:
+        reply = httpx.post(url + "/get_reward", json={"query": ["pa", "pabcde"], "prompts": ["p", "p"]})
+    assert reply.status_code == 200, "an infinite reward cannot be encoded in JSON: it must not reach the encoder"
+    body = reply.json()
+    assert body["rewards"] == [-1e308, -5.0] and body["extra_logs"]["reward/errors"] == [0.0, 1.0]
+
+
+def test_vrcli_label_values_are_validated_by_the_plugin(models_env):
+    scorer = GuardedScorer(build_pipeline(load_pipeline_config("configs/rewards/vrcli.yaml")), -4.0)
+    label = {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea."}
+    prompt = "<|user|>Plan the chapter.<eos><|assistant|>"
+    query = prompt + "In summary: the dragon flies to the sea and meets a ship.<eos>"
+    values = [50.0, 1e308, True, "50", 10**400, -1.0]
+    payload = json.dumps({"query": [query] * len(values), "prompts": [prompt] * len(values),
+                          "labels": [{**label, "baseline_ppl": v} for v in values]})
+    with serve_in_thread(create_app(scorer)) as url:
+        reply = httpx.post(url + "/get_reward", content=payload, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200
+    errors = reply.json()["extra_logs"]["reward/errors"]
+    rewards = reply.json()["rewards"]
+    assert errors[0] == 0.0 and errors[2:] == [1.0] * 4, "bool, string, overflowing and negative baselines are errors"
+    assert rewards[2:] == [0.0] * 4, "on_error: penalty gives the config's error_penalty"
+    assert all(np.isfinite(rewards))
+
+
+def test_torch_threads_and_finite_fallback(tmp_path):
+    import torch
+
+    from openrlhf_ext import serve
+
+    before = torch.get_num_threads()
+    try:
+        assert serve.torch_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--torch-threads must be >= 1"):
+        serve.torch_threads(0)
+    config = tmp_path / "chars.yaml"
+    config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit, match="fallback reward must be a finite number"):
+            serve.main(["--config", str(config), "--fallback-reward", bad, "--torch-threads", str(before)])
+
+
+def test_slow_headers_are_closed_and_slow_bodies_get_408():
+    import socket
+    import time
+
+    settings = ServerSettings(header_timeout_s=0.5, body_timeout_s=0.5)
+    with serve_in_thread(create_app(_rule_scorer(), settings), settings=settings) as url:
+        port = int(url.rsplit(":", 1)[1])
+        half_open = socket.create_connection(("127.0.0.1", port))
+        half_open.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n")
+        slow_body = socket.create_connection(("127.0.0.1", port))
+        slow_body.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"query\":")
+        time.sleep(1.5)
+        half_open.settimeout(5)
+        slow_body.settimeout(5)
+        assert half_open.recv(100) == b"", "a connection without complete headers is closed"
+        assert slow_body.recv(100).startswith(b"HTTP/1.1 408")
+        half_open.close()
+        slow_body.close()
+        assert httpx.post(url + "/get_reward", json={"query": ["pab"], "prompts": ["p"]}).json()["rewards"] == -2.0
