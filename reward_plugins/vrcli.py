@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import ExistingPath, Placement
 from .logprobs import HFLogProbScorer, LogProbScorer, perplexity
@@ -397,6 +397,12 @@ class VRCLIConfig(PluginConfig):
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     baseline_key: str = "baseline_ppl"
     fingerprint: FingerprintPolicy = "check"
+
+    @field_validator("fingerprint", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false; take it as the policy the user wrote."""
+        return "off" if value is False else value
 
 
 def baseline_inputs(scorer: LogProbScorer, prompt: VRCLIPrompt, labels: Sequence[Any]) -> list[ScoredInput]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 import threading
 
 import httpx
@@ -314,8 +315,11 @@ def test_non_finite_results_become_error_samples():
     assert body["rewards"] == [-1e308, -5.0] and body["extra_logs"]["reward/errors"] == [0.0, 1.0]
 
 
-def test_vrcli_label_values_are_validated_by_the_plugin(models_env):
-    scorer = GuardedScorer(build_pipeline(load_pipeline_config("configs/rewards/vrcli.yaml")), -4.0)
+def test_vrcli_label_values_are_validated_by_the_plugin(models_env, tmp_path):
+    shipped = Path("configs/rewards/vrcli.yaml").read_text()
+    config = tmp_path / "vrcli_plain_labels.yaml"
+    config.write_text(shipped.replace("fingerprint: require", "fingerprint: off").replace("layout: paper", "layout: append"))
+    scorer = GuardedScorer(build_pipeline(load_pipeline_config(config)), -4.0)
     label = {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea."}
     prompt = "<|user|>Plan the chapter.<eos><|assistant|>"
     query = prompt + "In summary: the dragon flies to the sea and meets a ship.<eos>"
