@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         samples = [Sample(prompt=t, response=a, label=row.label, response_ids=ids, group_id=i // args.samples_per_prompt)
                    for i, (t, a, row, ids) in enumerate(zip(texts, answers, prompts, answer_ids))]
         scored = pipeline.score(samples)
-        rows = rows_from_scores(texts, answers, scored.rewards, [r.components for r in scored.results], kls.tolist())
+        rows = rows_from_scores(texts, answers, scored.rewards, [r.components for r in scored.results], kls.tolist(),
+                                scored.results)
         history.append(float(kls.mean()))
         meta = {"checkpoint": str(path), "initial_policy": str(args.initial_policy), "reward_config": str(args.reward_config),
                 "kl_estimator": "k1", "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
