@@ -178,7 +178,7 @@ def llm_on_ray_rows(tasks: Sequence[Task], rng: random.Random) -> dict[str, list
            for t in tasks]
     rm = [{"prompt": row["prompt"], "chosen": row["chosen"].strip(), "rejected": row["rejected"].strip()}
           for row in preference_rows(tasks, rng, label_noise=0.0)]
-    ppo = [{"prompt": f"Name {t.k} {t.category}."} for t in tasks]
+    ppo = [{"prompt": text} for text in dict.fromkeys(f"Name {t.k} {t.category}." for t in tasks)]
     return {"llm_on_ray_sft": sft, "llm_on_ray_rm": rm, "llm_on_ray_ppo": ppo}
 
 
@@ -207,7 +207,8 @@ def write_tiny_models(models_dir: str | Path, seed: int = 0, hidden_size: int = 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="data files: sft, prefs, prefs_test, prompts, eval_prompts, llm_on_ray_*")
+    parser.add_argument("out_dir", help="data files: sft, prefs (noisy), prefs_test, prefs_gold (clean, for a gold RM), "
+                        "prompts, eval_prompts, llm_on_ray_{sft,rm,ppo}")
     parser.add_argument("--models", default=None, metavar="DIR",
                         help="also write a tokenizer (DIR/tokenizer) and a tiny random causal LM (DIR/base)")
     parser.add_argument("--hidden-size", type=int, default=32, help="of the tiny model written by --models")
@@ -221,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     paths = write_task_files(args.out_dir, args.seed, args.n_sft, args.n_pref, args.n_rl, args.n_eval, args.label_noise,
                              args.min_gap)
+    paths["prefs_gold"] = Path(args.out_dir) / "prefs_gold.jsonl"
+    gold_rng = random.Random(args.seed + 2)
+    write_jsonl(paths["prefs_gold"], preference_rows(sample_tasks(args.n_pref, gold_rng), gold_rng, label_noise=0.0))
     paths.update(write_llm_on_ray_files(args.out_dir, args.seed, max(args.n_rl // 4, 16)))
     if args.models:
         paths.update(write_tiny_models(args.models, args.seed, args.hidden_size))
