@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reward_plugins.io import current_umask
+
 _STEP = re.compile(r"^global_step(\d+)$")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,6 +72,7 @@ def export_checkpoint(
     ready = hf_folder(ckpt_dir, tag) if prefer_hf else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the exported folder gets the usual mode
     try:
         if ready is not None:
             shutil.copytree(ready, staging, dirs_exist_ok=True)
