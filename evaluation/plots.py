@@ -210,4 +210,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from reward_plugins.cli import run_cli
+
+    sys.exit(run_cli(main, "evaluation.plots"))
