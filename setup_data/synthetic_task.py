@@ -208,7 +208,7 @@ def write_tiny_models(models_dir: str | Path, seed: int = 0, hidden_size: int = 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="data files: sft, prefs (noisy), prefs_test, prefs_gold (clean, for a gold RM), "
-                        "prompts, eval_prompts, llm_on_ray_{sft,rm,ppo}")
+                        "prompts, eval_prompts, rollouts (to score), llm_on_ray_{sft,rm,ppo}")
     parser.add_argument("--models", default=None, metavar="DIR",
                         help="also write a tokenizer (DIR/tokenizer) and a tiny random causal LM (DIR/base)")
     parser.add_argument("--hidden-size", type=int, default=32, help="of the tiny model written by --models")
@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths["prefs_gold"] = Path(args.out_dir) / "prefs_gold.jsonl"
     gold_rng = random.Random(args.seed + 2)
     write_jsonl(paths["prefs_gold"], preference_rows(sample_tasks(args.n_pref, gold_rng), gold_rng, label_noise=0.0))
+    paths["rollouts"] = Path(args.out_dir) / "rollouts.jsonl"
+    write_jsonl(paths["rollouts"], [{"prompt": t.prompt, "response": noisy_response(t, gold_rng), "label": t.label}
+                                    for t in sample_tasks(args.n_eval, gold_rng)])
     paths.update(write_llm_on_ray_files(args.out_dir, args.seed, max(args.n_rl // 4, 16)))
     if args.models:
         paths.update(write_tiny_models(args.models, args.seed, args.hidden_size))
