@@ -3,10 +3,11 @@ and model folders are checked up front, naming the config key or flag that point
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ def check_tokenizer_dir(path: str, key: str) -> str:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UsageError(f"{key}: {path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
     return path
+
+
+@contextlib.contextmanager
+def loading(key: str, path: str) -> Iterator[None]:
+    """Turn a failure to load a model or tokenizer folder (missing weights, corrupt files) into a `UsageError`
+    naming the config key or flag that pointed there."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{key}: {path} cannot be loaded: {first}") from exc
 
 
 def strip_debug(argv: Sequence[str]) -> tuple[list[str], bool]:

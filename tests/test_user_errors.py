@@ -259,3 +259,18 @@ def test_scripts_default_to_the_project_venv_python():
                          text=True, check=True).stdout.split()
     venv_python = REPO / ".venv/bin/python"
     assert out[0] == (str(venv_python) if venv_python.exists() else "python3")
+
+
+def test_a_broken_model_folder_names_the_key(tmp_path, lm_dir, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(lm_dir, broken)
+    (broken / "model.safetensors").unlink()
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(data, [{"prompt": "a", "completion": "b"}])
+    preset = tmp_path / "s.yaml"
+    preset.write_text(f"model: {broken}\ntrain_data: {data}\noutput_dir: {tmp_path / 'o'}\ntrl: {{report_to: []}}\n")
+    assert sft.main(["--config", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert f"trl_ext.sft: error: model: {broken} cannot be loaded:" in err and "Traceback" not in err

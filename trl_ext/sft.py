@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 
 from .config import ExistingPath, load_config
@@ -73,13 +73,16 @@ def build_trainer(cfg: SFTRunConfig):
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     check_model_dir(cfg.model, "model", causal_lm=True)
-    tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model"))
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "model"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.model):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.model, tokenizer_key))
     keep = list(SFT_FIELDS)
     train = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.train_data, SFT_FIELDS)])
     evals = None
     if cfg.eval_data:
         evals = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.eval_data, SFT_FIELDS)])
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    with loading("model", cfg.model):
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
 
 

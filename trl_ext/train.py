@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
-from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError
 from reward_plugins.pipeline import RewardPipeline
@@ -119,7 +119,9 @@ def build_trainer(cfg: TrainConfig):
     _, trainer_cls = trl_classes(cfg.algorithm)
     out = Path(cfg.output_dir)
     check_model_dir(cfg.policy, "policy", causal_lm=True)
-    tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.policy, "tokenizer" if cfg.tokenizer else "policy"))
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "policy"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.policy):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.policy, tokenizer_key))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     pipeline = RewardPipeline.from_yaml(cfg.reward_config)
@@ -139,7 +141,8 @@ def build_trainer(cfg: TrainConfig):
             out / "eval", pipeline, cfg.policy, [as_text(r["prompt"], tokenizer) for r in eval_rows], [r[cfg.label_key] for r in eval_rows],
             cfg.eval_every, cfg.eval_max_new_tokens or args.max_completion_length, args.temperature, meta, cfg.seed,
         ))
-    model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
+    with loading("policy", cfg.policy):
+        model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
     return trainer_cls(
         model=model, reward_funcs=reward_fn, args=args, train_dataset=to_dataset(rows, cfg.train_data),
         processing_class=tokenizer, callbacks=callbacks,

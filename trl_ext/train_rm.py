@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from reward_plugins.batching import truncate
-from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
@@ -118,10 +118,13 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     check_model_dir(cfg.base, "base")
-    tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.base, "tokenizer" if cfg.tokenizer else "base"))
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "base"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.base):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.base, tokenizer_key))
     train_rows = text_rows(read_rows(cfg.train_data, RM_FIELDS), tokenizer)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, dtype=torch.float32)
+    with loading("base", cfg.base):
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(encode_pairs(train_rows, tokenizer, cfg)),
                             processing_class=tokenizer)
