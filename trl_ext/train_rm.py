@@ -153,8 +153,9 @@ def _main(argv: Sequence[str]) -> None:
     configs = [load_config(RMRunConfig, args.config, [*overrides, *seed]) for seed in seeds]
     for cfg in configs:
         report = train_rm(cfg)
-        print(f"{report['path']}: held-out accuracy {report.get('accuracy', float('nan')):.3f} "
-              f"on {report.get('test_pairs', 0)} pairs")
+        held_out = (f"held-out accuracy {report['accuracy']:.3f} on {report['test_pairs']} pairs" if "accuracy" in report
+                    else "no held-out pairs (test_data not set)")
+        print(f"{report['path']}: {held_out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
