@@ -23,7 +23,7 @@ class UsageError(RuntimeError):
     """The command cannot run as asked (a missing or wrong model folder, an unusable option); the message says why."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, UsageError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, UsageError, FileNotFoundError)
 
 
 def looks_local(name: str) -> bool:

@@ -195,7 +195,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], kind: str = 
 
 def load_model(model: type[M], path: str | os.PathLike | None, overrides: Sequence[str] = (), *, kind: str,
                context: dict[str, Any] | None = None) -> M:
-    """Read a YAML file (or start empty), expand env vars, apply overrides, validate into `model`."""
+    """Read a YAML file (or start empty), expand env vars, apply overrides, validate into `model`.
+
+    A model may define `config_problems(self) -> list[(key path, message)]` for checks beyond its fields (for
+    example keys of a free-form section); they are reported with file and line like the others."""
     data: Any = {}
     located = Located("<command line>")
     if path is not None:
@@ -205,7 +208,12 @@ def load_model(model: type[M], path: str | os.PathLike | None, overrides: Sequen
             raise ConfigError([f"{path}: expected a mapping at the top level"], kind)
     data, located.overridden = apply_overrides(data, overrides, kind)
     try:
-        return model.model_validate(data, context=context)
+        config = model.model_validate(data, context=context)
     except ValidationError as exc:
         located.add_pydantic(exc)
         raise ConfigError(located.problems, kind) from None
+    for loc, message in getattr(config, "config_problems", lambda: [])():
+        located.problem(tuple(loc), message)
+    if located.problems:
+        raise ConfigError(located.problems, kind)
+    return config

@@ -50,6 +50,10 @@ def test_sft_and_rm_errors_name_kind_file_line_and_key(tmp_path, lm_dir):
     write_jsonl(data, [{"prompt": "a", "completion": "b"}])
     bad = tmp_path / "sft.yaml"
     bad.write_text(f"model: {lm_dir}\ntrain_data: {data}\noutput_dir: o\nseed: many\ntrl_opts: {{}}\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"model: {lm_dir}\ntrain_data: {data}\noutput_dir: o\ntrl:\n  num_train_epochz: 2\n")
+    with pytest.raises(ConfigError, match=rf"invalid SFT configuration:\n  {typo}:5: trl.num_train_epochz: unknown SFTConfig field"):
+        load_config(sft.SFTRunConfig, typo)
     with pytest.raises(ConfigError) as info:
         load_config(sft.SFTRunConfig, bad)
     text = str(info.value)

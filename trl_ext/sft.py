@@ -26,7 +26,7 @@ from reward_plugins.config import ConfigError
 
 from .config import ExistingPath, load_config
 from .data import SFT_FIELDS, read_rows
-from .train import CPU_DEFAULTS, split_overrides
+from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class SFTRunConfig(BaseModel):
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        from trl import SFTConfig
+
+        return unknown_fields(SFTConfig, self.trl)
 
 
 def sft_args(cfg: SFTRunConfig):

@@ -66,6 +66,16 @@ class TrainConfig(BaseModel):
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
     trl: dict[str, Any] = Field(default_factory=dict)
 
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
+        return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+
+
+def unknown_fields(config_cls: type, values: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, message) for each key of `values` that is not a field of the dataclass `config_cls`."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return [(("trl", key), f"unknown {config_cls.__name__} field") for key in sorted(set(values) - known)]
+
 
 def trl_classes(algorithm: str):
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer

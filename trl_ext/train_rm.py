@@ -33,7 +33,7 @@ from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 
 from .config import ExistingPath, load_config
 from .data import RM_FIELDS, answer_text, as_text, read_rows
-from .train import CPU_DEFAULTS, split_overrides
+from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -57,6 +57,11 @@ class RMRunConfig(BaseModel):
     truncation_side: Literal["left", "right"] = "left"
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        from trl import RewardConfig
+
+        return unknown_fields(RewardConfig, self.trl)
 
     @property
     def output_dir(self) -> Path:
