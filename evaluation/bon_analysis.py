@@ -21,7 +21,7 @@ _ROWS_PER_CHUNK = 64
 
 
 def ensemble_run_name(objective: str, uwo_weight: float | None = None) -> str:
-    """The published directory name: ensemble_mean, ensemble_WCO, ensemble_UWO-<weight>."""
+    """The published directory name: ensemble_mean, ensemble_WCO, ensemble_UWO-<weight as a float> (UWO-1.0, UWO-0.5)."""
     if objective == "mean":
         return "ensemble_mean"
     if objective == "wco":
@@ -29,7 +29,7 @@ def ensemble_run_name(objective: str, uwo_weight: float | None = None) -> str:
     if objective == "uwo":
         if uwo_weight is None:
             raise ValueError("uwo needs a weight")
-        return f"ensemble_UWO-{uwo_weight:g}"
+        return f"ensemble_UWO-{float(uwo_weight)}"
     raise ValueError(f"unknown ensemble objective {objective!r}; expected one of {OBJECTIVES}")
 
 

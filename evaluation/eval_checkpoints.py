@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir)
     prompts = [row for row in load_prompts(args.prompts, args.max_prompts) for _ in range(args.samples_per_prompt)]
+    from reward_plugins.cli import check_model_dir
+
+    for index, path in enumerate([args.initial_policy, *args.checkpoints]):
+        check_model_dir(path, "--initial-policy" if index == 0 else "--checkpoints", causal_lm=True)
     steps = checkpoint_steps(args.checkpoints)
     if not args.no_initial:
         if steps[0][0] == 0:
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         samples = [Sample(prompt=t, response=a, label=row.label, response_ids=ids, group_id=i // args.samples_per_prompt)
                    for i, (t, a, row, ids) in enumerate(zip(texts, answers, prompts, answer_ids))]
         scored = pipeline.score(samples)
-        rows = rows_from_scores(texts, answers, scored.rewards, [r.components for r in scored.results], kls.tolist())
+        rows = rows_from_scores(texts, answers, scored.rewards, [r.components for r in scored.results], kls.tolist(),
+                                scored.results)
         history.append(float(kls.mean()))
         meta = {"checkpoint": str(path), "initial_policy": str(args.initial_policy), "reward_config": str(args.reward_config),
                 "kl_estimator": "k1", "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -192,4 +197,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from reward_plugins.cli import run_cli
+
+    sys.exit(run_cli(main, "evaluation.eval_checkpoints"))

@@ -6,11 +6,13 @@ One JSON file per eval step, `EVAL_DIR/eval_step{step:06d}.json`:
      "meta": {"reward_config": "...", "kl_estimator": "k1", ...},
      "rows": [{"prompt": "...", "answer": "...", "proxy_score": 0.41,
                "components": {"seed1": 0.5, "seed2": 0.3, "variance": 0.01, "combined": 0.41},
-               "ensemble_variance": 0.01, "kl": 1.9, "gold_score": null}, ...]}
+               "ensemble_variance": 0.01, "kl": 1.9, "gold_score": null, "status": "ok", "error": null}, ...]}
 
 `kl` is the mean over rows of the sequence KL to the initial policy (sum over response tokens of
 log pi - log pi_init), `kl_history` every eval step's `kl` so far. `gold_score` is filled in after
-training by `evaluation.run_ppo_gold_eval`. Files are written atomically.
+training by `evaluation.run_ppo_gold_eval`. `status` is the reward's `ok` / `skipped` / `error` for the row
+and `error` its message: an errored row's `proxy_score` is the on_error penalty, not a score, so plots and
+summaries leave such rows out. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class EvalRow:
     ensemble_variance: float | None = None
     kl: float | None = None
     gold_score: float | None = None
+    status: str = "ok"
+    error: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the proxy reward really scored this row (not an error penalty, not a skip)."""
+        return self.status == "ok"
 
 
 @dataclass
@@ -112,11 +121,15 @@ def rows_from_scores(
     rewards: Sequence[float | None],
     components: Sequence[Mapping[str, float]],
     kls: Sequence[float | None] | None = None,
+    results: Sequence[Any] | None = None,
 ) -> list[EvalRow]:
-    """Eval rows from a reward pipeline's output (its rewards and per-sample components)."""
+    """Eval rows from a reward pipeline's output (its rewards, per-sample components and `RewardResult`s' status)."""
     kls = kls if kls is not None else [None] * len(prompts)
+    results = results if results is not None else [None] * len(prompts)
     rows = []
-    for prompt, answer, reward, comps, kl in zip(prompts, answers, rewards, components, kls, strict=True):
+    for prompt, answer, reward, comps, kl, result in zip(prompts, answers, rewards, components, kls, results, strict=True):
         variance = next((v for k, v in comps.items() if k == "variance" or k.endswith("/variance")), None)
-        rows.append(EvalRow(prompt, answer, reward, dict(comps), variance, kl))
+        status = "ok" if result is None else getattr(result.status, "value", str(result.status))
+        error = None if result is None else result.error
+        rows.append(EvalRow(prompt, answer, reward, dict(comps), variance, kl, None, status, error))
     return rows

@@ -1,7 +1,8 @@
 """Load best-of-n generations with gold labels (the columns of `tlc4418/gold_labelled_gens`) and validate them.
 
-Accepts JSONL, Parquet, or a folder saved with `datasets.save_to_disk` (a DatasetDict uses `split`).
-Every problem names the file and the row.
+Accepts JSONL, Parquet, a folder saved with `datasets.save_to_disk` (a DatasetDict uses `split`), or a Hugging
+Face dataset id (`org/name`, loaded with `datasets.load_dataset`; offline, only from its cache). Every problem
+names the file and the row.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ class GoldGens:
         return digest.hexdigest()
 
 
+def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a Hugging Face dataset id; one that cannot be fetched (offline, unknown) is a `DataError`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # datasets raises connection, hub and FileNotFound errors of many types
+        raise DataError(
+            f"{dataset_id}: not a local file or folder, and the Hugging Face dataset could not be fetched "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); where there is network, save it "
+            f"with datasets.load_dataset({dataset_id!r}).save_to_disk(DIR) and pass DIR"
+        ) from None
+    for index, row in enumerate(dataset):
+        yield f"{dataset_id}[{split}]: row {index}", row
+
+
 def _raw_rows(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         from datasets import DatasetDict, load_from_disk
@@ -68,13 +85,15 @@ def _raw_rows(path: Path, split: str) -> Iterator[tuple[str, Any]]:
 
 def load_gold_gens(path: str | Path, big_n: int | None = None, split: str = "validation", max_prompts: int | None = None) -> GoldGens:
     """Read and validate the data, keeping only the first `big_n` answers of each prompt."""
-    path = Path(path)
-    if not path.exists():
+    from reward_plugins.cli import looks_local
+
+    name, path = str(path), Path(path)
+    if not path.exists() and (looks_local(name) or "/" not in name):
         raise DataError(f"{path}: no such file or directory")
     if big_n is not None and big_n < 1:
         raise ValueError("big_n must be at least 1")
-    data = GoldGens(str(path), [], [], [], [])
-    for where, row in _raw_rows(path, split):
+    data = GoldGens(name, [], [], [], [])
+    for where, row in (_raw_rows(path, split) if path.exists() else _hub_rows(name, split)):
         if max_prompts is not None and len(data) >= max_prompts:
             break
         if not isinstance(row, dict):

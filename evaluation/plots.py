@@ -7,7 +7,8 @@ curve: mean proxy and gold score per eval step against the step's KL), or subfol
 best-of-n runs are averaged into one single-RM curve (with a band of one standard deviation across seeds),
 every `ensemble_*` folder and every eval folder is its own curve. Best-of-n KL is the analytical
 `log n - (n-1)/n`, an upper bound on the true KL; RL KL is the eval files' estimate (negative estimates
-plot at 0). `--recenter` subtracts each curve's first point so every curve starts at 0.
+plot at 0); rows whose reward errored or was skipped are left out (their proxy is a penalty, not a score).
+`--recenter` subtracts each curve's first point so every curve starts at 0.
 """
 
 from __future__ import annotations
@@ -87,14 +88,21 @@ def rl_curve(run: str, name: str, eval_dir: Path, max_kl: float | None = None) -
             raise DataError(f"{path}: no kl; cannot place this step on the KL axis")
         if max_kl is not None and eval_file.kl > max_kl:
             continue
-        proxies = [r.proxy_score for r in eval_file.rows if r.proxy_score is not None]
-        golds = [r.gold_score for r in eval_file.rows]
+        kept = [r for r in eval_file.rows if r.scored and r.proxy_score is not None]
+        if len(kept) < len(eval_file.rows):
+            logger.warning("%s: %d of %d rows left out (reward errored or skipped)", path,
+                           len(eval_file.rows) - len(kept), len(eval_file.rows))
+        proxies = [r.proxy_score for r in kept]
+        golds = [r.gold_score for r in kept]
         if not proxies:
-            raise DataError(f"{path}: no row has a proxy score")
+            logger.warning("%s: no row has a proxy score (every reward errored); step left out", path)
+            continue
         steps.append(eval_file.step)
         kls.append(eval_file.kl)
         proxy.append(np.mean(proxies))
         gold.append(np.mean(golds) if all(g is not None for g in golds) else math.nan)
+    if not steps:
+        raise DataError(f"{eval_dir}: no eval step has a row the reward scored")
     if np.isnan(gold).any():
         logger.warning("%s: some eval steps lack gold scores (run evaluation.run_ppo_gold_eval); their gold is left blank", eval_dir)
     return Curve(run, name, "rl", np.array(steps, dtype=float), np.array(kls), np.array(proxy), np.array(gold))
@@ -202,4 +210,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from reward_plugins.cli import run_cli
+
+    sys.exit(run_cli(main, "evaluation.plots"))

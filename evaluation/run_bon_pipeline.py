@@ -1,7 +1,12 @@
 """Best-of-n over gold-labelled generations with one proxy RM per seed, and their ensembles.
 
     python -m evaluation.run_bon_pipeline models/rm_seed{seed} --seeds 1,2,3,4,5 --ensembles \
-        --uwo-weights 0.5 --big-n 12600 --gold-gens DATA -o runs/NAME
+        --uwo-weights 0.5 --big-n 12600 --gold-gens DATA [-o runs/NAME]
+
+llm_optimization's spellings work too: `-gold` / `--gold-labelled-generations` for `--gold-gens`, `-ns` for
+`--sample-ns`, `--no-ensembles`. `-o` defaults to `runs/bon_<RM folder name without {seed}>`. DATA is a local
+JSONL / Parquet file, a folder saved with `datasets`, or a Hugging Face dataset id (`tlc4418/gold_labelled_gens`)
+loaded through `datasets` (its cache, or the network when there is one).
 
 Each proxy RM scores every answer (batched, cached per RM under OUT/scores, resumable), then
 `OUT/seed{s}/bon_sampled_results.json` and `OUT/ensemble_<mean|WCO|UWO-w>/bon_sampled_results.json` get
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from reward_plugins.ensemble import OBJECTIVES
-from reward_plugins.io import write_json
+from reward_plugins.cli import run_cli
+from reward_plugins.io import DataError, write_json
 
 from .bon import DEFAULT_NS, bon_curve
 from .bon_analysis import ensemble_run_name, ensemble_scores
@@ -63,16 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluation.run_bon_pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("proxy_rm_path", help="proxy RM folder; {seed} is replaced by each seed")
     parser.add_argument("--seeds", type=_int_list, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--ensembles", action="store_true", help="also evaluate ensembles of the seeds' RMs")
+    parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=False,
+                        help="also evaluate ensembles of the seeds' RMs (--no-ensembles: only single RMs)")
     parser.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="mean,wco,uwo")
     parser.add_argument("--uwo-weights", type=_float_list, default=[0.5], help="lambda values for UWO (0 allowed)")
     parser.add_argument("--ddof", type=int, default=0, help="UWO variance ddof (0: the paper's population variance)")
-    parser.add_argument("--sample-ns", type=_int_list, default=list(DEFAULT_NS))
+    parser.add_argument("-ns", "--sample-ns", type=_int_list, default=list(DEFAULT_NS))
     parser.add_argument("--big-n", type=int, default=12600, help="keep only the first BIG_N answers of each prompt")
-    parser.add_argument("--gold-gens", required=True, help="JSONL, Parquet or saved HF dataset folder")
+    parser.add_argument("-gold", "--gold-gens", "--gold-labelled-generations", dest="gold_gens", required=True,
+                        help="JSONL, Parquet, a saved HF dataset folder, or a Hugging Face dataset id")
     parser.add_argument("--split", default="validation", help="split of a saved DatasetDict")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first prompts (unbiased subsample)")
-    parser.add_argument("-o", "--output-dir", required=True)
+    parser.add_argument("-o", "--output-dir", default=None, help="default: runs/bon_<RM folder name without {seed}>")
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
                         help="RM input; fields {prompt} {instruction} {input} {answer}")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not the RM's own ({seed} allowed)")
@@ -93,7 +102,7 @@ def score_with_rm(args: argparse.Namespace, seed: int, gens: GoldGens, fingerpri
     path = args.proxy_rm_path.replace("{seed}", str(seed))
     tokenizer = args.tokenizer.replace("{seed}", str(seed)) if args.tokenizer else None
     if not Path(path).exists():
-        raise FileNotFoundError(f"proxy RM for seed {seed}: {path} does not exist")
+        raise DataError(f"proxy RM for seed {seed}: {path} does not exist")
     settings = {
         "rm": model_signature(path), "tokenizer": tokenizer, "template": args.template, "max_length": args.max_length,
         "dtype": args.dtype, "data": fingerprint,
@@ -137,10 +146,18 @@ def write_run(run_dir: Path, gens: GoldGens, scores: Sequence[np.ndarray], ns: S
     return curve
 
 
+def default_output_dir(proxy_rm_path: str) -> str:
+    """`runs/bon_<name>` from the RM path template: models/rm-pythia-44m_seed{seed} -> runs/bon_rm-pythia-44m."""
+    name = Path(proxy_rm_path.rstrip("/")).name.replace("{seed}", "").rstrip("_-.") or "rm"
+    return str(Path("runs") / f"bon_{name.removesuffix('_seed').removesuffix('-seed')}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     """Run the pipeline; returns the curves keyed by run folder name."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.proxy_rm_path)
     if len(args.seeds) > 1 and "{seed}" not in args.proxy_rm_path:
         parser.error("proxy_rm_path must contain {seed} when several seeds are given")
     if args.ensembles and len(args.seeds) < 2:
@@ -174,5 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     return curves
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """CLI: bad data, a missing RM or an unreachable dataset id exit 2 with one message (--debug: traceback)."""
+    return run_cli(main, "evaluation.run_bon_pipeline", argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     text_format, format_text = gold_formatter(args.is_alpacafarm_rm, args.template)
-    gold_rm = str(Path(args.gold_rm).resolve())
-    if not Path(gold_rm).exists():
-        raise FileNotFoundError(f"gold RM {args.gold_rm} does not exist")
+    from reward_plugins.cli import check_model_dir
+
+    gold_rm = str(Path(check_model_dir(args.gold_rm, "GOLD_RM")).resolve())
 
     def load():
         from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
@@ -123,4 +123,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from reward_plugins.cli import run_cli
+
+    sys.exit(run_cli(main, "evaluation.run_ppo_gold_eval"))

@@ -159,7 +159,8 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         per_batch = [sequence_kl(e, has_reference) for e in experiences]
         kls = None if any(k is None for k in per_batch) else [k for batch in per_batch for k in batch]
         answers = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rows = rows_from_scores([s.prompt for s in samples], answers, rewards, components, kls)
+        rows = rows_from_scores([s.prompt for s in samples], answers, rewards, components, kls,
+                                scored.results if scored is not None else None)
         kl = float(np.mean(kls)) if kls else None
         history = self._history_before(step)
         if kl is not None:

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from reward_plugins.io import current_umask
+
 _STEP = re.compile(r"^global_step(\d+)$")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -84,6 +86,7 @@ def export_checkpoint(
     ready = hf_folder(ckpt_dir, tag) if prefer_hf else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the exported folder gets the usual mode
     try:
         if ready is not None:
             shutil.copytree(ready, staging, dirs_exist_ok=True)

@@ -3,7 +3,9 @@
 Checks that openrlhf is exactly 0.11.2, runs OpenRLHF's own argument parser and validation (so a rejected
 flag fails here, before Ray starts), refuses reward setups that cannot work, starts Ray with our
 `worker_process_setup_hook` and the reward settings as env vars, then runs `openrlhf.cli.train_ppo_ray`
-unchanged with `runpy`.
+unchanged with `runpy`. `--dry-run` also works on a CPU install without vllm / flash_attn (their GPU modules
+are imported through stand-ins for the check only) and may come after `--` (as the scripts' `EXTRA_ARGS=--dry-run`
+put it); it never reaches OpenRLHF.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from reward_plugins.cli import run_cli
 
 from .settings import HookSettings
 from .version import check_openrlhf_version
@@ -58,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-dir", help="where eval files go (default: <--ckpt.output_dir>/eval)")
     parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
     parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
+    parser.add_argument("--server-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for HTTP reward servers to answer /health (one just started)")
     return parser
 
 
@@ -66,7 +72,24 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ours, rest = build_parser().parse_known_args(list(argv))
     if rest and rest[0] == "--":
         rest = rest[1:]
+    late, rest = build_parser().parse_known_args(rest)
+    defaults = vars(build_parser().parse_args([]))
+    for key, value in vars(late).items():
+        if value != defaults[key]:
+            setattr(ours, key, value)
     return ours, rest
+
+
+def use_cpu_stand_ins() -> bool:
+    """For a dry run on a CPU install: stand-ins for vllm / flash_attn so OpenRLHF's modules import; True if used."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("flash_attn") is not None:
+        return False
+    from .cpu_stand_ins import install
+
+    install()
+    return True
 
 
 @contextlib.contextmanager
@@ -162,8 +185,21 @@ def refuse_unplaced_models(reward_config: str, spec: Any) -> None:
         )
 
 
-def check_reward_servers(remote_urls: Sequence[str] | None, timeout: float = 5.0) -> None:
-    """Fail now, not at the first rollout, when an HTTP reward server does not answer `GET /health`."""
+def check_reward_servers(remote_urls: Sequence[str] | None, timeout: float = 5.0, wait: float = 0.0) -> None:
+    """Fail now, not at the first rollout, when an HTTP reward server does not answer `GET /health` (within `wait` s)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _check_reward_servers(remote_urls, timeout)
+        except LaunchError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _check_reward_servers(remote_urls: Sequence[str] | None, timeout: float) -> None:
     for url in remote_urls or []:
         if not url.startswith(("http://", "https://")):
             continue
@@ -193,6 +229,9 @@ def runtime_env(
 def main(argv: Sequence[str] | None = None) -> int:
     ours, rest = split_argv(sys.argv[1:] if argv is None else argv)
     check_openrlhf_version()
+    if ours.dry_run and use_cpu_stand_ins():
+        print("[openrlhf_ext.launch] note: vllm / flash_attn are not installed (CPU install); OpenRLHF's modules are "
+              "imported through stand-ins for this dry run only", file=sys.stderr)
     reward_config = str(Path(ours.reward_config).resolve()) if ours.reward_config else None
     args = parse_openrlhf_args(rest)
     notes = preflight(args, reward_config)
@@ -205,9 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(f"[openrlhf_ext.launch] note: {note}", file=sys.stderr)
     if ours.dry_run:
+        try:
+            check_reward_servers(args.reward.remote_url, wait=ours.server_wait)
+        except LaunchError as exc:
+            print(f"[openrlhf_ext.launch] note: {exc}", file=sys.stderr)
+        else:
+            for url in args.reward.remote_url or []:
+                if url.startswith(("http://", "https://")):
+                    print(f"[openrlhf_ext.launch] reward server {url} answers /health")
         print(f"[openrlhf_ext.launch] ok: runtime_env={env}")
         return 0
-    check_reward_servers(args.reward.remote_url)
+    check_reward_servers(args.reward.remote_url, wait=ours.server_wait)
     import ray
 
     if ray.is_initialized():
@@ -220,8 +267,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LaunchError as exc:
-        print(f"openrlhf_ext.launch: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, "openrlhf_ext.launch", user_errors=(LaunchError,)))

@@ -22,37 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from .config_loader import ConfigError, Loc, Located, expand_path, read_yaml
 from .registry import PluginConfig, plugin_class
 
-Loc = tuple[str | int, ...]
-
-
-class ConfigError(ValueError):
-    """One or more problems in a configuration, each as `file:line: key.path: message`."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid reward configuration:\n  " + "\n  ".join(problems))
-
-
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def expand_path(value: str) -> str:
-    """Expand `~`, `$VAR`, `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
-
-    def substitute(match: re.Match) -> str:
-        name = match.group(1) or match.group(3)
-        if name in os.environ:
-            return os.environ[name]
-        if match.group(2) is not None:
-            return match.group(2)
-        raise ValueError(f"environment variable {name} is not set (in {value!r})")
-
-    return os.path.expanduser(_ENV_REFERENCE.sub(substitute, value))
+__all__ = ["ConfigError", "ExistingPath", "PipelineConfig", "PluginSpec", "expand_path", "load_pipeline_config",
+           "parse_pipeline_config"]
 
 
 def _check_exists(value: str, info: ValidationInfo) -> str:
@@ -132,16 +108,7 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | os.PathLike, *, check_paths: bool = True) -> PipelineConfig:
     """Read and validate a pipeline YAML file. `check_paths=False` skips the existence checks of paths."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    data, lines, _ = read_yaml(path, "reward")
     return parse_pipeline_config(data, source=str(path), lines=lines, check_paths=check_paths)
 
 
@@ -163,25 +130,10 @@ def parse_pipeline_config(
     return PipelineConfig(root, fields.on_error, fields.error_penalty, fields.name, source)
 
 
-class _Validator:
+class _Validator(Located):
     def __init__(self, source: str, lines: Mapping[Loc, int], check_paths: bool):
-        self.source = source
-        self.lines = lines
+        super().__init__(source, lines)
         self.check_paths = check_paths
-        self.problems: list[str] = []
-
-    def problem(self, loc: Loc, message: str) -> None:
-        line = _nearest_line(self.lines, loc)
-        where = f"{self.source}:{line}" if line is not None else self.source
-        key = ".".join(str(part) for part in loc) or "<top>"
-        self.problems.append(f"{where}: {key}: {message}")
-
-    def add_pydantic(self, exc: ValidationError, prefix: Loc) -> None:
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown key"
-            self.problem(prefix + tuple(err["loc"]), message)
 
     def plugin(self, raw: Any, loc: Loc) -> PluginSpec | None:
         if not isinstance(raw, Mapping):
@@ -210,27 +162,3 @@ class _Validator:
         if any(child is None for child in children.values()):
             return None
         return PluginSpec(type_name, name, config, children, loc)
-
-
-def _key_lines(node: yaml.Node | None, loc: Loc = ()) -> dict[Loc, int]:
-    """Map every key path in a composed YAML document to its 1-based line number."""
-    lines: dict[Loc, int] = {}
-    if node is None:
-        return lines
-    lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = loc + (key_node.value,)
-            lines.update(_key_lines(value_node, child))
-            lines[child] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines.update(_key_lines(item, loc + (index,)))
-    return lines
-
-
-def _nearest_line(lines: Mapping[Loc, int], loc: Loc) -> int | None:
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None

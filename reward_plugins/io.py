@@ -16,9 +16,14 @@ class DataError(ValueError):
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield `(line_number, value)` for every non-blank line; malformed JSON raises `DataError` naming the line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    """Yield `(line_number, value)` for every non-blank line; malformed JSON or non-UTF-8 raises `DataError` naming the line."""
+    with open(path, "rb") as handle:
+        for number, data in enumerate(handle, 1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{data[exc.start:exc.start + 1].hex()} "
+                                f"at column {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -31,13 +36,26 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return [value for _, value in iter_jsonl(path)]
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS shows it (Linux), else set and restored at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[TextIO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`, else delete it."""
+    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`, else delete it.
+
+    The file gets the mode a plain `open` would give it (0644 under the usual umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a finished file gets the usual mode
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()

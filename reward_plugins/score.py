@@ -76,4 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from reward_plugins.cli import run_cli
+
+    sys.exit(run_cli(main, "reward_plugins.score"))

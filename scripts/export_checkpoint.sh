@@ -6,7 +6,8 @@
 # EXTRA_ARGS (e.g. "--from-zero --overwrite"). DRY_RUN=1 prints the resolved command and exits.
 set -euo pipefail
 if [[ $# -lt 2 || $# -gt 3 ]]; then echo "usage: $0 CKPT_DIR OUT_DIR [TAG]" >&2; exit 2; fi
-PYTHON="${PYTHON:-python3}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-$([[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"  # the project .venv when there is one
 DTYPE="${DTYPE:-float32}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 

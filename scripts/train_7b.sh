@@ -19,7 +19,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$([[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"  # the project .venv when there is one
 POLICY="${POLICY:-Qwen/Qwen2.5-7B-Instruct-1M}"
 DATA="${DATA:-json@$ROOT/rl_data_with_baseline}"         # {prompt: messages, label: {gold, baseline_ppl, ...}}
 REWARD_CONFIG="${REWARD_CONFIG:-$ROOT/configs/rewards/vrcli_reference.yaml}"

@@ -8,7 +8,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$([[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"  # the project .venv when there is one
 POLICY="${POLICY:-tlc4418/pythia_1.4b_sft_policy}"
 DATA="${DATA:-$ROOT/data/prompts/train.jsonl}"
 REWARD_URL="${REWARD_URL:-http://127.0.0.1:5000/get_reward}"

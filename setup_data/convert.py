@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import check_tokenizer_dir, run_cli
 from reward_plugins.io import DataError, write_jsonl
 from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, require_text, stable_id
 
@@ -243,7 +244,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.template == "chat" and args.style == "text":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(args.tokenizer, "--tokenizer"),
+                                                  trust_remote_code=args.trust_remote_code)
+    if not Path(args.input).is_file():
+        raise DataError(f"--input {args.input}: no such file")
     rejects = RejectLog(strict=args.strict)
     rows = convert_file(Path(args.input), args.source, args.target, args.style, args.template, rejects, tokenizer)
     write_jsonl(args.output, rows)
@@ -281,12 +285,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """CLI: bad input (an empty or unreadable file, a missing tokenizer) exits 2 with one message; --debug re-raises."""
+    return run_cli(lambda args: run(parse_args(args)), "setup_data.convert", argv)
 
 
 if __name__ == "__main__":

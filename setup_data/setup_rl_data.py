@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import check_tokenizer_dir, run_cli
 from reward_plugins.io import DataError, write_json, write_jsonl
 from setup_data.story_format import LAYOUT_FIELDS, PAPER_POLICY_TEMPLATE, StoryFilters, filter_args, filters_from, story_messages
 from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, stable_id
@@ -145,7 +146,7 @@ def load_chat_tokenizer(name: str, merge_system: bool, trust_remote_code: bool =
     """Load the tokenizer and check its chat template handles the turns we will give it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(name, "--tokenizer_name"), trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise SystemExit(f"tokenizer {name} has no chat template; prompts cannot be rendered or measured")
     probe = [{"role": "user", "content": "hi"}] if merge_system else [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = {split: input_dir / f"{args.dataset_name}_{split}.jsonl" for split in args.splits}
     absent = [str(p) for p in paths.values() if not p.is_file()]
     if absent:
-        raise SystemExit(f"input file(s) not found: {', '.join(absent)}")
+        raise DataError(f"input file(s) not found: {', '.join(absent)}")
     rejects, seen, summary = RejectLog(strict=args.strict), {}, {}
     prepared = {}
     for split, path in paths.items():
@@ -222,12 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """CLI: bad input (an empty or unreadable file, a missing tokenizer) exits 2 with one message; --debug re-raises."""
+    return run_cli(lambda args: run(parse_args(args)), "setup_rl_data", argv)
 
 
 if __name__ == "__main__":

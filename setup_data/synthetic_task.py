@@ -171,9 +171,47 @@ def write_task_files(out_dir: str | Path, seed: int = 0, n_sft: int = 2000, n_pr
     return paths
 
 
+def llm_on_ray_rows(tasks: Sequence[Task], rng: random.Random) -> dict[str, list[dict]]:
+    """The same task in llm-on-ray's own formats: SFT {instruction, context, response}, RM {prompt, chosen,
+    rejected} and PPO {prompt}, for trying `setup_data.convert` on it."""
+    sft = [{"instruction": f"Name {t.k} {t.category}.", "context": "", "response": perfect_response(t, rng).strip()}
+           for t in tasks]
+    rm = [{"prompt": row["prompt"], "chosen": row["chosen"].strip(), "rejected": row["rejected"].strip()}
+          for row in preference_rows(tasks, rng, label_noise=0.0)]
+    ppo = [{"prompt": text} for text in dict.fromkeys(f"Name {t.k} {t.category}." for t in tasks)]
+    return {"llm_on_ray_sft": sft, "llm_on_ray_rm": rm, "llm_on_ray_ppo": ppo}
+
+
+def write_llm_on_ray_files(out_dir: str | Path, seed: int = 0, n: int = 64) -> dict[str, Path]:
+    """Write `llm_on_ray_{sft,rm,ppo}.jsonl` under `out_dir`; returns their paths."""
+    rng = random.Random(seed + 1)
+    paths = {}
+    for name, rows in llm_on_ray_rows(sample_tasks(n, rng), rng).items():
+        paths[name] = Path(out_dir) / f"{name}.jsonl"
+        write_jsonl(paths[name], rows)
+    return paths
+
+
+def write_tiny_models(models_dir: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> dict[str, Path]:
+    """A tokenizer trained on the task's text and a tiny random causal LM (`base`) to start SFT from."""
+    from reward_plugins import tiny_models
+
+    models_dir = Path(models_dir)
+    tokenizer = tiny_models.build_tokenizer(models_dir / "tokenizer", tokenizer_corpus(random.Random(seed)),
+                                            vocab_size=512)
+    base = tiny_models.build_causal_lm(models_dir / "base", tokenizer, seed=seed, hidden_size=hidden_size,
+                                       intermediate_size=2 * hidden_size, max_position_embeddings=256,
+                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    return {"tokenizer": tokenizer, "base": base}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="data files: sft, prefs (noisy), prefs_test, prefs_gold (clean, for a gold RM), "
+                        "prompts, eval_prompts, rollouts (to score), llm_on_ray_{sft,rm,ppo}")
+    parser.add_argument("--models", default=None, metavar="DIR",
+                        help="also write a tokenizer (DIR/tokenizer) and a tiny random causal LM (DIR/base)")
+    parser.add_argument("--hidden-size", type=int, default=32, help="of the tiny model written by --models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-sft", type=int, default=2000)
     parser.add_argument("--n-pref", type=int, default=2000)
@@ -184,6 +222,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     paths = write_task_files(args.out_dir, args.seed, args.n_sft, args.n_pref, args.n_rl, args.n_eval, args.label_noise,
                              args.min_gap)
+    paths["prefs_gold"] = Path(args.out_dir) / "prefs_gold.jsonl"
+    gold_rng = random.Random(args.seed + 2)
+    write_jsonl(paths["prefs_gold"], preference_rows(sample_tasks(args.n_pref, gold_rng), gold_rng, label_noise=0.0))
+    paths["rollouts"] = Path(args.out_dir) / "rollouts.jsonl"
+    write_jsonl(paths["rollouts"], [{"prompt": t.prompt, "response": noisy_response(t, gold_rng), "label": t.label}
+                                    for t in sample_tasks(args.n_eval, gold_rng)])
+    paths.update(write_llm_on_ray_files(args.out_dir, args.seed, max(args.n_rl // 4, 16)))
+    if args.models:
+        paths.update(write_tiny_models(args.models, args.seed, args.hidden_size))
     for name, path in paths.items():
         print(f"{name}: {path}")
 

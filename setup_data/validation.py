@@ -29,16 +29,29 @@ class RowError(ValueError):
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any | RowError]]:
-    """Yield `(line_number, raw_line, value)` for each non-blank line; malformed JSON yields a `RowError` value."""
-    with open(path, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, 1):
+    """Yield `(line_number, raw_line, value)` for each non-blank line; malformed JSON or a line that is not UTF-8
+    yields a `RowError` value. A file without a single non-blank line is a `DataError` naming it."""
+    seen = False
+    with open(path, "rb") as handle:
+        for number, data in enumerate(handle, 1):
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                seen = True
+                bad = data[exc.start : exc.start + 1].hex()
+                yield number, data.decode("utf-8", "replace").rstrip("\n"), RowError(
+                    "not_utf8", f"not UTF-8: byte 0x{bad} at column {exc.start + 1}")
+                continue
             if not raw.strip():
                 continue
+            seen = True
             try:
                 value: Any = json.loads(raw)
             except json.JSONDecodeError as exc:
                 value = RowError("malformed_json", f"malformed JSON: {exc.msg} (column {exc.colno})")
             yield number, raw.rstrip("\n"), value
+    if not seen:
+        raise DataError(f"{path}: empty input (no JSON lines)")
 
 
 def stable_id(value: Any, length: int = 16) -> str:

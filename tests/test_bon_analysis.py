@@ -14,13 +14,13 @@ def test_ensemble_curves_use_their_own_ranking():
     gold = rng.normal(size=(6, 30))
     members = {f"seed{s}": gold + rng.normal(size=gold.shape) for s in range(1, 4)}
     curves = analyse(members, gold, [1, 4, 30], objectives=("mean", "wco", "uwo"), uwo_weights=(0.0, 2.0))
-    assert list(curves) == ["seed1", "seed2", "seed3", "ensemble_mean", "ensemble_WCO", "ensemble_UWO-0", "ensemble_UWO-2"]
+    assert list(curves) == ["seed1", "seed2", "seed3", "ensemble_mean", "ensemble_WCO", "ensemble_UWO-0.0", "ensemble_UWO-2.0"]
     stacked = np.stack(list(members.values()))
     worst = stacked.min(axis=0)
     assert curves["ensemble_WCO"][-1]["gold_score"] == pytest.approx(gold[np.arange(6), worst.argmax(axis=1)].mean())
     uwo = stacked.mean(0) - 2.0 * stacked.var(0)
-    assert curves["ensemble_UWO-2"] == bon_curve(uwo, gold, [1, 4, 30])
-    assert curves["ensemble_UWO-0"] == curves["ensemble_mean"]
+    assert curves["ensemble_UWO-2.0"] == bon_curve(uwo, gold, [1, 4, 30])
+    assert curves["ensemble_UWO-0.0"] == curves["ensemble_mean"]
     # The published bug: gold left in seed 1's order gives a different (wrong) ensemble curve.
     seed1_order = np.take_along_axis(gold, np.argsort(members["seed1"], axis=1), axis=1)
     wrong = bon_curve(np.sort(worst, axis=1), seed1_order, [30])[0]["gold_score"]

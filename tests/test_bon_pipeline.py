@@ -58,7 +58,7 @@ def direct_scores(rm_dir, rows, big_n):
 def test_pipeline_writes_single_and_ensemble_curves(tmp_path, tiny_dir, rm_dirs, data_file):
     out = tmp_path / "run"
     curves = run_bon_pipeline.main(args_for(tiny_dir, data_file, out, "--ensembles", "--uwo-weights", "0,0.5", "--save-sorted"))
-    names = {"seed1", "seed2", "seed3", "ensemble_mean", "ensemble_WCO", "ensemble_UWO-0", "ensemble_UWO-0.5"}
+    names = {"seed1", "seed2", "seed3", "ensemble_mean", "ensemble_WCO", "ensemble_UWO-0.0", "ensemble_UWO-0.5"}
     assert set(curves) == names
     rows = make_rows()
     gold = [np.array(r["gold_scores"][:8]) for r in rows]
@@ -74,8 +74,8 @@ def test_pipeline_writes_single_and_ensemble_curves(tmp_path, tiny_dir, rm_dirs,
     uwo = [combine(np.stack([scores[s][r] for s in (1, 2, 3)]), "uwo", 0.5) for r in range(3)]
     assert_curves_close(curves["ensemble_UWO-0.5"], bon_curve(uwo, gold, [1, 2, 4]), rel=1e-5)
     mean = [np.stack([scores[s][r] for s in (1, 2, 3)]).mean(0) for r in range(3)]
-    assert_curves_close(curves["ensemble_UWO-0"], bon_curve(mean, gold, [1, 2, 4]), rel=1e-5)
-    assert_curves_close(curves["ensemble_UWO-0"], curves["ensemble_mean"], rel=1e-9)  # lambda 0 is 0, not 1
+    assert_curves_close(curves["ensemble_UWO-0.0"], bon_curve(mean, gold, [1, 2, 4]), rel=1e-5)
+    assert_curves_close(curves["ensemble_UWO-0.0"], curves["ensemble_mean"], rel=1e-9)  # lambda 0 is 0, not 1
     sorted_rows = json.loads((out / "ensemble_WCO" / "proxy_labelled_sorted.json").read_text())
     truth = {a: g for r in rows for a, g in zip(r["answers"], r["gold_scores"])}
     for row in sorted_rows:

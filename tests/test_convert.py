@@ -128,7 +128,7 @@ def test_trl_reads_the_outputs(tmp_path, tokenizer_dir):
 def test_strict_and_impossible_conversions(tmp_path, capsys):
     source = write_lines(tmp_path / "in.jsonl", [{"instruction": "ok", "output": "fine"}, {"instruction": "x"}])
     out = tmp_path / "out.jsonl"
-    assert convert.main(["--from", "alpaca", "--to", "sft", "--input", str(source), "--output", str(out), "--strict"]) == 1
+    assert convert.main(["--from", "alpaca", "--to", "sft", "--input", str(source), "--output", str(out), "--strict"]) == 2
     assert f"{source}:2: missing_key" in capsys.readouterr().err and not out.exists()
     with pytest.raises(DataError):
         convert.run(convert.parse_args(["--from", "alpaca", "--to", "sft", "--input", str(source), "--output", str(out),

@@ -111,7 +111,7 @@ def test_bad_lines_are_counted_and_written_to_rejects(tokenizer_dir, tmp_path, c
 
 def test_strict_fails_on_first_bad_line_naming_file_and_line(tokenizer_dir, tmp_path, capsys):
     source = bad_input(tmp_path / "in")
-    assert run(tokenizer_dir, source, tmp_path / "out", "--strict") == 1
+    assert run(tokenizer_dir, source, tmp_path / "out", "--strict") == 2
     assert "story_dataset_train.jsonl:2: malformed_json" in capsys.readouterr().err
     assert not (tmp_path / "out" / "train.jsonl").exists()
     with pytest.raises(DataError, match=r"story_dataset_train.jsonl:2"):

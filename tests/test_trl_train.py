@@ -81,15 +81,15 @@ def test_overrides_and_config_errors(tmp_path, lm_dir, rm_dirs, prompt_files):
     cfg = train.parse_args(["--config", str(preset), "--set", "trl.learning_rate=0.01", "--trl.max_steps", "7",
                             "--algorithm=rloo"])
     assert cfg.trl == {"max_steps": 7, "learning_rate": 0.01} and cfg.algorithm == "rloo"
-    with pytest.raises(ConfigError, match=r"p.yaml: train_data: path does not exist"):
+    with pytest.raises(ConfigError, match=r"invalid train configuration:\n  --set: train_data: path does not exist"):
         train.parse_args(["--config", str(preset), "--set", "train_data=/nope.jsonl"])
-    with pytest.raises(ConfigError, match=r"p.yaml: algoritm: unknown key"):
+    with pytest.raises(ConfigError, match=r"--set: algoritm: unknown key"):
         train.parse_args(["--config", str(preset), "--set", "algoritm=grpo"])
     with pytest.raises(ConfigError, match=r"trl.max_stepz: unknown GRPOConfig field"):
         train.trl_args(train.parse_args(["--config", str(preset), "--set", "trl.max_stepz=3"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "label": {}}\n{"label": {}}\n')
-    with pytest.raises(Exception, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
+    with pytest.raises(Exception, match=r"bad.jsonl:2: 'prompt' must be a string or a list of chat messages"):
         train.load_prompt_rows(str(bad), "label")
 
 

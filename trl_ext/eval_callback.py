@@ -45,7 +45,7 @@ def evaluate_policy(model, tokenizer, ref_model, pipeline: RewardPipeline, promp
                for p, t, lab, ids in zip(prompts, gens.texts, labels, gens.completion_ids)]
     scored = pipeline.score(samples)
     components = [dict(r.components) for r in scored.results]
-    rows = rows_from_scores(prompts, gens.texts, scored.rewards, components, kls)
+    rows = rows_from_scores(prompts, gens.texts, scored.rewards, components, kls, scored.results)
     kl = float(np.mean(kls)) if kls else 0.0
     return EvalFile(step=step, rows=rows, kl=kl, kl_history=[*kl_history, kl], meta=dict(meta))
 

@@ -4,7 +4,8 @@ TRL calls `fn(prompts=, completions=, completion_ids=, **columns, trainer_state=
 with every dataset column (the label included) and takes a list of floats, `None` meaning "skip".
 The adapter logs every key of `pipeline.log_keys` each call (so every rank logs the same keys), adds
 the per-sample components to TRL's completions table, and every `table_every` steps writes a JSONL table
-of sample completions with their rewards under `table_dir`.
+of sample completions with their rewards under `table_dir`. When every sample of `stop_after` consecutive
+steps errored it raises `RewardFailure` with the first error, instead of training on penalties alone.
 """
 
 from __future__ import annotations
@@ -15,16 +16,50 @@ from typing import Any
 
 from reward_plugins.io import write_jsonl
 from reward_plugins.pipeline import RewardPipeline
-from reward_plugins.types import Sample
+from reward_plugins.types import RewardResult, Sample, Status
 
 CONTROL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
+DEFAULT_STOP_AFTER = 3
 
 
-def _text(value: Any) -> str:
-    """A completion or prompt as text; conversational ones are message lists, of which we join the contents."""
+class RewardFailure(RuntimeError):
+    """The reward failed on every sample of several consecutive steps; training on it would learn nothing."""
+
+
+class ErrorStreak:
+    """Counts consecutive steps whose samples all errored; `observe` raises `RewardFailure` at `stop_after`.
+
+    Framework-free so any trainer (TRL, a PPO loop) can call it once per scored batch; 0 disables it."""
+
+    def __init__(self, stop_after: int = DEFAULT_STOP_AFTER):
+        if stop_after < 0:
+            raise ValueError("stop_after must be >= 0")
+        self.stop_after = stop_after
+        self.steps = 0
+        self.first_error: str | None = None
+
+    def observe(self, results: Sequence[RewardResult]) -> None:
+        if not results or any(r.status != Status.ERROR for r in results):
+            self.steps, self.first_error = 0, None
+            return
+        self.steps += 1
+        if self.first_error is None:
+            self.first_error = next((r.error for r in results if r.error), "no error message")
+        if self.stop_after and self.steps >= self.stop_after:
+            raise RewardFailure(
+                f"the reward failed on every sample of {self.steps} consecutive steps ({len(results)} samples in the "
+                f"last); stopping instead of training on error penalties. First error: {self.first_error}"
+            )
+
+
+def _text(value: Any, tokenizer=None) -> str:
+    """A completion or prompt as text; message-list prompts go through the chat template when a tokenizer is given
+    (as the policy saw them), else their contents are joined (completions)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(value, add_generation_prompt=True, tokenize=False)
         return "".join(str(m["content"]) for m in value)
     raise TypeError(f"expected a string or a list of messages, got {type(value).__name__}")
 
@@ -33,7 +68,8 @@ class PipelineRewardFunc:
     """Callable that TRL's GRPO/RLOO trainers accept in `reward_funcs`."""
 
     def __init__(self, pipeline: RewardPipeline, name: str = "pipeline", label_key: str = "label",
-                 table_dir: str | Path | None = None, table_every: int = 0, table_rows: int = 8):
+                 table_dir: str | Path | None = None, table_every: int = 0, table_rows: int = 8,
+                 stop_after: int = DEFAULT_STOP_AFTER, tokenizer=None):
         self.pipeline = pipeline
         self.__name__ = name
         self.label_key = label_key
@@ -41,6 +77,8 @@ class PipelineRewardFunc:
         self.table_every = table_every
         self.table_rows = table_rows
         self.last = None
+        self.streak = ErrorStreak(stop_after)
+        self.tokenizer = tokenizer
 
     def samples(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None,
                 columns: dict[str, Sequence[Any]]) -> list[Sample]:
@@ -51,7 +89,7 @@ class PipelineRewardFunc:
         group_ids = columns.get("id") or [None] * len(prompts)
         samples = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            prompt_text, response = _text(prompt), _text(completion)
+            prompt_text, response = _text(prompt, self.tokenizer), _text(completion)
             samples.append(Sample(
                 prompt=prompt_text,
                 response=response,
@@ -80,6 +118,7 @@ class PipelineRewardFunc:
         step = int(getattr(state, "global_step", 0) or 0)
         if self.table_dir is not None and self.table_every > 0 and step % self.table_every == 0:
             self._write_table(step, prompts, completions, scored)
+        self.streak.observe(scored.results)
         return list(scored.rewards)
 
     def _write_table(self, step: int, prompts, completions, scored) -> None:
@@ -87,7 +126,7 @@ class PipelineRewardFunc:
         for i in range(min(self.table_rows, len(prompts))):
             result = scored.results[i]
             rows.append({
-                "step": step, "prompt": _text(prompts[i]), "completion": _text(completions[i]),
+                "step": step, "prompt": _text(prompts[i], self.tokenizer), "completion": _text(completions[i]),
                 "reward": scored.rewards[i], "status": result.status.value, "error": result.error,
                 "components": dict(result.components),
             })

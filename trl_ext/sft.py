@@ -1,6 +1,9 @@
 """Supervised fine-tuning through TRL on our SFT format ({"prompt", "completion"} JSONL), loss on completions only.
 
-    python -m trl_ext.sft --config configs/train/sft_tiny.yaml --set trl.num_train_epochs=3
+    python -m trl_ext.sft --config configs/sft/tiny.yaml --set trl.num_train_epochs=3 [--debug]
+
+Prompt and completion are strings or chat message lists (what `setup_data.convert --to sft` writes in either
+style); the final model and tokenizer go to `output_dir/final`.
 """
 
 from __future__ import annotations
@@ -8,20 +11,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 
 from .config import ExistingPath, load_config
 from .data import SFT_FIELDS, read_rows
-from .train import CPU_DEFAULTS, split_overrides
+from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ class SFTRunConfig(BaseModel):
     """An SFT run: base model, data, where the final HF model goes; `trl` goes to TRL's SFTConfig."""
 
     model_config = ConfigDict(extra="forbid")
+    CONFIG_KIND: ClassVar[str] = "SFT"
 
     model: ExistingPath
     tokenizer: ExistingPath | None = None
@@ -40,6 +46,11 @@ class SFTRunConfig(BaseModel):
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
 
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        from trl import SFTConfig
+
+        return unknown_fields(SFTConfig, self.trl)
+
 
 def sft_args(cfg: SFTRunConfig):
     from trl import SFTConfig
@@ -47,7 +58,7 @@ def sft_args(cfg: SFTRunConfig):
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
-        raise ConfigError([f"trl.{key}: unknown SFTConfig field" for key in unknown])
+        raise ConfigError([f"trl.{key}: unknown SFTConfig field" for key in unknown], "SFT")
     values: dict[str, Any] = {"output_dir": cfg.output_dir, "report_to": ["tensorboard"], "seed": cfg.seed,
                               "logging_steps": 10, "save_strategy": "no", "completion_only_loss": True}
     if not torch.cuda.is_available():
@@ -56,7 +67,7 @@ def sft_args(cfg: SFTRunConfig):
     try:
         return SFTConfig(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"]) from exc
+        raise ConfigError([f"trl: {exc}"], "SFT") from exc
 
 
 def build_trainer(cfg: SFTRunConfig):
@@ -66,13 +77,17 @@ def build_trainer(cfg: SFTRunConfig):
     args = sft_args(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    check_model_dir(cfg.model, "model", causal_lm=True)
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "model"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.model):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.model, tokenizer_key))
     keep = list(SFT_FIELDS)
     train = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.train_data, SFT_FIELDS)])
     evals = None
     if cfg.eval_data:
         evals = Dataset.from_list([{k: r[k] for k in keep} for r in read_rows(cfg.eval_data, SFT_FIELDS)])
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    with loading("model", cfg.model):
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
 
 
@@ -87,7 +102,7 @@ def run(cfg: SFTRunConfig) -> Path:
     return final
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
@@ -97,5 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"final model: {run(cfg)}")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: bad configs, data and model folders exit 2 with one message (a traceback with --debug)."""
+    return run_cli(_main, "trl_ext.sft", argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

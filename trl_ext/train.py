@@ -1,7 +1,10 @@
 """GRPO / RLOO on one machine through TRL, with our reward pipeline as the reward function.
 
-    python -m trl_ext.train --config configs/train/grpo_tiny.yaml --set trl.max_steps=20 --reward_config=...
-    accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/grpo_tiny.yaml
+    python -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml --set trl.max_steps=20 [--debug]
+    accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml
+
+Prompt rows are `{"prompt": text or chat messages, "label": ...}`: setup_data.setup_rl_data's output, the
+synthetic task's prompts and `setup_data.convert --to prompt` all work as written.
 
 Writes TensorBoard logs (`OUT/runs/`), HF-format checkpoints (`OUT/checkpoint-*`, final model in `OUT/final`),
 eval files (`OUT/eval/eval_step*.json`) and completion tables (`OUT/completions/*.jsonl`). A rerun resumes
@@ -15,23 +18,26 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
-from reward_plugins.io import DataError, iter_jsonl
+from reward_plugins.io import DataError
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.vrcli import BaselineMismatchError, check_baselines
 
 from .config import ExistingPath, load_config
+from .data import PROMPT_FIELDS, as_text, read_rows
 from .eval_callback import EvalFileCallback
-from .reward_adapter import PipelineRewardFunc
+from .reward_adapter import DEFAULT_STOP_AFTER, PipelineRewardFunc, RewardFailure
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class TrainConfig(BaseModel):
     """A TRL RL run: what to train, on which prompts, with which reward file; `trl` goes to GRPOConfig/RLOOConfig."""
 
     model_config = ConfigDict(extra="forbid")
+    CONFIG_KIND: ClassVar[str] = "train"
 
     algorithm: Literal["grpo", "rloo"] = "grpo"
     policy: ExistingPath
@@ -57,7 +64,18 @@ class TrainConfig(BaseModel):
     resume: bool = True
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
+    stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
+        return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+
+
+def unknown_fields(config_cls: type, values: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, message) for each key of `values` that is not a field of the dataclass `config_cls`."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return [(("trl", key), f"unknown {config_cls.__name__} field") for key in sorted(set(values) - known)]
 
 
 def trl_classes(algorithm: str):
@@ -72,7 +90,7 @@ def trl_args(cfg: TrainConfig):
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
-        raise ConfigError([f"trl.{key}: unknown {config_cls.__name__} field" for key in unknown])
+        raise ConfigError([f"trl.{key}: unknown {config_cls.__name__} field" for key in unknown], "train")
     out = Path(cfg.output_dir)
     values: dict[str, Any] = {
         "output_dir": str(out),
@@ -87,21 +105,12 @@ def trl_args(cfg: TrainConfig):
     try:
         return config_cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"]) from exc
+        raise ConfigError([f"trl: {exc}"], "train") from exc
 
 
 def load_prompt_rows(path: str, label_key: str) -> list[dict[str, Any]]:
-    """Prompt rows {prompt, label, ...}; a row without a string prompt or without the label is an error."""
-    rows = []
-    for line, row in iter_jsonl(path):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise DataError(f"{path}:{line}: expected an object with a string 'prompt'")
-        if label_key not in row:
-            raise DataError(f"{path}:{line}: no {label_key!r} (keys: {sorted(row)})")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+    """Prompt rows {prompt (text or chat messages), label, ...}; a row without either is an error naming its line."""
+    return read_rows(path, PROMPT_FIELDS, label_key)
 
 
 def to_dataset(rows: list[dict[str, Any]], path: str):
@@ -120,7 +129,10 @@ def build_trainer(cfg: TrainConfig):
         torch.set_num_threads(cfg.torch_threads)
     _, trainer_cls = trl_classes(cfg.algorithm)
     out = Path(cfg.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.policy)
+    check_model_dir(cfg.policy, "policy", causal_lm=True)
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "policy"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.policy):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.policy, tokenizer_key))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     pipeline = RewardPipeline.from_yaml(cfg.reward_config)
@@ -128,6 +140,7 @@ def build_trainer(cfg: TrainConfig):
     reward_fn = PipelineRewardFunc(
         pipeline, name=Path(cfg.reward_config).stem, label_key=cfg.label_key,
         table_dir=out / "completions" if main_process else None, table_every=cfg.table_every,
+        stop_after=cfg.stop_after_failed_steps, tokenizer=tokenizer,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
     eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else []
@@ -141,10 +154,11 @@ def build_trainer(cfg: TrainConfig):
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
                 "policy": str(cfg.policy), "backend": "trl"}
         callbacks.append(EvalFileCallback(
-            out / "eval", pipeline, cfg.policy, [r["prompt"] for r in eval_rows], [r[cfg.label_key] for r in eval_rows],
+            out / "eval", pipeline, cfg.policy, [as_text(r["prompt"], tokenizer) for r in eval_rows], [r[cfg.label_key] for r in eval_rows],
             cfg.eval_every, cfg.eval_max_new_tokens or args.max_completion_length, args.temperature, meta, cfg.seed,
         ))
-    model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
+    with loading("policy", cfg.policy):
+        model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
     return trainer_cls(
         model=model, reward_funcs=reward_fn, args=args, train_dataset=to_dataset(rows, cfg.train_data),
         processing_class=tokenizer, callbacks=callbacks,
@@ -172,14 +186,14 @@ def split_overrides(extra: Sequence[str]) -> list[str]:
     while items:
         flag = items.pop(0)
         if not flag.startswith("--"):
-            raise ConfigError([f"unexpected argument {flag!r}; use --key=value or --set key=value"])
+            raise ConfigError([f"unexpected argument {flag!r}; use --key=value or --set key=value"], "train")
         key = flag[2:]
         if "=" in key:
             overrides.append(key)
         elif items and not items[0].startswith("--"):
             overrides.append(f"{key}={items.pop(0)}")
         else:
-            raise ConfigError([f"{flag}: missing value"])
+            raise ConfigError([f"{flag}: missing value"], "train")
     return overrides
 
 
@@ -191,10 +205,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(f"final model: {run(parse_args(argv))}")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: bad configs, data, model folders and a reward that always fails exit 2 with one message."""
+    return run_cli(_main, "trl_ext.train", argv, user_errors=(RewardFailure,))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

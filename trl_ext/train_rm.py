@@ -1,11 +1,13 @@
 """Seeded reward-model training on our RM format ({"prompt", "chosen", "rejected"} JSONL), through TRL.
 
-    python -m trl_ext.train_rm --config configs/train/rm_tiny.yaml --seed 3
+    python -m trl_ext.train_rm --config configs/rm/tiny.yaml --seed 1 2 3 [--debug]
 
 The seed sets the head initialisation and the data order. Texts are built and tokenised exactly as the
 `reward_model` plugin builds them at scoring time (same template, special tokens and truncation side), so
 nothing the RM reads in RL differs from what it learnt on. Writes `OUTPUT_ROOT/NAME_seed{S}` (an HF
-sequence classifier the plugin loads) and `rm_eval.json` there with the held-out preference accuracy.
+sequence classifier the plugin loads) and `rm_eval.json` there with the held-out preference accuracy; several
+seeds train one after another in one process. Chat-message rows (`setup_data.convert --style chat`) are
+rendered with the tokenizer's chat template for the prompt and the answer's text as the response.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,13 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from reward_plugins.batching import truncate
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 
 from .config import ExistingPath, load_config
-from .data import RM_FIELDS, read_rows
-from .train import CPU_DEFAULTS, split_overrides
+from .data import RM_FIELDS, answer_text, as_text, read_rows
+from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -39,6 +43,7 @@ class RMRunConfig(BaseModel):
     """One RM: base model, preference data, seed, and how texts are built (must match the plugin's config)."""
 
     model_config = ConfigDict(extra="forbid")
+    CONFIG_KIND: ClassVar[str] = "RM"
 
     base: ExistingPath
     tokenizer: ExistingPath | None = None
@@ -53,9 +58,20 @@ class RMRunConfig(BaseModel):
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
 
+    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        from trl import RewardConfig
+
+        return unknown_fields(RewardConfig, self.trl)
+
     @property
     def output_dir(self) -> Path:
         return Path(self.output_root) / f"{self.name}_seed{self.seed}"
+
+
+def text_rows(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """Rows with chat-message prompts and answers turned into text (chat template; answer contents)."""
+    return [{**r, "prompt": as_text(r["prompt"], tokenizer), "chosen": answer_text(r["chosen"]),
+             "rejected": answer_text(r["rejected"])} for r in rows]
 
 
 def encode_pairs(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, cfg: RMRunConfig) -> dict[str, list]:
@@ -75,7 +91,7 @@ def rm_args(cfg: RMRunConfig):
     known = {f.name for f in dataclasses.fields(RewardConfig)}
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
-        raise ConfigError([f"trl.{key}: unknown RewardConfig field" for key in unknown])
+        raise ConfigError([f"trl.{key}: unknown RewardConfig field" for key in unknown], "RM")
     values: dict[str, Any] = {"output_dir": str(cfg.output_dir), "report_to": ["tensorboard"], "seed": cfg.seed,
                               "data_seed": cfg.seed, "max_length": None, "save_strategy": "no", "logging_steps": 10}
     if not torch.cuda.is_available():
@@ -84,7 +100,7 @@ def rm_args(cfg: RMRunConfig):
     try:
         return RewardConfig(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"]) from exc
+        raise ConfigError([f"trl: {exc}"], "RM") from exc
 
 
 def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> float:
@@ -106,10 +122,14 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     args = rm_args(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
-    train_rows = read_rows(cfg.train_data, RM_FIELDS)
+    check_model_dir(cfg.base, "base")
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "base"
+    with loading(tokenizer_key, cfg.tokenizer or cfg.base):
+        tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(cfg.tokenizer or cfg.base, tokenizer_key))
+    train_rows = text_rows(read_rows(cfg.train_data, RM_FIELDS), tokenizer)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, dtype=torch.float32)
+    with loading("base", cfg.base):
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(encode_pairs(train_rows, tokenizer, cfg)),
                             processing_class=tokenizer)
@@ -118,7 +138,7 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     trainer.save_model(str(out))
     report: dict[str, Any] = {"seed": cfg.seed, "path": str(out), "train_pairs": len(train_rows)}
     if cfg.test_data:
-        test_rows = read_rows(cfg.test_data, RM_FIELDS)
+        test_rows = text_rows(read_rows(cfg.test_data, RM_FIELDS), tokenizer)
         scorer = RewardModelScorer(RewardModelConfig(path=str(out), template=cfg.template, max_length=cfg.max_length,
                                                      truncation_side=cfg.truncation_side, device="cpu"))
         report.update(test_pairs=len(test_rows), accuracy=preference_accuracy(scorer, test_rows))
@@ -126,18 +146,27 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args, extra = parser.parse_known_args(argv)
-    overrides = [*args.set, *split_overrides(extra)] + ([f"seed={args.seed}"] if args.seed is not None else [])
-    report = train_rm(load_config(RMRunConfig, args.config, overrides))
-    print(f"{report['path']}: held-out accuracy {report.get('accuracy', float('nan')):.3f} "
-          f"on {report.get('test_pairs', 0)} pairs")
+    overrides = [*args.set, *split_overrides(extra)]
+    seeds = [[f"seed={seed}"] for seed in args.seed] if args.seed else [[]]
+    configs = [load_config(RMRunConfig, args.config, [*overrides, *seed]) for seed in seeds]
+    for cfg in configs:
+        report = train_rm(cfg)
+        held_out = (f"held-out accuracy {report['accuracy']:.3f} on {report['test_pairs']} pairs" if "accuracy" in report
+                    else "no held-out pairs (test_data not set)")
+        print(f"{report['path']}: {held_out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: bad configs, data and model folders exit 2 with one message (a traceback with --debug)."""
+    return run_cli(_main, "trl_ext.train_rm", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
