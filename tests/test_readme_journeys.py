@@ -26,7 +26,7 @@ EXPECTED = {
     "coste": ["models/sft/final/config.json", "models/rm_seed3/rm_eval.json", "models/gold_seed0/config.json",
               "runs/bon/ensemble_UWO-0.5/bon_sampled_results.json", "runs/bon/seed2/bon_sampled_results.json",
               "runs/grpo_uwo3/final/config.json", "plots/coste.png", "plots/coste.csv"],
-    "vrcli": ["rl_data/train.jsonl", "runs/grpo_vrcli/final/config.json", "runs/grpo_vrcli/test_eval", "plots/vrcli.png"],
+    "vrcli": ["rl_data/train.jsonl", "rl_data_with_baseline/train.jsonl", "runs/grpo_vrcli/final/config.json", "runs/grpo_vrcli/test_eval", "plots/vrcli.png"],
     "llm_on_ray": ["data/ray/sft.jsonl", "models/ray/sft/final/config.json", "models/ray/rm_seed1/config.json",
                    "runs/grpo_ray/final/config.json"],
     "openrlhf": [],
@@ -92,7 +92,7 @@ def test_journey_runs_as_written(clone: Path, name: str):
                      for row in json.loads(f.read_text())["rows"]]
         assert eval_rows and all(row["gold_score"] is not None and row["status"] in ("ok", "error") for row in eval_rows)
     if name == "vrcli":
-        rows = [json.loads(line) for line in (clone / "rl_data/train.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (clone / "rl_data_with_baseline/train.jsonl").read_text().splitlines()]
         assert all(isinstance(r["prompt"], list) and r["label"]["baseline_ppl"] > 0 for r in rows)
     if name == "openrlhf":
         assert "answers /health" in result.stdout and "ok: runtime_env" in result.stdout
