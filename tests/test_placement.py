@@ -135,7 +135,16 @@ def test_serve_builds_placed_plugins_in_the_ray_cluster(cluster, monkeypatch, tm
     )
     built = {}
     monkeypatch.setattr(serve, "create_app", lambda scorer, settings: built.setdefault("scorer", scorer))
-    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **kwargs: built.setdefault("kwargs", kwargs))
+    monkeypatch.setattr(serve, "uvicorn_config", lambda app, settings, **kwargs: built.setdefault("kwargs", kwargs))
+
+    class NoServer:
+        def __init__(self, config):
+            pass
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(serve.uvicorn, "Server", NoServer)
     serve.main(["--config", str(config), "--ray-address", "auto"])
     root = built["scorer"].pipeline.root
     assert isinstance(root, PlacedPlugin) and built["kwargs"]["host"] == "127.0.0.1"
