@@ -191,13 +191,26 @@ def test_error_streak_stops_after_n_all_error_steps_and_resets_on_any_success():
 
 
 def test_grpo_with_vrcli_on_a_policy_without_plans_stops_at_step_3(tmp_path, models_env, lm_dir, capsys):
-    preset = _train_preset(tmp_path, lm_dir, REPO / "configs/rewards/vrcli.yaml",
+    """With the plan fallback off (the paper scores the whole response), a policy that writes no plan fails every sample."""
+    reward = tmp_path / "vrcli_strict.yaml"
+    reward.write_text((REPO / "configs/rewards/vrcli.yaml").read_text()
+                      .replace("whole_response_fallback: true", "whole_response_fallback: false")
+                      .replace("fingerprint: require", "fingerprint: check").replace("layout: paper", "layout: append"))
+    preset = _train_preset(tmp_path, lm_dir, reward,
                            trl={"max_steps": 20, "per_device_train_batch_size": 4, "num_generations": 2,
                                 "max_completion_length": 6, "report_to": [], "save_strategy": "no"})
     assert train.main(["--config", str(preset)]) == 2
     err = capsys.readouterr().err
     assert "the reward failed on every sample of 3 consecutive steps" in err
     assert "no plan marker" in err or "baseline_ppl" in err
+
+
+def test_grpo_refuses_labels_without_the_baseline_fingerprint(tmp_path, models_env, lm_dir, capsys):
+    preset = _train_preset(tmp_path, lm_dir, REPO / "configs/rewards/vrcli.yaml", trl={"max_steps": 1})
+    assert train.main(["--config", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl_ext.train: error: ") and "Traceback" not in err
+    assert "prompts.jsonl: vrcli: 8 label(s) have no 'baseline_fingerprint'" in err
 
 
 # --- eval files carry status; plots leave errored rows out -------------------------------------------------------

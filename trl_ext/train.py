@@ -148,7 +148,7 @@ def build_trainer(cfg: TrainConfig):
         try:
             check_baselines(pipeline.root, [r[cfg.label_key] for r in checked])
         except BaselineMismatchError as exc:
-            raise SystemExit(f"{path}: {exc}") from None
+            raise DataError(f"{path}: {exc}") from None
     callbacks = []
     if cfg.eval_data:
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
