@@ -1,4 +1,4 @@
-"""GRPO / RLOO on one machine through TRL, with our reward pipeline as the reward function.
+"""GRPO / RLOO through TRL, and PPO with a value model (trl_ext.ppo), on one machine with our reward pipeline.
 
     python -m trl_ext.train --config configs/train/grpo_tiny.yaml --set trl.max_steps=20 --reward_config=...
     accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/grpo_tiny.yaml
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -30,6 +30,7 @@ from reward_plugins.pipeline import RewardPipeline
 
 from .config import ExistingPath, load_config
 from .eval_callback import EvalFileCallback
+from .ppo import PPOSettings
 from .reward_adapter import PipelineRewardFunc
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Literal["grpo", "rloo"] = "grpo"
+    algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
     policy: ExistingPath
     tokenizer: ExistingPath | None = None
     reward_config: ExistingPath
@@ -57,6 +58,17 @@ class TrainConfig(BaseModel):
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
     trl: dict[str, Any] = Field(default_factory=dict)
+    ppo: PPOSettings | None = None  # algorithm: ppo reads this section (trl_ext.ppo) instead of `trl`
+
+    @model_validator(mode="after")
+    def _one_section(self) -> TrainConfig:
+        if self.algorithm == "ppo":
+            if self.trl:
+                raise ValueError("algorithm ppo reads the `ppo` section; `trl` is for grpo/rloo")
+            self.ppo = self.ppo or PPOSettings()
+        elif self.ppo is not None:
+            raise ValueError(f"the `ppo` section is only read with algorithm: ppo (algorithm is {self.algorithm})")
+        return self
 
 
 def trl_classes(algorithm: str):
@@ -148,6 +160,11 @@ def build_trainer(cfg: TrainConfig):
 def run(cfg: TrainConfig) -> Path:
     """Train (resuming from the last checkpoint if any) and save the final HF model; returns its folder."""
     out = Path(cfg.output_dir)
+    if cfg.algorithm == "ppo":
+        from .ppo import train_ppo
+
+        eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else None
+        return train_ppo(cfg, load_prompt_rows(cfg.train_data, cfg.label_key), eval_rows)
     trainer = build_trainer(cfg)
     last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
     if last:
