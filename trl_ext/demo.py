@@ -83,17 +83,17 @@ class DemoConfig(BaseModel):
     max_new_tokens: int = 24
     temperature: float = 1.0  # best-of-n, RL rollouts and RL eval all sample at this temperature
     rl_seeds: list[int] = [1, 2]
-    rl_steps: int = 60
+    rl_steps: int = 120
     rl_batch: int = 32
     rl_mini_batch: int = 16
     rl_epochs: int = 4
-    rl_lr: float = 3e-4
-    rl_kl_coef: float = 0.01
+    rl_lr: float = 1e-4
+    rl_kl_coef: float = 0.02
     rl_vf_coef: float = 0.1
     rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
     missing_eos_penalty: float | None = 1.0
     rl_eval_samples: int = 4  # completions per eval prompt at each RL eval step
-    eval_every: int = 10
+    eval_every: int = 20
     uwo_weight_bon: float = 0.5
 
 
