@@ -1,7 +1,7 @@
 """PPO with a value model on one machine, in one readable file (CleanRL-style; our own code on transformers pieces).
 
     python -m trl_ext.train --config configs/train/ppo_rm.yaml
-    accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/ppo_rm.yaml
+    torchrun --nproc_per_node 2 -m trl_ext.train --config configs/train/ppo_rm.yaml   # or accelerate launch --multi_gpu --num_processes 2
 
 One step: sample one response per prompt with the policy's sampling settings, score it with the reward
 pipeline (any reward config, through `PipelineRewardFunc`), subtract `missing_eos_penalty` from responses
