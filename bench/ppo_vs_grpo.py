@@ -6,8 +6,9 @@ Every step of both samples `--completions` responses of `--max-new-tokens` token
 policy and scores them with the same tiny reward model. PPO is timed twice: with one update over the whole
 batch (the like-for-like shape of GRPO's one optimizer step) and with its default 4 epochs x 2 mini-batches.
 GRPO uses `--completions` per step as `num_generations` groups of 4. The variants alternate within each round
-(interleaved, so background load hits all alike); each figure is steps over the whole run's wall time (model
-loading included, the same for all), the median over rounds, and the ratios to GRPO are printed. CPU only; absolute numbers depend on the machine's load.
+(interleaved, so background load hits all alike); each figure is the training loop's steps per second (model
+loading excluded: TRL's `train_steps_per_second`, PPO's `eps` over its batch), the median over rounds, and
+the ratios to GRPO are printed. CPU only; absolute numbers depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,24 +31,22 @@ from trl_ext import train
 
 
 def time_ppo(base: dict, ppo_fields: dict, out: Path) -> float:
+    """Steps/s of the training loop (its `eps` over the batch: model loading excluded, as in TRL's runtime)."""
     cfg = train.TrainConfig(**base, algorithm="ppo", output_dir=str(out), ppo=ppo_fields)
-    start = time.perf_counter()
     train.run(cfg)
-    total = time.perf_counter() - start
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return len(steps) / total
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return last["eps"] / ppo_fields["batch_size"]
 
 
 def time_grpo(base: dict, trl_fields: dict, out: Path) -> float:
+    """Steps/s from TRL's own `train_steps_per_second` (the training loop, model loading excluded)."""
     cfg = train.TrainConfig(**base, algorithm="grpo", output_dir=str(out), trl=trl_fields)
-    start = time.perf_counter()
-    train.run(cfg)
-    return trl_fields["max_steps"] / (time.perf_counter() - start)
+    return float(train.build_trainer(cfg).train().metrics["train_steps_per_second"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--completions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -62,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         policy = build_causal_lm(tmp / "policy", tok, seed=0)
         rm = build_reward_model(tmp / "rm", tok, seed=1)
         reward = tmp / "reward.yaml"
-        reward.write_text(yaml.safe_dump({"reward": {"type": "reward_model", "path": str(rm), "device": "cpu"}}))
+        reward.write_text(yaml.safe_dump({"on_error": "penalty", "error_penalty": -1.0,
+                                          "reward": {"type": "reward_model", "path": str(rm), "device": "cpu"}}))
         prompts = tmp / "prompts.jsonl"
         write_jsonl(prompts, st.prompt_rows(st.sample_tasks(256, random.Random(0))))
         base = dict(policy=str(policy), reward_config=str(reward), train_data=str(prompts), eval_every=0, table_every=0,
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, run in variants.items():
                 results[name].append(run(tmp / f"{name}_{round_index}"))
     medians = {name: statistics.median(values) for name, values in results.items()}
-    print(f"steps/s (median of {args.rounds} interleaved rounds, {args.steps} steps each incl. model loading; "
+    print(f"steps/s (median of {args.rounds} interleaved rounds, {args.steps} steps each, training loop only; "
           f"{n} completions x {tokens} new tokens per step, tiny random Llama, 1 RM, CPU, {args.threads} thread)")
     for name, value in medians.items():
         print(f"  {name:8s} {value:6.2f} steps/s  ({value * n:6.1f} completions/s)  ratio to grpo {value / medians['grpo']:.2f}"
