@@ -181,7 +181,8 @@ def stage_bon(cfg: DemoConfig, paths: Paths) -> dict[str, list[dict[str, float]]
     tokenizer = AutoTokenizer.from_pretrained(paths.policy)
     model = AutoModelForCausalLM.from_pretrained(paths.policy).eval()
     prompts = [r["prompt"] for r in rows for _ in range(cfg.bon_n)]
-    gens = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, batch_size=256, seed=cfg.seed)
+    # generation.sample's default batching, as the RL eval files use, so n=1 and RL step 0 sample alike
+    gens = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
     labels = [r["label"] for r in rows for _ in range(cfg.bon_n)]
     shape = (len(rows), cfg.bon_n)
     gold = st.gold_rewards(gens.texts, labels).reshape(shape)
