@@ -212,12 +212,14 @@ class PolicyAndValue(nn.Module):
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each taken token under `logits`."""
     return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
 def ref_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                  temperature: float) -> torch.Tensor:
+    """Response-token log-probs under the frozen initial policy, at the sampling temperature."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return token_logprobs(logits[:, start - 1 : -1] / temperature, input_ids[:, start:])
@@ -264,6 +266,7 @@ def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim
 
 
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer state written by `save_checkpoint`."""
     from safetensors.torch import load_file
 
     tensors = load_file(folder / "optimizer.safetensors")
@@ -273,6 +276,7 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
 
 
 def last_checkpoint(out: Path) -> Path | None:
+    """The highest complete `checkpoint-N` folder (a half-written `.tmp` one never counts)."""
     found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
              and (p / "trainer_state.json").exists()]
     return max(found)[1] if found else None
@@ -310,7 +314,8 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in lines))
 
 
-def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer):
+def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Policy, frozen reference (the initial policy) and value model (from the policy or a reward model)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     policy = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
@@ -325,6 +330,7 @@ def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer):
 
 
 def print_samples(console, step: int, prompts: list[str], responses: list[str], scores: list[float], rows: int) -> None:
+    """PPOv2's sample table (query, response, score) on the console."""
     from rich.table import Table
 
     table = Table(title=f"PPO samples, step {step}", show_lines=True)
