@@ -179,12 +179,13 @@ def write_csv(path: Path, curves: list[Curve]) -> None:
 
 def x_label(methods: set[str]) -> str:
     """The KL axis label for the methods drawn: best-of-n's analytical bound, RL's measured KL, or both."""
-    parts = []
-    if "best-of-n" in methods:
-        parts.append("best-of-n: sqrt(log n - (n-1)/n), an analytical upper bound")
-    if "rl" in methods:
-        parts.append("RL: sqrt of the mean sequence KL to the initial policy (k1, eval prompts)")
-    return "sqrt(KL)  [" + "; ".join(parts) + "]"
+    bon = "best-of-n: KL = log n - (n-1)/n, an analytical upper bound"
+    rl = "RL: mean sequence KL to the initial policy (k1, eval prompts)"
+    if methods == {"best-of-n"}:
+        return f"sqrt(KL)   [{bon}]"
+    if methods == {"rl"}:
+        return f"sqrt(KL)   [{rl}]"
+    return f"sqrt(KL)\n{bon}\n{rl}"
 
 
 def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
@@ -206,7 +207,7 @@ def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
     shift = " (re-centred)" if recenter else ""
     for ax, title in ((axes[0], "Gold reward"), (axes[1], "Proxy reward")):
         ax.set_title(title + shift)
-        ax.set_xlabel(x_label({c.method for c in curves}))
+        ax.set_xlabel(x_label({c.method for c in curves}), fontsize="small")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward")
     axes[1].legend(fontsize="small", loc="best")
