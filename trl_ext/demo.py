@@ -311,8 +311,8 @@ def summary_table(rm_reports: list[dict], bon: dict[str, list[dict]], rl: dict[s
     start = next(iter(bon.values()))[0]["gold_score"] if bon else float("nan")
     rl_start = np.mean([c.gold[0] for c in rl.values()]) if rl else float("nan")
     lines += ["", f"**Gold at the largest KL every objective reaches ({matched_kl:.2f} nats):** {matched}.  ",
-              f"**Same start:** best-of-n n=1 gold {start:.3f}, PPO step-0 gold {rl_start:.3f} (same prompts, policy and "
-              "sampling; they differ by sampling noise only)."]
+              f"**Same start:** best-of-n n=1 gold {start:.3f}, PPO step-0 gold {rl_start:.3f} (same prompts, SFT policy and "
+              "sampling settings; different random draws)."]
     return "\n".join(lines) + "\n"
 
 
