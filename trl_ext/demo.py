@@ -82,7 +82,7 @@ class DemoConfig(BaseModel):
     bon_n: int = 32
     max_new_tokens: int = 24
     temperature: float = 1.0  # best-of-n, RL rollouts and RL eval all sample at this temperature
-    rl_seeds: list[int] = [1, 2]
+    rl_seeds: list[int] = [1, 2, 3]  # single-RM seed i optimises RM i, so its curve averages over all the RMs
     rl_steps: int = 120
     rl_batch: int = 32
     rl_mini_batch: int = 16
