@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m trl_ext.demo
+	OMP_NUM_THREADS=1 $(PY) -m trl_ext.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

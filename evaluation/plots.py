@@ -5,7 +5,9 @@
 A RUN_DIR may hold `bon_sampled_results.json` (one best-of-n curve), `eval_step*.json` files (one RL
 curve: mean proxy and gold score per eval step against the step's KL), or subfolders of those: `seed*`
 best-of-n runs are averaged into one single-RM curve (with a band of one standard deviation across seeds),
-every `ensemble_*` folder and every eval folder is its own curve. Best-of-n KL is the analytical
+every `ensemble_*` folder and every eval folder is its own curve; `seed*` RL runs (each holding eval files
+or an `eval/` folder of them) are averaged into one RL curve per folder, step by step (mean KL, mean scores,
+one standard deviation across seeds). RL points are drawn in KL order. Best-of-n KL is the analytical
 `log n - (n-1)/n`, an upper bound on the true KL; RL KL is the eval files' estimate (negative estimates
 plot at 0); rows whose reward errored or was skipped are left out (their proxy is a penalty, not a score).
 `--recenter` subtracts each curve's first point so every curve starts at 0.
@@ -108,6 +110,29 @@ def rl_curve(run: str, name: str, eval_dir: Path, max_kl: float | None = None) -
     return Curve(run, name, "rl", np.array(steps, dtype=float), np.array(kls), np.array(proxy), np.array(gold))
 
 
+def _rl_eval_dir(run_dir: Path) -> Path | None:
+    for candidate in (run_dir, run_dir / "eval"):
+        if candidate.is_dir() and list_eval_files(candidate):
+            return candidate
+    return None
+
+
+def rl_curve_from_dirs(run: str, name: str, eval_dirs: list[Path], max_kl: float | None = None) -> Curve:
+    """One RL curve averaged over seeds at the eval steps they share: mean KL, scores and their spread."""
+    curves = [rl_curve(run, name, d, max_kl) for d in eval_dirs]
+    steps = sorted(set.intersection(*(set(c.x.tolist()) for c in curves)))
+    if not steps:
+        raise DataError(f"{run}: the runs {[str(d) for d in eval_dirs]} share no eval step")
+    pick = [[int(np.flatnonzero(c.x == step)[0]) for step in steps] for c in curves]
+    kl = np.array([c.kl[i] for c, idx in zip(curves, pick) for i in idx]).reshape(len(curves), -1)
+    proxy = np.array([c.proxy[i] for c, idx in zip(curves, pick) for i in idx]).reshape(len(curves), -1)
+    gold = np.array([c.gold[i] for c, idx in zip(curves, pick) for i in idx]).reshape(len(curves), -1)
+    averaged = len(curves) > 1
+    return Curve(run, name, "rl", np.array(steps, dtype=float), kl.mean(0), proxy.mean(0), gold.mean(0),
+                 proxy.std(0) if averaged else None, gold.std(0) if averaged else None,
+                 [d.parent.name if d.name == "eval" else d.name for d in eval_dirs])
+
+
 def collect_curves(run_dirs: list[str | Path], max_kl: float | None = None) -> list[Curve]:
     """Every curve found in the given folders (see the module docstring)."""
     curves = []
@@ -123,11 +148,16 @@ def collect_curves(run_dirs: list[str | Path], max_kl: float | None = None) -> l
             continue
         subdirs = sorted(p for p in run_dir.iterdir() if p.is_dir())
         seeds = [p for p in subdirs if p.name.startswith("seed") and (p / BON_FILE).exists()]
+        rl_seeds = [(p, d) for p in subdirs if p.name.startswith("seed") and p not in seeds and (d := _rl_eval_dir(p))]
         found = []
         if seeds:
             found.append(bon_curve_from_dirs(run, f"single RM (mean of {len(seeds)})" if len(seeds) > 1 else seeds[0].name, seeds))
+        if rl_seeds:
+            label = f"mean of {len(rl_seeds)} seeds" if len(rl_seeds) > 1 else rl_seeds[0][0].name
+            found.append(rl_curve_from_dirs(run, label, [d for _, d in rl_seeds], max_kl))
+        seeds += [p for p, _ in rl_seeds]
         found += [bon_curve_from_dirs(run, p.name, [p]) for p in subdirs if p not in seeds and (p / BON_FILE).exists()]
-        found += [rl_curve(run, p.name, p, max_kl) for p in subdirs if list_eval_files(p)]
+        found += [rl_curve(run, p.name, p, max_kl) for p in subdirs if p not in seeds and list_eval_files(p)]
         if not found:
             raise DataError(f"{run_dir}: no {BON_FILE} or eval_step*.json here or in its subfolders")
         curves += found
@@ -155,6 +185,17 @@ def write_csv(path: Path, curves: list[Curve]) -> None:
                                  cell(None if c.gold_std is None else c.gold_std[i])])
 
 
+def x_label(methods: set[str]) -> str:
+    """The KL axis label for the methods drawn: best-of-n's analytical bound, RL's measured KL, or both."""
+    bon = "best-of-n: KL = log n - (n-1)/n, an analytical upper bound"
+    rl = "RL: mean sequence KL to the initial policy (k1, eval prompts)"
+    if methods == {"best-of-n"}:
+        return f"sqrt(KL)   [{bon}]"
+    if methods == {"rl"}:
+        return f"sqrt(KL)   [{rl}]"
+    return f"sqrt(KL)\n{bon}\n{rl}"
+
+
 def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
     import matplotlib
 
@@ -166,14 +207,15 @@ def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
     for index, c in enumerate(curves):
         style = dict(color=colours[index % len(colours)], marker="o" if c.method == "best-of-n" else "s", markersize=3,
                      linestyle="-" if c.method == "best-of-n" else "--", label=f"{c.run}: {c.name} ({c.method})")
+        order = np.argsort(c.sqrt_kl, kind="stable")  # RL KL is not monotone in the step: draw along KL
         for ax, values, std in ((axes[0], c.gold, c.gold_std), (axes[1], c.proxy, c.proxy_std)):
-            ax.plot(c.sqrt_kl, values, **style)
+            ax.plot(c.sqrt_kl[order], values[order], **style)
             if std is not None:
-                ax.fill_between(c.sqrt_kl, values - std, values + std, color=style["color"], alpha=0.15)
+                ax.fill_between(c.sqrt_kl[order], (values - std)[order], (values + std)[order], color=style["color"], alpha=0.15)
     shift = " (re-centred)" if recenter else ""
     for ax, title in ((axes[0], "Gold reward"), (axes[1], "Proxy reward")):
         ax.set_title(title + shift)
-        ax.set_xlabel("sqrt(KL)  [best-of-n: analytical upper bound log n - (n-1)/n]")
+        ax.set_xlabel(x_label({c.method for c in curves}), fontsize="small")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("reward")
     axes[1].legend(fontsize="small", loc="best")

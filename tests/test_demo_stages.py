@@ -10,7 +10,8 @@ from trl_ext import demo
 
 
 TINY = dict(n_sft=64, n_pref=64, n_rl=16, n_eval=4, hidden_size=32, sft_epochs=1, rm_epochs=1, rm_seeds=[1, 2],
-            bon_prompts=4, bon_n=4, max_new_tokens=8, grpo_steps=2, grpo_batch=8, grpo_generations=4, eval_every=1)
+            bon_n=4, max_new_tokens=8, rl_seeds=[1, 2], rl_steps=2, rl_batch=4, rl_mini_batch=2, rl_epochs=1,
+            rl_eval_samples=2, eval_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +54,56 @@ def test_bon_curves_for_members_and_ensembles(built):
     assert (paths.bon / "curves.json").exists()
 
 
-def test_grpo_gold_and_report(built, monkeypatch):
+def test_bon_and_rl_step0_sample_the_same_eval_prompts(built):
+    cfg, paths, _, _ = built
+    from reward_plugins.io import read_jsonl
+
+    eval_prompts = [r["prompt"] for r in read_jsonl(paths.data / "eval_prompts.jsonl")]
+    rl_prompts = [r["prompt"] for r in read_jsonl(paths.eval_prompts)]
+    assert rl_prompts == [p for p in eval_prompts for _ in range(cfg.rl_eval_samples)]
+    rl = demo.rl_config(cfg, paths, "uwo", 1)
+    assert rl.eval_data == str(paths.eval_prompts) and rl.ppo.temperature == cfg.temperature
+    assert rl.ppo.max_new_tokens == cfg.max_new_tokens
+
+
+def test_rl_gold_and_report(built, monkeypatch):
     cfg, paths, reports, curves = built
     monkeypatch.setenv("MODELS_DIR", str(paths.models))
-    monkeypatch.setattr(demo, "UWO_REWARD", _two_member_uwo(paths))
-    demo.stage_grpo(cfg, paths)
+    monkeypatch.setattr(demo, "UWO_REWARD", _two_member(paths, demo.UWO_REWARD))
+    monkeypatch.setattr(demo, "WCO_REWARD", _two_member(paths, demo.WCO_REWARD))
+    demo.stage_rl(cfg, paths)
     demo.stage_gold(cfg, paths)
-    for name in demo.grpo_runs(paths):
-        files = list_eval_files(paths.run(name) / "eval")
-        assert [read_eval_file(f).step for f in files] == [0, 1, 2]
-        assert all(r.gold_score is not None and r.proxy_score is not None for f in files for r in read_eval_file(f).rows)
+    for objective, dirs in demo.rl_runs(cfg, paths).items():
+        assert [d.name for d in dirs] == ["seed1", "seed2"]
+        for run_dir in dirs:
+            files = list_eval_files(run_dir / "eval")
+            assert [read_eval_file(f).step for f in files] == [0, 1, 2]
+            assert all(r.gold_score is not None and r.proxy_score is not None for f in files for r in read_eval_file(f).rows)
+            assert read_eval_file(files[0]).meta["algorithm"] == "ppo"
+    # The single-RM runs average over RMs: seed i optimises the i-th proxy RM.
+    assert "rm_seed2" in demo.rl_reward(cfg, paths, "single_rm", 2).read_text()
     table = demo.stage_report(cfg, paths, reports, curves)
-    assert "grpo_rm_seed1" in table and "grpo_uwo3" in table and "ensemble_UWO-0.5" in table
-    assert (paths.out / "bon.png").exists() and (paths.out / "grpo.png").exists() and paths.summary.read_text() == table
-    # evaluation.plots' overlay: the single RMs averaged into one curve, each ensemble and each GRPO run its own.
+    for name in ("single_rm", "wco", "uwo", "ensemble_UWO-0.5", "Gold at the largest KL", "Same start"):
+        assert name in table
+    assert (paths.out / "bon.png").exists() and (paths.out / "ppo.png").exists() and paths.summary.read_text() == table
     import csv
 
     with open(paths.out / "overoptimisation.csv") as handle:
-        names = {(row["run"], row["curve"]) for row in csv.DictReader(handle)}
+        rows = list(csv.DictReader(handle))
+    names = {(row["run"], row["curve"]) for row in rows}
     assert names == {("bon", "single RM (mean of 2)"), ("bon", "ensemble_mean"), ("bon", "ensemble_WCO"),
-                     ("bon", "ensemble_UWO-0.5"), ("grpo_rm_seed1", "eval"), ("grpo_uwo3", "eval")}
-    assert (paths.out / "overoptimisation.png").stat().st_size > 0
+                     ("bon", "ensemble_UWO-0.5"), ("single_rm", "mean of 2 seeds"), ("wco", "mean of 2 seeds"),
+                     ("uwo", "mean of 2 seeds")}
+    # The seed mean and spread, checked against the two eval files of one step.
+    step1 = [read_eval_file(list_eval_files(d / "eval")[1]) for d in demo.rl_runs(cfg, paths)["uwo"]]
+    golds = [sum(r.gold_score for r in f.rows) / len(f.rows) for f in step1]
+    row = next(r for r in rows if r["run"] == "uwo" and r["n_or_step"] == "1")
+    assert float(row["gold"]) == pytest.approx(sum(golds) / 2) and float(row["gold_std"]) == pytest.approx(abs(golds[0] - golds[1]) / 2)
+    assert float(row["kl"]) == pytest.approx((step1[0].kl + step1[1].kl) / 2)
 
 
-def _two_member_uwo(paths):
-    text = demo.UWO_REWARD.read_text().replace("seeds: [1, 2, 3]", "seeds: [1, 2]")
-    out = paths.out / "uwo2.yaml"
+def _two_member(paths, reward):
+    text = reward.read_text().replace("seeds: [1, 2, 3]", "seeds: [1, 2]")
+    out = paths.out / f"{reward.stem}_2.yaml"
     out.write_text(text)
     return out

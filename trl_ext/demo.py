@@ -4,35 +4,41 @@ Stages, each skipped when its output already exists (rerun to resume; `--fresh` 
   data  synthetic instruction task with a rule-based gold reward (setup_data.synthetic_task)
   sft   tokenizer trained on the task text, tiny random policy, SFT through TRL
   rms   3 proxy RMs (seeds 1-3) on gold-labelled preference pairs with 25% label noise
-  bon   best-of-n from the SFT policy with each RM and the mean / WCO / UWO ensembles (unbiased estimator)
-  grpo  GRPO with one proxy RM and with the UWO ensemble (the shipped reward YAML files)
-  gold  gold evaluation of both runs' eval files against KL
-  report  plots and a summary table in runs/demo/, printed at the end
-  vrcli   VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
+  bon   best-of-n from the SFT policy on the eval prompts with each RM and the mean / WCO / UWO ensembles
+  rl    PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble,
+        each for every seed in `rl_seeds` (the shipped reward YAML files)
+  gold  gold evaluation of every run's eval files
+  report  plots (mean over seeds with the spread, points in KL order) and a summary table, printed at the end
+  vrcli  VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
+
+Best-of-n's n=1 and RL's step 0 sample the same eval prompts from the same SFT policy with the same settings
+(temperature, max_new_tokens), so both start from the same gold up to sampling noise. Every stage is seeded
+and runs with `threads` torch threads, so the tables repeat on any machine with the same package versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from evaluation import plots as plots_mod
 from evaluation.bon_analysis import analyse
-from evaluation.eval_files import list_eval_files, read_eval_file
 from evaluation.run_ppo_gold_eval import add_gold_scores
 from reward_plugins import tiny_models
-from reward_plugins.io import read_jsonl, write_json
+from reward_plugins.io import read_jsonl, write_json, write_jsonl
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 from reward_plugins.types import Sample
 from setup_data import synthetic_task as st
@@ -47,6 +53,8 @@ from .generation import sample
 REPO = Path(__file__).resolve().parent.parent
 SINGLE_RM_REWARD = REPO / "configs" / "rewards" / "reward_model.yaml"
 UWO_REWARD = REPO / "configs" / "train" / "demo_reward_uwo3.yaml"
+WCO_REWARD = REPO / "configs" / "train" / "demo_reward_wco3.yaml"
+RL_OBJECTIVES = ("single_rm", "wco", "uwo")
 GOLD_NAME = "synthetic_task.gold_reward"
 
 
@@ -61,7 +69,7 @@ class DemoConfig(BaseModel):
     n_sft: int = 2000
     n_pref: int = 10000
     n_rl: int = 512
-    n_eval: int = 32
+    n_eval: int = 64
     label_noise: float = Field(default=0.25, ge=0, le=0.5)
     pref_min_gap: float = Field(default=0.0, ge=0)
     vocab_size: int = 512  # enough merges that every task word is one token (300 spelt words in bytes)
@@ -73,15 +81,21 @@ class DemoConfig(BaseModel):
     rm_epochs: float = 6.0
     rm_lr: float = 2e-3
     rm_seeds: list[int] = [1, 2, 3]
-    bon_prompts: int = 64
     bon_n: int = 32
     max_new_tokens: int = 24
-    grpo_steps: int = 300
-    grpo_batch: int = 32
-    grpo_generations: int = 8
-    grpo_lr: float = 5e-4
-    grpo_beta: float = 0.05
-    eval_every: int = 30
+    temperature: float = 1.0  # best-of-n, RL rollouts and RL eval all sample at this temperature
+    rl_seeds: list[int] = [1, 2, 3]  # single-RM seed i optimises RM i, so its curve averages over all the RMs
+    rl_steps: int = 120
+    rl_batch: int = 32
+    rl_mini_batch: int = 16
+    rl_epochs: int = 4
+    rl_lr: float = 1e-4
+    rl_kl_coef: float = 0.02
+    rl_vf_coef: float = 0.1
+    rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
+    missing_eos_penalty: float | None = 1.0
+    rl_eval_samples: int = 4  # completions per eval prompt at each RL eval step
+    eval_every: int = 20
     uwo_weight_bon: float = 0.5
 
 
@@ -96,23 +110,26 @@ class Paths:
         self.base = self.models / "base"
         self.sft = self.models / "sft"
         self.policy = self.sft / "final"
+        self.eval_prompts = self.data / "eval_prompts_rl.jsonl"
         self.bon = self.out / "bon"
-        self.runs = self.out / "runs"
+        self.runs = self.out / "rl"
         self.summary = self.out / "summary.md"
 
     def rm(self, seed: int) -> Path:
         return self.models / f"rm_seed{seed}"
 
-    def run(self, name: str) -> Path:
-        return self.runs / name
+    def rl(self, objective: str, seed: int) -> Path:
+        return self.runs / objective / f"seed{seed}"
 
 
 def stage_data(cfg: DemoConfig, paths: Paths) -> None:
-    """Synthetic task files: SFT rows, noisy preference pairs, clean held-out pairs, RL and eval prompts."""
-    if (paths.data / "eval_prompts.jsonl").exists():
+    """Synthetic task files: SFT rows, noisy preference pairs, clean held-out pairs, RL and eval prompts
+    (and the eval prompts repeated `rl_eval_samples` times, what the RL eval files sample)."""
+    if paths.eval_prompts.exists():
         return
-    st.write_task_files(paths.data, cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_rl, cfg.n_eval, cfg.label_noise,
-                         cfg.pref_min_gap)
+    files = st.write_task_files(paths.data, cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_rl, cfg.n_eval, cfg.label_noise,
+                                cfg.pref_min_gap)
+    write_jsonl(paths.eval_prompts, [row for row in read_jsonl(files["eval_prompts"]) for _ in range(cfg.rl_eval_samples)])
 
 
 def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
@@ -152,23 +169,22 @@ def stage_rms(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
 
 
 def read_jsonl_obj(path: Path) -> Any:
-    import json
-
     return json.loads(path.read_text())
 
 
 def stage_bon(cfg: DemoConfig, paths: Paths) -> dict[str, list[dict[str, float]]]:
-    """N samples per prompt from the SFT policy, scored by every RM and by gold; unbiased best-of-n curves."""
+    """N samples per eval prompt from the SFT policy, scored by every RM and by gold; unbiased best-of-n curves."""
     curves_file = paths.bon / "curves.json"
     if curves_file.exists():
         return read_jsonl_obj(curves_file)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = read_jsonl(paths.data / "prompts.jsonl")[: cfg.bon_prompts]
+    rows = read_jsonl(paths.data / "eval_prompts.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(paths.policy)
     model = AutoModelForCausalLM.from_pretrained(paths.policy).eval()
     prompts = [r["prompt"] for r in rows for _ in range(cfg.bon_n)]
-    gens = sample(model, tokenizer, prompts, cfg.max_new_tokens, 1.0, batch_size=256, seed=cfg.seed)
+    # generation.sample's default batching, as the RL eval files use, so n=1 and RL step 0 sample alike
+    gens = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
     labels = [r["label"] for r in rows for _ in range(cfg.bon_n)]
     shape = (len(rows), cfg.bon_n)
     gold = st.gold_rewards(gens.texts, labels).reshape(shape)
@@ -183,30 +199,54 @@ def stage_bon(cfg: DemoConfig, paths: Paths) -> dict[str, list[dict[str, float]]
     return curves
 
 
-def grpo_config(cfg: DemoConfig, paths: Paths, name: str, reward_config: Path) -> train_mod.TrainConfig:
+def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> train_mod.TrainConfig:
+    """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty."""
     return train_mod.TrainConfig(
-        algorithm="grpo", policy=str(paths.policy), reward_config=str(reward_config),
-        train_data=str(paths.data / "prompts.jsonl"), eval_data=str(paths.data / "eval_prompts.jsonl"),
-        output_dir=str(paths.run(name)), eval_every=cfg.eval_every, table_every=cfg.eval_every, seed=cfg.seed,
+        algorithm="ppo", policy=str(paths.policy), reward_config=str(rl_reward(cfg, paths, objective, seed)),
+        train_data=str(paths.data / "prompts.jsonl"), eval_data=str(paths.eval_prompts),
+        output_dir=str(paths.rl(objective, seed)), eval_every=cfg.eval_every, table_every=cfg.rl_steps, seed=seed,
         torch_threads=cfg.threads,
-        trl={"max_steps": cfg.grpo_steps, "per_device_train_batch_size": cfg.grpo_batch,
-             "num_generations": cfg.grpo_generations, "max_completion_length": cfg.max_new_tokens,
-             "learning_rate": cfg.grpo_lr, "beta": cfg.grpo_beta, "loss_type": "grpo", "logging_steps": 5,
-             "save_steps": cfg.grpo_steps, "save_only_model": True, "disable_tqdm": False},
+        ppo={"max_steps": cfg.rl_steps, "batch_size": cfg.rl_batch, "mini_batch_size": cfg.rl_mini_batch,
+             "ppo_epochs": cfg.rl_epochs, "learning_rate": cfg.rl_lr, "max_new_tokens": cfg.max_new_tokens,
+             "temperature": cfg.temperature, "kl_coef": cfg.rl_kl_coef, "vf_coef": cfg.rl_vf_coef,
+             "missing_eos_penalty": cfg.missing_eos_penalty, "logging_steps": 5, "sample_rows": 0,
+             "value_init": cfg.rl_value_init,
+             "value_model": str(paths.rm(run_rm_seeds(cfg, objective, seed)[0])) if cfg.rl_value_init == "reward_model" else None},
     )
 
 
-def grpo_runs(paths: Paths) -> dict[str, Path]:
-    return {"grpo_rm_seed1": SINGLE_RM_REWARD, "grpo_uwo3": UWO_REWARD}
+def run_rm_seeds(cfg: DemoConfig, objective: str, seed: int) -> list[int]:
+    """The proxy RMs one run optimises: all of them for an ensemble, the i-th for the i-th seed of a single-RM run."""
+    return [cfg.rm_seeds[cfg.rl_seeds.index(seed) % len(cfg.rm_seeds)]] if objective == "single_rm" else list(cfg.rm_seeds)
 
 
-def stage_grpo(cfg: DemoConfig, paths: Paths) -> None:
-    """GRPO with one proxy RM and with the UWO ensemble, through the same reward YAML files as OpenRLHF."""
+def rl_reward(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Path:
+    """The reward file of one run: the shipped ensemble files, or the shipped single-RM file pointed at one proxy
+    RM per seed (seed s uses the s-th RM), so the single-RM curve averages over RMs as in Coste et al."""
+    if objective != "single_rm":
+        return {"wco": WCO_REWARD, "uwo": UWO_REWARD}[objective]
+    rm_seed = run_rm_seeds(cfg, objective, seed)[0]
+    spec = yaml.safe_load(SINGLE_RM_REWARD.read_text())
+    spec["reward"]["path"] = str(paths.rm(rm_seed))
+    out = paths.out / "rewards" / f"single_rm_seed{seed}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def rl_runs(cfg: DemoConfig, paths: Paths) -> dict[str, list[Path]]:
+    """Each objective's run folders, one per seed."""
+    return {objective: [paths.rl(objective, seed) for seed in cfg.rl_seeds] for objective in RL_OBJECTIVES}
+
+
+def stage_rl(cfg: DemoConfig, paths: Paths) -> None:
+    """PPO with one proxy RM and with the WCO and UWO ensembles, each for every seed (shipped reward YAML files)."""
     os.environ["MODELS_DIR"] = str(paths.models)
-    for name, reward in tqdm(grpo_runs(paths).items(), desc="GRPO runs", leave=False):
-        if (paths.run(name) / "final" / "model.safetensors").exists():
+    jobs = [(objective, seed) for objective in RL_OBJECTIVES for seed in cfg.rl_seeds]
+    for objective, seed in tqdm(jobs, desc="PPO runs", leave=False):
+        if (paths.rl(objective, seed) / "final" / "model.safetensors").exists():
             continue
-        train_mod.run(grpo_config(cfg, paths, name, reward))
+        train_mod.run(rl_config(cfg, paths, objective, seed))
 
 
 def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:
@@ -227,41 +267,54 @@ def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:
 
 def stage_gold(cfg: DemoConfig, paths: Paths) -> None:
     """Gold scores for every row of every eval file (resumable: already scored rows are kept)."""
-    for name in grpo_runs(paths):
-        add_gold_scores(paths.run(name) / "eval", _gold_scorer, GOLD_NAME, lambda p, a: p + a, "prompt+answer")
+    for run_dirs in rl_runs(cfg, paths).values():
+        for run_dir in run_dirs:
+            add_gold_scores(run_dir / "eval", _gold_scorer, GOLD_NAME, lambda p, a: p + a, "prompt+answer")
 
 
-def run_curve(eval_dir: Path) -> list[dict[str, float]]:
-    """Per eval step: KL, mean proxy and mean gold."""
-    points = []
-    for path in list_eval_files(eval_dir):
-        f = read_eval_file(path)
-        proxy = [r.proxy_score for r in f.rows if r.proxy_score is not None]
-        gold = [r.gold_score for r in f.rows if r.gold_score is not None]
-        points.append({"step": f.step, "kl": float(f.kl or 0.0), "proxy": float(np.mean(proxy)) if proxy else float("nan"),
-                       "gold": float(np.mean(gold)) if gold else float("nan")})
-    return points
+def gold_at_kl(curve: plots_mod.Curve, kl: float) -> float:
+    """Gold interpolated at `kl` along the curve's points sorted by KL."""
+    order = np.argsort(curve.kl, kind="stable")
+    return float(np.interp(kl, curve.kl[order], curve.gold[order]))
 
 
-def summary_table(rm_reports: list[dict], curves: dict[str, list[dict]], runs: dict[str, list[dict]]) -> str:
+def rl_summary(cfg: DemoConfig, paths: Paths) -> tuple[dict[str, plots_mod.Curve], float, dict[str, list[float]]]:
+    """Seed-averaged RL curves per objective, the largest KL every objective reaches, and each seed's gold there."""
+    runs = rl_runs(cfg, paths)
+    curves = {obj: plots_mod.rl_curve_from_dirs(obj, obj, [d / "eval" for d in dirs]) for obj, dirs in runs.items()}
+    matched = min(float(c.kl.max()) for c in curves.values())
+    per_seed = {obj: [gold_at_kl(plots_mod.rl_curve(obj, d.name, d / "eval"), matched) for d in dirs]
+                for obj, dirs in runs.items()}
+    return curves, matched, per_seed
+
+
+def summary_table(rm_reports: list[dict], bon: dict[str, list[dict]], rl: dict[str, plots_mod.Curve], matched_kl: float,
+                  per_seed: dict[str, list[float]]) -> str:
     lines = ["## Proxy reward models (held-out accuracy on clean pairs)", "", "| RM | accuracy | pairs |", "|---|---|---|"]
     lines += [f"| rm_seed{r['seed']} | {r.get('accuracy', float('nan')):.3f} | {r.get('test_pairs', 0)} |" for r in rm_reports]
-    lines += ["", "## Best-of-n from the SFT policy (unbiased estimator; KL_bon is an upper bound)", "",
+    lines += ["", "## Best-of-n from the SFT policy on the eval prompts (unbiased estimator; KL_bon is an upper bound)", "",
               "| proxy | n | KL_bon | proxy n=1 -> n | gold n=1 -> n | peak gold (n) |", "|---|---|---|---|---|---|"]
-    for name, curve in curves.items():
+    for name, curve in bon.items():
         first, last = curve[0], curve[-1]
         peak = max(curve, key=lambda p: p["gold_score"])
         lines.append(f"| {name} | {last['n']} | {last['kl_bon']:.2f} | {first['proxy_score']:.3f} -> {last['proxy_score']:.3f} | "
                      f"{first['gold_score']:.3f} -> {last['gold_score']:.3f} | {peak['gold_score']:.3f} ({peak['n']}) |")
-    lines += ["", "## GRPO (eval prompts; KL = mean sequence KL to the SFT policy)", "",
-              "| run | steps | final KL | proxy start -> end | gold start -> end | peak gold (step) |", "|---|---|---|---|---|---|"]
-    for name, points in runs.items():
-        if not points:
-            continue
-        a, b = points[0], points[-1]
-        peak = max(points, key=lambda p: p["gold"])
-        lines.append(f"| {name} | {b['step']} | {b['kl']:.2f} | {a['proxy']:.3f} -> {b['proxy']:.3f} | "
-                     f"{a['gold']:.3f} -> {b['gold']:.3f} | {peak['gold']:.3f} ({peak['step']}) |")
+    seeds = len(next(iter(per_seed.values()), []))
+    lines += ["", f"## PPO, mean of {seeds} seeds (eval prompts; KL = mean sequence KL to the SFT policy, k1)", "",
+              "| objective | steps | final KL | proxy start -> end | gold start -> end | peak gold (step) | "
+              f"gold at KL {matched_kl:.2f} (mean +- sd) |", "|---|---|---|---|---|---|---|"]
+    for name, c in rl.items():
+        peak = int(np.nanargmax(c.gold))
+        golds = per_seed[name]
+        lines.append(f"| {name} | {int(c.x[-1])} | {c.kl[-1]:.2f} | {c.proxy[0]:.3f} -> {c.proxy[-1]:.3f} | "
+                     f"{c.gold[0]:.3f} -> {c.gold[-1]:.3f} | {c.gold[peak]:.3f} ({int(c.x[peak])}) | "
+                     f"{np.mean(golds):.3f} +- {np.std(golds):.3f} |")
+    matched = ", ".join(f"{name} {np.mean(golds):.3f}" for name, golds in per_seed.items())
+    start = next(iter(bon.values()))[0]["gold_score"] if bon else float("nan")
+    rl_start = np.mean([c.gold[0] for c in rl.values()]) if rl else float("nan")
+    lines += ["", f"**Gold at the largest KL every objective reaches ({matched_kl:.2f} nats):** {matched}.  ",
+              f"**Same start:** best-of-n n=1 gold {start:.3f}, PPO step-0 gold {rl_start:.3f} (same prompts, SFT policy and "
+              "sampling settings; different random draws)."]
     return "\n".join(lines) + "\n"
 
 
@@ -272,61 +325,70 @@ def bon_run_dirs(curves: dict[str, list[dict]], bon_dir: Path) -> None:
         write_json(bon_dir / name.removeprefix("rm_") / plots_mod.BON_FILE, curve)
 
 
-def stage_report(cfg: DemoConfig, paths: Paths, rm_reports: list[dict], curves: dict) -> str:
-    """Plots with `evaluation.plots` (best-of-n, GRPO, both overlaid; each PNG with its CSV) and the summary table."""
-    runs = {name: run_curve(paths.run(name) / "eval") for name in grpo_runs(paths)}
-    bon_run_dirs(curves, paths.bon)
-    rl_dirs = [paths.run(name) / "eval" for name in grpo_runs(paths)]
+def stage_report(cfg: DemoConfig, paths: Paths, rm_reports: list[dict], bon: dict) -> str:
+    """Plots with `evaluation.plots` (best-of-n, PPO, both overlaid; each PNG with its CSV) and the summary table."""
+    bon_run_dirs(bon, paths.bon)
+    rl_dirs = [paths.runs / objective for objective in RL_OBJECTIVES]
     plots_mod.plots([paths.bon], paths.out / "bon")
-    plots_mod.plots(rl_dirs, paths.out / "grpo")
+    plots_mod.plots(rl_dirs, paths.out / "ppo")
     plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation")
-    table = summary_table(rm_reports, curves, runs)
+    table = summary_table(rm_reports, bon, *rl_summary(cfg, paths))
     paths.summary.write_text(table)
     return table
 
 
-def run_demo(cfg: DemoConfig) -> str:
-    """Every stage in order (skipping finished ones); returns the summary table."""
+def stage_vrcli(cfg: DemoConfig, paths: Paths, report: str) -> str:
+    """VR-CLI on the synthetic next-chapter task; its row joins the summary table."""
+    vrcli_cfg = demo_vrcli.VRCLIDemoConfig(out=str(paths.out / "vrcli"), seed=cfg.seed, threads=cfg.threads)
+    table = report + "\n" + demo_vrcli.run_stage(vrcli_cfg)
+    paths.summary.write_text(table)
+    return table
+
+
+STAGES: dict[str, Callable[[DemoConfig, Paths, dict[str, Any]], Any]] = {
+    "data": lambda cfg, paths, done: stage_data(cfg, paths),
+    "sft": lambda cfg, paths, done: stage_sft(cfg, paths),
+    "rms": lambda cfg, paths, done: stage_rms(cfg, paths),
+    "bon": lambda cfg, paths, done: stage_bon(cfg, paths),
+    "rl": lambda cfg, paths, done: stage_rl(cfg, paths),
+    "gold": lambda cfg, paths, done: stage_gold(cfg, paths),
+    "report": lambda cfg, paths, done: stage_report(cfg, paths, done["rms"], done["bon"]),
+    "vrcli": lambda cfg, paths, done: stage_vrcli(cfg, paths, done["report"]),
+}
+"""The demo's stages in order; each gets the config, the paths and the earlier stages' results by name."""
+
+
+def seed_everything(cfg: DemoConfig) -> None:
+    """Fixed seeds and torch thread count, so the tables repeat on any machine with the same package versions."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run_demo(cfg: DemoConfig) -> str:
+    """Every stage in order (skipping finished ones); returns the summary table. Writes each stage's seconds."""
+    seed_everything(cfg)
     paths = Paths(cfg.out)
     paths.out.mkdir(parents=True, exist_ok=True)
-    stages = ["data", "sft", "rms", "bon", "grpo", "gold", "report", "vrcli"]
     timings: dict[str, float] = {}
-    rm_reports: list[dict] = []
-    curves: dict = {}
-    table = ""
-    with tqdm(stages, desc="demo", unit="stage") as bar:
+    done: dict[str, Any] = {}
+    with tqdm(list(STAGES), desc="demo", unit="stage") as bar:
         for stage in bar:
             bar.set_postfix_str(stage)
             start = time.perf_counter()
-            if stage == "data":
-                stage_data(cfg, paths)
-            elif stage == "sft":
-                stage_sft(cfg, paths)
-            elif stage == "rms":
-                rm_reports = stage_rms(cfg, paths)
-            elif stage == "bon":
-                curves = stage_bon(cfg, paths)
-            elif stage == "grpo":
-                stage_grpo(cfg, paths)
-            elif stage == "gold":
-                stage_gold(cfg, paths)
-            elif stage == "vrcli":
-                vrcli_cfg = demo_vrcli.VRCLIDemoConfig(out=str(paths.out / "vrcli"), seed=cfg.seed, threads=cfg.threads)
-                table += "\n" + demo_vrcli.run_stage(vrcli_cfg)
-                paths.summary.write_text(table)
-            else:
-                table = stage_report(cfg, paths, rm_reports, curves)
+            done[stage] = STAGES[stage](cfg, paths, done)
             timings[stage] = round(time.perf_counter() - start, 1)
     write_json(paths.out / "timings.json", timings)
-    return table
+    return done["vrcli"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. grpo_steps=20")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. rl_steps=20")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -337,8 +399,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     table = run_demo(cfg)
     print(table)
+    print("stage seconds:", json.dumps(json.loads((Path(cfg.out) / "timings.json").read_text())))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; plots and tables in {cfg.out}/ "
-          "(summary.md, bon.png, grpo.png, overoptimisation.png and their .csv)")
+          "(summary.md, timings.json, bon.png, ppo.png, overoptimisation.png and their .csv)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GRPO / RLOO on one machine through TRL, with our reward pipeline as the reward function.
+"""GRPO / RLOO through TRL, and PPO with a value model (trl_ext.ppo), on one machine with our reward pipeline.
 
     python -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml --set trl.max_steps=20 [--debug]
     accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -37,6 +37,7 @@ from reward_plugins.vrcli import BaselineMismatchError, check_baselines
 from .config import ExistingPath, load_config
 from .data import PROMPT_FIELDS, as_text, read_rows
 from .eval_callback import EvalFileCallback
+from .ppo import PPOSettings
 from .reward_adapter import DEFAULT_STOP_AFTER, PipelineRewardFunc, RewardFailure
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "train"
 
-    algorithm: Literal["grpo", "rloo"] = "grpo"
+    algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
     policy: ExistingPath
     tokenizer: ExistingPath | None = None
     reward_config: ExistingPath
@@ -66,9 +67,22 @@ class TrainConfig(BaseModel):
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
     trl: dict[str, Any] = Field(default_factory=dict)
+    ppo: PPOSettings | None = None  # algorithm: ppo reads this section (trl_ext.ppo) instead of `trl`
+
+    @model_validator(mode="after")
+    def _one_section(self) -> TrainConfig:
+        if self.algorithm == "ppo":
+            if self.trl:
+                raise ValueError("algorithm ppo reads the `ppo` section; `trl` is for grpo/rloo")
+            self.ppo = self.ppo or PPOSettings()
+        elif self.ppo is not None:
+            raise ValueError(f"the `ppo` section is only read with algorithm: ppo (algorithm is {self.algorithm})")
+        return self
 
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
         """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
+        if self.algorithm == "ppo":
+            return []  # the `ppo` section is a typed model; `trl` is refused with ppo
         return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
 
 
@@ -168,6 +182,11 @@ def build_trainer(cfg: TrainConfig):
 def run(cfg: TrainConfig) -> Path:
     """Train (resuming from the last checkpoint if any) and save the final HF model; returns its folder."""
     out = Path(cfg.output_dir)
+    if cfg.algorithm == "ppo":
+        from .ppo import train_ppo
+
+        eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else None
+        return train_ppo(cfg, load_prompt_rows(cfg.train_data, cfg.label_key), eval_rows)
     trainer = build_trainer(cfg)
     last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
     if last:

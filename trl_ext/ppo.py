@@ -1,0 +1,509 @@
+"""PPO with a value model on one machine, in one readable file (CleanRL-style; our own code on transformers pieces).
+
+    python -m trl_ext.train --config configs/train/ppo_rm.yaml
+    torchrun --nproc_per_node 2 -m trl_ext.train --config configs/train/ppo_rm.yaml   # or accelerate launch --multi_gpu --num_processes 2
+
+One step: sample one response per prompt with the policy's sampling settings, score it with the reward
+pipeline (any reward config, through `PipelineRewardFunc`), subtract `missing_eos_penalty` from responses
+without EOS, build per-token rewards `-beta * (log pi - log pi_ref)` with the score added at the last
+response token, GAE advantages (whitened) and returns, then `ppo_epochs` passes of shuffled mini-batches
+with clipped policy and value losses. The KL coefficient beta is fixed, or adaptive towards `kl_target`
+(Ziegler et al.). Metrics carry TRL PPOv2's names (`objective/kl`, `policy/clipfrac_avg`, ...) plus every
+reward component, go to TensorBoard (`OUT/runs/`) and `OUT/metrics.jsonl`; sample-completion tables are
+printed with rich and saved (`OUT/completions/`); eval files as GRPO writes them (`OUT/eval/`);
+checkpoints `OUT/checkpoint-STEP/` (policy, value, optimizer in safetensors, state JSON) are resumed from.
+Models run with dropout off (eval mode) so old and new log-probs agree before the first update, as in PPOv2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from reward_plugins.config import ConfigError
+from reward_plugins.io import write_json
+from reward_plugins.pipeline import RewardPipeline
+
+from .config import ExistingPath
+from .eval_callback import EvalFileCallback
+from .generation import sample
+from .reward_adapter import PipelineRewardFunc
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class PPOSettings(BaseModel):
+    """The `ppo:` section of a train preset (sizes are per process; one response per prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    mini_batch_size: int = Field(default=4, gt=0)
+    ppo_epochs: int = Field(default=4, gt=0)
+    learning_rate: float = Field(default=1e-6, gt=0)
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    kl_coef: float = Field(default=0.05, ge=0)
+    kl_target: float | None = Field(default=None, gt=0)  # set: adaptive coefficient towards this sequence KL
+    kl_horizon: int = Field(default=10000, gt=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    cliprange: float = Field(default=0.2, gt=0)
+    cliprange_value: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    value_init: Literal["policy", "reward_model"] = "policy"
+    value_model: ExistingPath | None = None  # the reward model the value model starts from
+    save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
+    logging_steps: int = Field(default=1, gt=0)
+    sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOSettings:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} must divide batch_size {self.batch_size}")
+        if self.value_init == "reward_model" and self.value_model is None:
+            raise ValueError("value_init: reward_model needs value_model (the reward model's folder)")
+        if self.value_init == "policy" and self.value_model is not None:
+            raise ValueError("value_model is only read with value_init: reward_model")
+        return self
+
+
+# ---------------------------------------------------------------- maths (pure functions, no I/O)
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is 1 (0 when the mask is empty)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`x` standardised over the masked positions (population variance); masked-out positions become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """The EOS trick: responses that never emitted EOS (truncated) lose `penalty` from their score."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~has_eos).to(scores.dtype)
+
+
+def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, non_score): `-kl_coef * (log pi - log pi_ref)` at every response token, plus the score at the last one."""
+    non_score = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores)), last] += scores * (mask.sum(1) > 0)
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns; the value after the last response token is 0."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    width = rewards.shape[1]
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate `max(-A r, -A clip(r, 1-c, 1+c))`, its clip fraction, approx KL and ratio."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approxkl": 0.5 * masked_mean(log_ratio**2, mask), "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss `0.5 * max((v - R)^2, (clip(v, v_old +- c) - R)^2)` and its clip fraction."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_plain, loss_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_plain, loss_clipped), mask)
+    return loss, masked_mean((loss_clipped > loss_plain).float(), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the softmax over the vocabulary."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class KLController:
+    """Fixed beta, or Ziegler et al.'s adaptive one: beta *= 1 + clip(KL/target - 1, +-0.2) * n / horizon."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------- models
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model in one module, so one DDP wrapper and one optimizer cover both."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+        prefix = getattr(value, "base_model_prefix", "model")
+        if not hasattr(value, prefix) or not isinstance(getattr(value, "score", None), nn.Linear):
+            raise ConfigError([f"value model {type(value).__name__}: expected a sequence classifier with "
+                               f"`{prefix}` and a linear `score` head"])
+        self.value_backbone = getattr(value, prefix)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response-position logits (divided by the sampling temperature) and values."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        hidden = self.value_backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        values = self.value.score(hidden).squeeze(-1)
+        return logits[:, start - 1 : -1] / temperature, values[:, start - 1 : -1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each taken token under `logits`."""
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def ref_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                 temperature: float) -> torch.Tensor:
+    """Response-token log-probs under the frozen initial policy, at the sampling temperature."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return token_logprobs(logits[:, start - 1 : -1] / temperature, input_ids[:, start:])
+
+
+def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """[left-padded prompt | right-padded response] ids, attention mask, response mask, prompt width."""
+    width_p = max(len(p) for p in prompt_ids)
+    width_r = max(len(r) for r in response_ids)
+    ids = torch.full((len(prompt_ids), width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, width_p - len(p) : width_p] = torch.tensor(p)
+        ids[i, width_p : width_p + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention[i, width_p - len(p) : width_p + len(r)] = 1
+    return ids, attention, attention[:, width_p:].float(), width_p
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
+
+def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    tokenizer) -> None:
+    """Policy and value in HF format, the optimizer's tensors in safetensors, the rest in JSON; written then renamed."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    bundle.policy.save_pretrained(tmp / "policy")
+    tokenizer.save_pretrained(tmp / "policy")
+    bundle.value.save_pretrained(tmp / "value")
+    tensors, meta = {}, {"param_groups": [], "state_keys": {}}
+    for index, param_state in optimizer.state_dict()["state"].items():
+        meta["state_keys"][str(index)] = sorted(param_state)
+        for key, value in param_state.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).contiguous()
+    meta["param_groups"] = optimizer.state_dict()["param_groups"]
+    save_file(tensors, tmp / "optimizer.safetensors")
+    write_json(tmp / "optimizer.json", meta)
+    write_json(tmp / "trainer_state.json", state)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer state written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "optimizer.safetensors")
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The highest complete `checkpoint-N` folder (a half-written `.tmp` one never counts)."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
+             and (p / "trainer_state.json").exists()]
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------- the trainer
+
+def prompt_indices(step: int, rank: int, world: int, batch: int, n_rows: int, seed: int) -> list[int]:
+    """The rows this process trains on at `step`: a seeded permutation per pass over the data, sliced by rank."""
+    start = (step * world + rank) * batch
+    out, epoch_cache = [], {}
+    for position in range(start, start + batch):
+        epoch, offset = divmod(position, n_rows)
+        if epoch not in epoch_cache:
+            epoch_cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_rows)
+        out.append(int(epoch_cache[epoch][offset]))
+    return out
+
+
+def learning_rate(ppo: PPOSettings, step: int) -> float:
+    """Constant, or decayed linearly to 0 at `max_steps`."""
+    if ppo.lr_schedule == "constant":
+        return ppo.learning_rate
+    return ppo.learning_rate * max(0.0, 1.0 - step / ppo.max_steps)
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """On resume, drop metric records logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    from reward_plugins.io import atomic_open
+
+    with atomic_open(path) as handle:
+        handle.write("".join(line + "\n" for line in lines))
+
+
+def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Policy, frozen reference (the initial policy) and value model (from the policy or a reward model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32).eval().requires_grad_(False)
+    source = ppo.value_model if ppo.value_init == "reward_model" else cfg.policy
+    value = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    value.config.pad_token_id = tokenizer.pad_token_id
+    if value.config.vocab_size < len(tokenizer):
+        raise ConfigError([f"ppo.value_model {source}: vocabulary of {value.config.vocab_size} tokens is smaller than "
+                           f"the policy tokenizer's {len(tokenizer)}; the value model must share the policy's tokenizer"])
+    return policy, ref, value
+
+
+def print_samples(console, step: int, prompts: list[str], responses: list[str], scores: list[float], rows: int) -> None:
+    """PPOv2's sample table (query, response, score) on the console."""
+    from rich.table import Table
+
+    table = Table(title=f"PPO samples, step {step}", show_lines=True)
+    for column in ("query", "response", "score"):
+        table.add_column(column)
+    for p, r, s in list(zip(prompts, responses, scores))[:rows]:
+        table.add_row(p, r, f"{s:.3f}")
+    console.print(table)
+
+
+def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None) -> Path:
+    """Train with PPO (resuming from the last checkpoint when `cfg.resume`); returns the final policy folder."""
+    from accelerate import Accelerator
+    from rich.console import Console
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import AutoTokenizer
+
+    ppo: PPOSettings = cfg.ppo
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.policy)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy, ref, value = load_models(cfg, ppo, tokenizer)
+    start_step, state = 0, {"step": 0, "episode": 0, "kl_coef": ppo.kl_coef}
+    checkpoint = last_checkpoint(out) if cfg.resume and out.is_dir() else None
+    if checkpoint is not None:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        logger.info("resuming from %s", checkpoint)
+        policy = AutoModelForCausalLM.from_pretrained(checkpoint / "policy", dtype=torch.float32)
+        value = AutoModelForSequenceClassification.from_pretrained(checkpoint / "value", dtype=torch.float32)
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        start_step = int(state["step"])
+        if main:
+            keep_metrics_up_to(out / "metrics.jsonl", start_step)
+    bundle = PolicyAndValue(policy, value).eval()
+    optimizer = torch.optim.AdamW(bundle.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay)
+    if checkpoint is not None:
+        load_optimizer(checkpoint, optimizer)
+    bundle, optimizer = accelerator.prepare(bundle, optimizer)
+    ref.to(accelerator.device)
+    kl_ctl = KLController(float(state["kl_coef"]), ppo.kl_target, ppo.kl_horizon)
+
+    pipeline = RewardPipeline.from_yaml(cfg.reward_config)
+    reward_fn = PipelineRewardFunc(pipeline, name=Path(cfg.reward_config).stem, label_key=cfg.label_key,
+                                   table_dir=out / "completions" if main else None, table_every=cfg.table_every)
+    evaluator = None
+    if eval_rows and main:
+        meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": "ppo",
+                "policy": str(cfg.policy), "backend": "trl_ext.ppo"}
+        evaluator = EvalFileCallback(out / "eval", pipeline, cfg.policy, [r["prompt"] for r in eval_rows],
+                                     [r[cfg.label_key] for r in eval_rows], cfg.eval_every,
+                                     cfg.eval_max_new_tokens or ppo.max_new_tokens, ppo.temperature, meta, cfg.seed)
+        evaluator._ref = ref  # the frozen initial policy we already hold
+    writer = SummaryWriter(str(out / "runs")) if main else None
+    console = Console(stderr=True)
+    unwrapped = accelerator.unwrap_model(bundle)
+
+    def evaluate(step: int) -> None:
+        if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step in (0, ppo.max_steps)):
+            evaluator.write(step, unwrapped.policy, tokenizer)
+
+    if start_step == 0:
+        evaluate(0)
+    began, episodes_at_start = time.perf_counter(), int(state["episode"])
+    for step in range(start_step, ppo.max_steps):
+        batch_rows = [rows[i] for i in prompt_indices(step, rank, world, ppo.batch_size, len(rows), cfg.seed)]
+        prompts = [r["prompt"] for r in batch_rows]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(ppo, step)
+        gens = sample(unwrapped.policy, tokenizer, prompts, ppo.max_new_tokens, ppo.temperature,
+                      batch_size=max(ppo.batch_size, 1), seed=cfg.seed * 1_000_003 + step * world + rank)
+        responses = [ids if ids else [tokenizer.eos_token_id] for ids in gens.completion_ids]
+        metrics: dict[str, float] = {}
+        rewards_out = reward_fn(prompts=prompts, completions=gens.texts, completion_ids=responses,
+                                **{cfg.label_key: [r[cfg.label_key] for r in batch_rows]},
+                                trainer_state=SimpleNamespace(global_step=step),
+                                log_metric=lambda key, value: metrics.__setitem__(key, value))
+        valid = torch.tensor([r is not None for r in rewards_out], dtype=torch.float32)
+        raw_scores = torch.tensor([r if r is not None else 0.0 for r in rewards_out], dtype=torch.float32)
+        ids, attention, mask, start = pack(gens.prompt_ids, responses, tokenizer.pad_token_id)
+        ids, attention, mask = ids.to(accelerator.device), attention.to(accelerator.device), mask.to(accelerator.device)
+        mask = mask * valid.to(mask.device).unsqueeze(1)
+        response_tokens = ids[:, start:]
+        has_eos = (response_tokens == tokenizer.eos_token_id).any(1).cpu()
+        scores = apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
+        with torch.no_grad():
+            logits, old_values = bundle(ids, attention, start, ppo.temperature)
+            old_logprobs = token_logprobs(logits, response_tokens)
+            del logits
+            old_ref = ref_logprobs(ref, ids, attention, start, ppo.temperature)
+            rewards, non_score = per_token_rewards(scores.to(mask.device), old_logprobs, old_ref, mask, kl_ctl.value)
+            if ppo.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+            advantages = masked_whiten(advantages, mask)
+        stats: dict[str, list[float]] = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac",
+                                                          "entropy", "ratio")}
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(ppo.batch_size, generator=generator)
+            for first in range(0, ppo.batch_size, ppo.mini_batch_size):
+                mb = order[first : first + ppo.mini_batch_size]
+                logits, values = bundle(ids[mb], attention[mb], start, ppo.temperature)
+                logprobs = token_logprobs(logits, response_tokens[mb])
+                pg, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], ppo.cliprange)
+                vf, vf_clip = value_loss(values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value)
+                accelerator.backward(pg + ppo.vf_coef * vf)
+                if ppo.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(bundle.parameters(), ppo.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits), mask[mb])
+                for key, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]), ("pg_loss", pg),
+                               ("vf_loss", vf), ("vf_clipfrac", vf_clip), ("entropy", entropy),
+                               ("ratio", pg_stats["ratio"])):
+                    stats[key].append(float(v.detach()))
+
+        seq_kl = ((old_logprobs - old_ref) * mask).sum(1)
+        local = torch.tensor([
+            float(seq_kl.sum()), float((-old_logprobs * mask).sum()), float(non_score.sum()),
+            float((scores * valid).sum()), float(valid.sum()), float((response_tokens == tokenizer.eos_token_id).sum()),
+            *(float(np.mean(stats[k])) for k in stats), float(np.var(stats["ratio"])),
+        ], device=accelerator.device)
+        total = accelerator.gather(local.unsqueeze(0))
+        sums, means = total[:, :6].sum(0), total[:, 6:].mean(0)
+        n = max(float(sums[4]), 1.0)
+        kl_mean = float(sums[0]) / n
+        episode = int(state["episode"]) + ppo.batch_size * world
+        state = {"step": step + 1, "episode": episode, "kl_coef": kl_ctl.value}
+        record = {
+            "step": step + 1, "episode": episode,
+            "eps": (episode - episodes_at_start) / max(time.perf_counter() - began, 1e-9),
+            "objective/kl": kl_mean, "objective/entropy": float(sums[1]) / n,
+            "objective/non_score_reward": float(sums[2]) / n, "objective/scores": float(sums[3]) / n,
+            "objective/rlhf_reward": (float(sums[3]) + float(sums[2])) / n, "objective/kl_coef": kl_ctl.value,
+            "policy/approxkl_avg": float(means[0]), "policy/clipfrac_avg": float(means[1]),
+            "loss/policy_avg": float(means[2]), "loss/value_avg": float(means[3]), "val/clipfrac_avg": float(means[4]),
+            "policy/entropy_avg": float(means[5]), "val/ratio": float(means[6]), "val/ratio_var": float(means[7]),
+            "val/num_eos_tokens": float(sums[5]), "lr": optimizer.param_groups[0]["lr"],
+        }
+        for key in pipeline.log_keys:
+            record[key] = float(accelerator.gather(torch.tensor([metrics[key]], device=accelerator.device)).mean())
+        kl_ctl.update(kl_mean, ppo.batch_size * world)
+        state["kl_coef"] = kl_ctl.value
+        if main:
+            if (step + 1) % ppo.logging_steps == 0 or step + 1 == ppo.max_steps:
+                for key, v in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, v, step + 1)
+                with open(out / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                logger.info("step %d: scores %.3f kl %.3f rlhf %.3f", step + 1, record["objective/scores"],
+                            record["objective/kl"], record["objective/rlhf_reward"])
+            if cfg.table_every and step % cfg.table_every == 0 and ppo.sample_rows:
+                print_samples(console, step, prompts, gens.texts, scores.tolist(), ppo.sample_rows)
+        evaluate(step + 1)
+        if (ppo.save_steps and (step + 1) % ppo.save_steps == 0) or step + 1 == ppo.max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out / f"checkpoint-{step + 1}", unwrapped, optimizer, state, tokenizer)
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if main:
+        unwrapped.policy.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        unwrapped.value.save_pretrained(out / "value")
+        (out / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        writer.close()
+    return final
