@@ -64,6 +64,7 @@ def test_stage_writes_curve_summary_and_fingerprinted_baselines(stage, monkeypat
 def test_trl_refuses_baselines_from_other_settings_at_load(stage, tmp_path):
     import json
 
+    from reward_plugins.io import DataError
     from trl_ext import train as train_mod
 
     cfg, _ = stage
@@ -74,5 +75,5 @@ def test_trl_refuses_baselines_from_other_settings_at_load(stage, tmp_path):
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = train_mod.TrainConfig(policy=str(out / "models" / "ref_lm"), reward_config=str(out / "reward.yaml"),
                                    train_data=str(bad), output_dir=str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match="max_length: baseline 4096, reward 128"):
+    with pytest.raises(DataError, match="max_length: baseline 4096, reward 128"):
         train_mod.build_trainer(config)
