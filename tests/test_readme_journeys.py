@@ -25,7 +25,7 @@ EXPECTED = {
     "setup": ["data/prompts.jsonl", "data/prefs_gold.jsonl", "data/llm_on_ray_sft.jsonl", "models/base/config.json"],
     "coste": ["models/sft/final/config.json", "models/rm_seed3/rm_eval.json", "models/gold_seed0/config.json",
               "runs/bon/ensemble_UWO-0.5/bon_sampled_results.json", "runs/bon/seed2/bon_sampled_results.json",
-              "runs/grpo_uwo3/final/config.json", "plots/coste.png", "plots/coste.csv"],
+              "runs/ppo_uwo3/final/config.json", "plots/coste.png", "plots/coste.csv"],
     "vrcli": ["rl_data/train.jsonl", "rl_data_with_baseline/train.jsonl", "runs/grpo_vrcli/final/config.json", "runs/grpo_vrcli/test_eval", "plots/vrcli.png"],
     "llm_on_ray": ["data/ray/sft.jsonl", "models/ray/sft/final/config.json", "models/ray/rm_seed1/config.json",
                    "runs/grpo_ray/final/config.json"],
@@ -88,7 +88,7 @@ def test_journey_runs_as_written(clone: Path, name: str):
     if name == "coste":
         curves = {p.parent.name: json.loads(p.read_text()) for p in (clone / "runs/bon").glob("*/bon_sampled_results.json")}
         assert set(curves) == {"seed1", "seed2", "seed3", "ensemble_mean", "ensemble_WCO", "ensemble_UWO-0.5"}
-        eval_rows = [row for f in sorted((clone / "runs/grpo_uwo3/eval").glob("eval_step*.json"))
+        eval_rows = [row for f in sorted((clone / "runs/ppo_uwo3/eval").glob("eval_step*.json"))
                      for row in json.loads(f.read_text())["rows"]]
         assert eval_rows and all(row["gold_score"] is not None and row["status"] in ("ok", "error") for row in eval_rows)
     if name == "vrcli":

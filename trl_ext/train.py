@@ -1,7 +1,7 @@
 """GRPO / RLOO through TRL, and PPO with a value model (trl_ext.ppo), on one machine with our reward pipeline.
 
     python -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml --set trl.max_steps=20 [--debug]
-    accelerate launch --cpu --num_processes 2 -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml
+    torchrun --nproc_per_node 2 -m trl_ext.train --config configs/train/grpo_uwo3_tiny.yaml   # 2 processes
 
 Prompt rows are `{"prompt": text or chat messages, "label": ...}`: setup_data.setup_rl_data's output, the
 synthetic task's prompts and `setup_data.convert --to prompt` all work as written.
