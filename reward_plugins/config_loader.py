@@ -30,6 +30,10 @@ class ConfigError(ValueError):
         self.kind = kind
         super().__init__(f"invalid {kind} configuration:\n  " + "\n  ".join(problems))
 
+    def __reduce__(self):
+        """Rebuilt from its problems (e.g. raised in a worker process or a Ray actor)."""
+        return type(self), (self.problems, self.kind)
+
 
 _BRACED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +68,7 @@ class DemoConfig(BaseModel):
     out: str = "runs/demo"
     seed: int = 0
     threads: int = Field(default=1, gt=0)
+    workers: int = Field(default=2, gt=0)  # independent runs (proxy RMs, PPO runs) trained side by side, one process each
     n_sft: int = 2000
     n_pref: int = 10000
     n_rl: int = 512
@@ -149,23 +152,38 @@ def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
     sft_mod.run(run_cfg)
 
 
+def run_side_by_side(function: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str) -> list[Any]:
+    """`function(*job)` for every job, in `workers` fresh processes (spawned: no forked torch state); results in
+    job order. Every job seeds itself and runs single-threaded, so the results do not depend on `workers`."""
+    if workers == 1 or len(jobs) <= 1:
+        return [function(*job) for job in tqdm(jobs, desc=desc, leave=False)]
+    results: list[Any] = [None] * len(jobs)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False):
+            results[futures[future]] = future.result()
+    return results
+
+
+def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
+    """One proxy RM (resumable: a finished one is read back)."""
+    eval_file = paths.rm(seed) / rm_mod.EVAL_FILE
+    if eval_file.exists():
+        return read_jsonl_obj(eval_file)
+    torch.set_num_threads(cfg.threads)
+    run_cfg = rm_mod.RMRunConfig(
+        base=str(paths.policy), train_data=str(paths.data / "prefs.jsonl"),
+        test_data=str(paths.data / "prefs_test.jsonl"), output_root=str(paths.models), name="rm", seed=seed,
+        max_length=128, torch_threads=cfg.threads,
+        trl={"num_train_epochs": cfg.rm_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.rm_lr,
+             "logging_steps": 20, "report_to": [], "disable_tqdm": cfg.workers > 1},
+    )
+    return rm_mod.train_rm(run_cfg)
+
+
 def stage_rms(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
     """Proxy RMs from the SFT policy, one per seed, on the noisy pairs; held-out accuracy on clean pairs."""
-    reports = []
-    for seed in tqdm(cfg.rm_seeds, desc="proxy RMs", leave=False):
-        eval_file = paths.rm(seed) / rm_mod.EVAL_FILE
-        if eval_file.exists():
-            reports.append(read_jsonl_obj(eval_file))
-            continue
-        run_cfg = rm_mod.RMRunConfig(
-            base=str(paths.policy), train_data=str(paths.data / "prefs.jsonl"),
-            test_data=str(paths.data / "prefs_test.jsonl"), output_root=str(paths.models), name="rm", seed=seed,
-            max_length=128, torch_threads=cfg.threads,
-            trl={"num_train_epochs": cfg.rm_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.rm_lr,
-                 "logging_steps": 20, "report_to": []},
-        )
-        reports.append(rm_mod.train_rm(run_cfg))
-    return reports
+    return run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg.workers, "proxy RMs")
 
 
 def read_jsonl_obj(path: Path) -> Any:
@@ -239,14 +257,17 @@ def rl_runs(cfg: DemoConfig, paths: Paths) -> dict[str, list[Path]]:
     return {objective: [paths.rl(objective, seed) for seed in cfg.rl_seeds] for objective in RL_OBJECTIVES}
 
 
+def train_rl_run(config: train_mod.TrainConfig) -> None:
+    """One PPO run (skipped when its final model exists)."""
+    if not (Path(config.output_dir) / "final" / "model.safetensors").exists():
+        train_mod.run(config)
+
+
 def stage_rl(cfg: DemoConfig, paths: Paths) -> None:
     """PPO with one proxy RM and with the WCO and UWO ensembles, each for every seed (shipped reward YAML files)."""
-    os.environ["MODELS_DIR"] = str(paths.models)
-    jobs = [(objective, seed) for objective in RL_OBJECTIVES for seed in cfg.rl_seeds]
-    for objective, seed in tqdm(jobs, desc="PPO runs", leave=False):
-        if (paths.rl(objective, seed) / "final" / "model.safetensors").exists():
-            continue
-        train_mod.run(rl_config(cfg, paths, objective, seed))
+    os.environ["MODELS_DIR"] = str(paths.models)  # the shipped reward files' ${MODELS_DIR}; workers inherit it
+    jobs = [(rl_config(cfg, paths, objective, seed),) for objective in RL_OBJECTIVES for seed in cfg.rl_seeds]
+    run_side_by_side(train_rl_run, jobs, cfg.workers, "PPO runs")
 
 
 def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:
