@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import uvicorn
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_pipeline_config(args.config)
         fallback = resolve_fallback(config, args.fallback_reward)
     except (ConfigError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"openrlhf_ext.serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     placer = None
     if args.ray_address:
         from .placement import RayPlacer, connect

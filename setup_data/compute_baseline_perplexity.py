@@ -33,6 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from reward_plugins.cli import UsageError, check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError, PluginSpec, load_pipeline_config
 from reward_plugins.io import DataError, atomic_open, write_jsonl
 from reward_plugins.logprobs import LogProbScorer, perplexity
@@ -112,7 +113,7 @@ class ScoreCache:
         lines = self.path.read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0]) if lines else {}
         if header.get("settings") != self.settings:
-            raise SystemExit(
+            raise UsageError(
                 f"{self.path} was computed with other settings:\n  {header.get('settings')}\nnow:\n  {self.settings}\n"
                 "delete it to start over, or use another --nice_model_name"
             )
@@ -199,13 +200,17 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     data_dir = Path(args.data_dir)
     out_dir = Path(args.out_dir) if args.out_dir else data_dir.with_name(data_dir.name + "_with_baseline")
     if out_dir.resolve() == data_dir.resolve():
-        raise SystemExit(f"--out_dir {out_dir} is the input folder: write the labelled splits elsewhere so no input row is lost")
+        raise UsageError(f"--out_dir {out_dir} is the input folder: write the labelled splits elsewhere so no input row is lost")
     paths = {split: data_dir / f"{split}.jsonl" for split in args.splits}
     absent = [str(p) for p in paths.values() if not p.is_file()]
     if absent:
-        raise SystemExit(f"split file(s) not found: {', '.join(absent)} (choose --splits)")
+        raise UsageError(f"split file(s) not found: {', '.join(absent)} (choose --splits)")
     if scorer is None:
-        scorer = scorer_config.build()
+        check_model_dir(args.model_name, "--model_name", causal_lm=True)
+        if scorer_config.tokenizer:
+            check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+        with loading("--model_name", args.model_name):
+            scorer = scorer_config.build()
     dtype = str(getattr(getattr(scorer, "model", None), "dtype", scorer_config.dtype))
     stamp = fingerprint(scorer_config.model_id or model_id(args.model_name), scorer.temperature,
                         scorer_config.max_length, config.prompt)
@@ -306,12 +311,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except (DataError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """CLI: a bad config, data or model folder exits 2 with one message (`--debug` shows the traceback)."""
+    return run_cli(lambda args: run(parse_args(args)), "compute_baseline_perplexity", argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from reward_plugins.cli import UsageError
 from reward_plugins.io import DataError, read_jsonl
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.types import Sample, Status
@@ -160,10 +161,19 @@ def read_jsonl_lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
+def test_missing_local_model_exits_2_naming_the_flag(rl_data, tmp_path, capsys):
+    data = copy_data(rl_data, tmp_path / "data")
+    assert cbp.main(["--model_name", str(tmp_path / "no_such_lm"), "--nice_model_name", "tiny", "--data_dir", str(data),
+                     "--splits", *SPLITS, "--reward_config", str(REWARD_YAML)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --model_name: {tmp_path / 'no_such_lm'} does not exist (a local path; nothing is downloaded)" in err
+    assert "Traceback" not in err and "huggingface.co" not in err
+
+
 def test_changed_settings_refuse_the_old_cache(full_run, rl_data, lm_dir, tmp_path):
     data = copy_data(rl_data, tmp_path / "data")
     shutil.copytree(full_run, out_of(data))
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UsageError, match="other settings"):
         cbp.run(baseline_args(data, lm_dir, "--temperature", "0.7"))
 
 
@@ -183,7 +193,7 @@ def test_bad_rows_are_rejected_with_file_and_line(rl_data, lm_dir, tmp_path, cap
         (2, "malformed_json"), (3, "bad_label"), (4, "empty_gold"), (5, "bad_label"), (6, "duplicate_id"), (7, "missing_key")]
     assert len(read_jsonl(out_of(data) / "val.jsonl")) == 1
     assert (data / "val.jsonl").read_text().splitlines() == lines  # the input keeps every row
-    with pytest.raises(SystemExit, match="input folder"):
+    with pytest.raises(UsageError, match="input folder"):
         cbp.run(baseline_args(data, lm_dir, "--out_dir", str(data)))
     strict = copy_bad(data, lines, tmp_path / "strict")
     with pytest.raises(DataError, match=r"val.jsonl:2: malformed_json"):

@@ -263,7 +263,7 @@ def test_cli_serves_with_env_token_and_rejects_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("reward:\n  type: length_penalty\n  coef: -1\n")
     failed = subprocess.run([sys.executable, "-m", "openrlhf_ext.serve", "--config", str(bad)], capture_output=True, text=True)
-    assert failed.returncode != 0 and f"{bad}:3: reward.coef" in failed.stderr
+    assert failed.returncode == 2 and f"{bad}:3: reward.coef" in failed.stderr and "Traceback" not in failed.stderr
 
     good = tmp_path / "chars.yaml"
     good.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
@@ -336,7 +336,7 @@ def test_vrcli_label_values_are_validated_by_the_plugin(models_env, tmp_path):
     assert all(np.isfinite(rewards))
 
 
-def test_torch_threads_and_finite_fallback(tmp_path):
+def test_torch_threads_and_finite_fallback(tmp_path, capsys):
     import torch
 
     from openrlhf_ext import serve
@@ -351,8 +351,9 @@ def test_torch_threads_and_finite_fallback(tmp_path):
     config = tmp_path / "chars.yaml"
     config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
     for bad in ("nan", "inf"):
-        with pytest.raises(SystemExit, match="fallback reward must be a finite number"):
+        with pytest.raises(SystemExit, match="^2$"):
             serve.main(["--config", str(config), "--fallback-reward", bad, "--torch-threads", str(before)])
+        assert "fallback reward must be a finite number" in capsys.readouterr().err
 
 
 def test_slow_headers_are_closed_and_slow_bodies_get_408():
