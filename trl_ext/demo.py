@@ -152,13 +152,14 @@ def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
     sft_mod.run(run_cfg)
 
 
-def run_side_by_side(function: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str) -> list[Any]:
-    """`function(*job)` for every job, in `workers` fresh processes (spawned: no forked torch state); results in
-    job order. Every job seeds itself and runs single-threaded, so the results do not depend on `workers`."""
-    if workers == 1 or len(jobs) <= 1:
+def run_side_by_side(function: Callable[..., Any], jobs: Sequence[tuple], cfg: DemoConfig, desc: str) -> list[Any]:
+    """`function(*job)` for every job, in `cfg.workers` fresh processes (spawned: no forked torch state) set up like
+    this one (`seed_everything`); results in job order. Every job seeds itself, so they do not depend on `workers`."""
+    if cfg.workers == 1 or len(jobs) <= 1:
         return [function(*job) for job in tqdm(jobs, desc=desc, leave=False)]
     results: list[Any] = [None] * len(jobs)
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=seed_everything, initargs=(cfg,)) as pool:
         futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False):
             results[futures[future]] = future.result()
@@ -170,7 +171,6 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     eval_file = paths.rm(seed) / rm_mod.EVAL_FILE
     if eval_file.exists():
         return read_jsonl_obj(eval_file)
-    torch.set_num_threads(cfg.threads)
     run_cfg = rm_mod.RMRunConfig(
         base=str(paths.policy), train_data=str(paths.data / "prefs.jsonl"),
         test_data=str(paths.data / "prefs_test.jsonl"), output_root=str(paths.models), name="rm", seed=seed,
@@ -183,7 +183,7 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
 
 def stage_rms(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
     """Proxy RMs from the SFT policy, one per seed, on the noisy pairs; held-out accuracy on clean pairs."""
-    return run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg.workers, "proxy RMs")
+    return run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg, "proxy RMs")
 
 
 def read_jsonl_obj(path: Path) -> Any:
@@ -267,7 +267,7 @@ def stage_rl(cfg: DemoConfig, paths: Paths) -> None:
     """PPO with one proxy RM and with the WCO and UWO ensembles, each for every seed (shipped reward YAML files)."""
     os.environ["MODELS_DIR"] = str(paths.models)  # the shipped reward files' ${MODELS_DIR}; workers inherit it
     jobs = [(rl_config(cfg, paths, objective, seed),) for objective in RL_OBJECTIVES for seed in cfg.rl_seeds]
-    run_side_by_side(train_rl_run, jobs, cfg.workers, "PPO runs")
+    run_side_by_side(train_rl_run, jobs, cfg, "PPO runs")
 
 
 def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:

@@ -68,7 +68,7 @@ class EvalFileCallback(TrainerCallback):
 
     def __init__(self, eval_dir: str | Path, pipeline: RewardPipeline, policy_path: str, prompts: Sequence[str],
                  labels: Sequence[Any], every: int, max_new_tokens: int, temperature: float, meta: dict[str, Any],
-                 seed: int = 0):
+                 seed: int = 0, ref_model=None):
         self.eval_dir = Path(eval_dir)
         self.pipeline = pipeline
         self.policy_path = policy_path
@@ -77,7 +77,7 @@ class EvalFileCallback(TrainerCallback):
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.meta = meta
         self.seed = seed
-        self._ref = None
+        self._ref = ref_model  # the frozen initial policy, when the caller already holds one
         self._done: set[int] = set()
         self._writer = None
         self.has_vrcli = bool(vrcli_plugins(pipeline.root))

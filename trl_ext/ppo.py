@@ -34,17 +34,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from reward_plugins.batching import position_ids_from_mask
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
-from reward_plugins.pipeline import RewardPipeline
 
 from .config import ExistingPath
-from .eval_callback import EvalFileCallback
+from .data import as_text
 from .generation import sample
-from .reward_adapter import PipelineRewardFunc
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .train import RunInputs, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ class PolicyAndValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Response-position logits (divided by the sampling temperature) and values."""
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        position_ids = position_ids_from_mask(attention_mask)
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         hidden = self.value_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                      position_ids=position_ids).last_hidden_state
@@ -220,7 +219,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def ref_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
                  temperature: float) -> torch.Tensor:
     """Response-token log-probs under the frozen initial policy, at the sampling temperature."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention_mask)
     logits = ref(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return token_logprobs(logits[:, start - 1 : -1] / temperature, input_ids[:, start:])
 
@@ -314,12 +313,16 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in lines))
 
 
-def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """Policy, frozen reference (the initial policy) and value model (from the policy or a reward model)."""
+def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer,
+                checkpoint: Path | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Policy, frozen reference (the initial policy) and value model (from the policy or a reward model); policy
+    and value from `checkpoint` when resuming."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(checkpoint / "policy" if checkpoint else cfg.policy, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32).eval().requires_grad_(False)
+    if checkpoint is not None:
+        return policy, ref, AutoModelForSequenceClassification.from_pretrained(checkpoint / "value", dtype=torch.float32)
     source = ppo.value_model if ppo.value_init == "reward_model" else cfg.policy
     value = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
     value.config.pad_token_id = tokenizer.pad_token_id
@@ -341,36 +344,27 @@ def print_samples(console, step: int, prompts: list[str], responses: list[str], 
     console.print(table)
 
 
-def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None) -> Path:
+def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     """Train with PPO (resuming from the last checkpoint when `cfg.resume`); returns the final policy folder."""
     from accelerate import Accelerator
     from rich.console import Console
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoTokenizer
 
     ppo: PPOSettings = cfg.ppo
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.policy)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    policy, ref, value = load_models(cfg, ppo, tokenizer)
+    tokenizer, reward_fn, rows = inputs.tokenizer, inputs.reward_fn, inputs.rows
     start_step, state = 0, {"step": 0, "episode": 0, "kl_coef": ppo.kl_coef}
     checkpoint = last_checkpoint(out) if cfg.resume and out.is_dir() else None
     if checkpoint is not None:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
         logger.info("resuming from %s", checkpoint)
-        policy = AutoModelForCausalLM.from_pretrained(checkpoint / "policy", dtype=torch.float32)
-        value = AutoModelForSequenceClassification.from_pretrained(checkpoint / "value", dtype=torch.float32)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         start_step = int(state["step"])
         if main:
             keep_metrics_up_to(out / "metrics.jsonl", start_step)
+    policy, ref, value = load_models(cfg, ppo, tokenizer, checkpoint)
     bundle = PolicyAndValue(policy, value).eval()
     optimizer = torch.optim.AdamW(bundle.parameters(), lr=ppo.learning_rate, weight_decay=ppo.weight_decay)
     if checkpoint is not None:
@@ -379,17 +373,11 @@ def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict
     ref.to(accelerator.device)
     kl_ctl = KLController(float(state["kl_coef"]), ppo.kl_target, ppo.kl_horizon)
 
-    pipeline = RewardPipeline.from_yaml(cfg.reward_config)
-    reward_fn = PipelineRewardFunc(pipeline, name=Path(cfg.reward_config).stem, label_key=cfg.label_key,
-                                   table_dir=out / "completions" if main else None, table_every=cfg.table_every)
+    pipeline = inputs.pipeline
     evaluator = None
-    if eval_rows and main:
-        meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": "ppo",
-                "policy": str(cfg.policy), "backend": "trl_ext.ppo"}
-        evaluator = EvalFileCallback(out / "eval", pipeline, cfg.policy, [r["prompt"] for r in eval_rows],
-                                     [r[cfg.label_key] for r in eval_rows], cfg.eval_every,
-                                     cfg.eval_max_new_tokens or ppo.max_new_tokens, ppo.temperature, meta, cfg.seed)
-        evaluator._ref = ref  # the frozen initial policy we already hold
+    if inputs.eval_rows and main:
+        evaluator = inputs.eval_callback(cfg, cfg.eval_max_new_tokens or ppo.max_new_tokens, ppo.temperature,
+                                         "trl_ext.ppo", ref_model=ref)
     writer = SummaryWriter(str(out / "runs")) if main else None
     console = Console(stderr=True)
     unwrapped = accelerator.unwrap_model(bundle)
@@ -403,7 +391,7 @@ def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict
     began, episodes_at_start = time.perf_counter(), int(state["episode"])
     for step in range(start_step, ppo.max_steps):
         batch_rows = [rows[i] for i in prompt_indices(step, rank, world, ppo.batch_size, len(rows), cfg.seed)]
-        prompts = [r["prompt"] for r in batch_rows]
+        prompts = [as_text(r["prompt"], tokenizer) for r in batch_rows]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(ppo, step)
         gens = sample(unwrapped.policy, tokenizer, prompts, ppo.max_new_tokens, ppo.temperature,
@@ -460,6 +448,7 @@ def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict
             float(seq_kl.sum()), float((-old_logprobs * mask).sum()), float(non_score.sum()),
             float((scores * valid).sum()), float(valid.sum()), float((response_tokens == tokenizer.eos_token_id).sum()),
             *(float(np.mean(stats[k])) for k in stats), float(np.var(stats["ratio"])),
+            *(float(metrics[k]) for k in pipeline.log_keys),
         ], device=accelerator.device)
         total = accelerator.gather(local.unsqueeze(0))
         sums, means = total[:, :6].sum(0), total[:, 6:].mean(0)
@@ -478,8 +467,7 @@ def train_ppo(cfg: TrainConfig, rows: list[dict[str, Any]], eval_rows: list[dict
             "policy/entropy_avg": float(means[5]), "val/ratio": float(means[6]), "val/ratio_var": float(means[7]),
             "val/num_eos_tokens": float(sums[5]), "lr": optimizer.param_groups[0]["lr"],
         }
-        for key in pipeline.log_keys:
-            record[key] = float(accelerator.gather(torch.tensor([metrics[key]], device=accelerator.device)).mean())
+        record.update({key: float(v) for key, v in zip(pipeline.log_keys, means[8:])})  # one gather per step
         kl_ctl.update(kl_mean, ppo.batch_size * world)
         state["kl_coef"] = kl_ctl.value
         if main:

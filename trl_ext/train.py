@@ -136,13 +136,33 @@ def to_dataset(rows: list[dict[str, Any]], path: str):
         raise DataError(f"{path}: rows do not share one schema (every label needs the same keys and types): {exc}") from exc
 
 
-def build_trainer(cfg: TrainConfig):
-    """The TRL trainer with our reward function and eval-file callback, ready to `.train()`."""
-    args = trl_args(cfg)
+@dataclasses.dataclass
+class RunInputs:
+    """What every algorithm starts from: checked tokenizer, reward pipeline and function, prompt rows."""
+
+    tokenizer: Any
+    pipeline: RewardPipeline
+    reward_fn: PipelineRewardFunc
+    rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+
+    def eval_callback(self, cfg: TrainConfig, max_new_tokens: int, temperature: float, backend: str,
+                      ref_model=None) -> EvalFileCallback:
+        """Eval files on the rendered eval prompts, written like every algorithm writes them."""
+        meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
+                "policy": str(cfg.policy), "backend": backend}
+        return EvalFileCallback(
+            Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
+            [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],
+            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model,
+        )
+
+
+def prepare_run(cfg: TrainConfig) -> RunInputs:
+    """Check the model folders, load the tokenizer and reward pipeline, read the prompt rows and refuse baselines
+    computed with other settings: the set-up GRPO, RLOO and PPO share."""
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    _, trainer_cls = trl_classes(cfg.algorithm)
-    out = Path(cfg.output_dir)
     check_model_dir(cfg.policy, "policy", causal_lm=True)
     tokenizer_key = "tokenizer" if cfg.tokenizer else "policy"
     with loading(tokenizer_key, cfg.tokenizer or cfg.policy):
@@ -153,7 +173,7 @@ def build_trainer(cfg: TrainConfig):
     main_process = int(os.environ.get("RANK", "0")) == 0
     reward_fn = PipelineRewardFunc(
         pipeline, name=Path(cfg.reward_config).stem, label_key=cfg.label_key,
-        table_dir=out / "completions" if main_process else None, table_every=cfg.table_every,
+        table_dir=Path(cfg.output_dir) / "completions" if main_process else None, table_every=cfg.table_every,
         stop_after=cfg.stop_after_failed_steps, tokenizer=tokenizer,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
@@ -163,19 +183,23 @@ def build_trainer(cfg: TrainConfig):
             check_baselines(pipeline.root, [r[cfg.label_key] for r in checked])
         except BaselineMismatchError as exc:
             raise DataError(f"{path}: {exc}") from None
+    return RunInputs(tokenizer, pipeline, reward_fn, rows, eval_rows)
+
+
+def build_trainer(cfg: TrainConfig):
+    """The TRL trainer with our reward function and eval-file callback, ready to `.train()`."""
+    args = trl_args(cfg)
+    _, trainer_cls = trl_classes(cfg.algorithm)
+    inputs = prepare_run(cfg)
     callbacks = []
     if cfg.eval_data:
-        meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
-                "policy": str(cfg.policy), "backend": "trl"}
-        callbacks.append(EvalFileCallback(
-            out / "eval", pipeline, cfg.policy, [as_text(r["prompt"], tokenizer) for r in eval_rows], [r[cfg.label_key] for r in eval_rows],
-            cfg.eval_every, cfg.eval_max_new_tokens or args.max_completion_length, args.temperature, meta, cfg.seed,
-        ))
+        callbacks.append(inputs.eval_callback(cfg, cfg.eval_max_new_tokens or args.max_completion_length,
+                                              args.temperature, "trl"))
     with loading("policy", cfg.policy):
         model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
     return trainer_cls(
-        model=model, reward_funcs=reward_fn, args=args, train_dataset=to_dataset(rows, cfg.train_data),
-        processing_class=tokenizer, callbacks=callbacks,
+        model=model, reward_funcs=inputs.reward_fn, args=args, train_dataset=to_dataset(inputs.rows, cfg.train_data),
+        processing_class=inputs.tokenizer, callbacks=callbacks,
     )
 
 
@@ -185,8 +209,7 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.algorithm == "ppo":
         from .ppo import train_ppo
 
-        eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else None
-        return train_ppo(cfg, load_prompt_rows(cfg.train_data, cfg.label_key), eval_rows)
+        return train_ppo(cfg, prepare_run(cfg))
     trainer = build_trainer(cfg)
     last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
     if last:
