@@ -200,3 +200,28 @@ def test_ensemble_reward_value_from_rm_eval_files_and_resume(tmp_path, lm_dir, r
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3] and _metrics(out)[:2] == records
     assert (out / "checkpoint-3" / "trainer_state.json").exists()
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["episode"] == 24
+
+
+def test_chat_prompts_are_rendered_and_an_always_failing_reward_stops(tmp_path, lm_dir, rm_dirs, prompt_files, capsys):
+    """setup_rl_data's chat-message prompts reach PPO rendered by the chat template, as GRPO gets them; a reward
+    that fails on every sample stops the run after `stop_after_failed_steps`, as it stops GRPO."""
+    chat = tmp_path / "chat.jsonl"
+    rows = [json.loads(line) for line in prompt_files[0].read_text().splitlines()]
+    write_jsonl(chat, [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
+    reward = tmp_path / "needs_key.yaml"
+    reward.write_text(yaml.safe_dump({"on_error": "penalty", "error_penalty": -1.0,
+                                      "reward": {"type": "reward_model", "name": "rm", "path": str(rm_dirs[1]),
+                                                 "template": "{prompt}{label[missing]} {response}"}}))
+    cfg = _cfg(tmp_path, lm_dir, reward, (chat, prompt_files[1]), max_steps=6)
+    assert train.main(["--config", str(_dump(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "the reward failed on every sample of 3 consecutive steps" in err
+    table = [json.loads(line) for f in sorted((tmp_path / "ppo" / "completions").glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert table and all(row["prompt"].startswith("<|user|>") for row in table), table[:1]
+
+
+def _dump(tmp_path, cfg):
+    path = tmp_path / "ppo_chat.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    return path
