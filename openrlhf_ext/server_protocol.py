@@ -87,9 +87,9 @@ def config_log_keys(config: PipelineConfig) -> tuple[str, ...]:
 
     def hollow(spec: PluginSpec) -> RewardPlugin:
         cls = plugin_class(spec.type)
-        if getattr(cls.from_spec, "__func__", None) is not RewardPlugin.from_spec.__func__:
+        if spec.children:  # a composite: built around hollow children (its own constructor loads nothing)
             return cls.from_spec(spec, hollow)
-        plugin = cls.__new__(cls)
+        plugin = cls.__new__(cls)  # a leaf, models included (an ensemble's members are part of its config)
         RewardPlugin.__init__(plugin, spec.config, spec.name)
         return plugin
 

@@ -115,6 +115,21 @@ def test_log_keys_from_config_match_the_built_pipelines(models_env):
         assert derived == build_pipeline(config).log_keys, path
 
 
+def test_log_keys_from_config_load_no_model(monkeypatch):
+    """The keys of a failed build come from the config alone: the ensemble's members are not loaded."""
+    from openrlhf_ext.server_protocol import config_log_keys
+    from reward_plugins import load_pipeline_config, reward_model
+
+    monkeypatch.setenv("MODELS_DIR", "/no/models/here")
+    monkeypatch.setattr(reward_model.RewardModelScorer, "__init__", _no_model_load)
+    keys = config_log_keys(load_pipeline_config("configs/rewards/ensemble_uwo5.yaml", check_paths=False))
+    assert keys[3:] == tuple(f"reward/{k}" for k in ("seed1", "seed2", "seed3", "seed4", "seed5", "variance", "combined"))
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
 def test_consecutive_failures_abort_and_ok_resets(fresh_state, tmp_path, monkeypatch):
     config = tmp_path / "chars.yaml"
     config.write_text("on_error: skip\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
