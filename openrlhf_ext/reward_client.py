@@ -153,37 +153,41 @@ async def _attempt(session: aiohttp.ClientSession, url: str, payload: dict, sett
 
 
 async def post_with_retries(
-    urls: Sequence[str], first: int, payload: dict, settings: ClientSettings, rng: random.Random | None = None
+    urls: Sequence[str], first: int, payload: dict, settings: ClientSettings, rng: random.Random | None = None,
+    session: aiohttp.ClientSession | None = None,
 ) -> dict[str, Any]:
-    """POST `payload` until a server returns a valid answer, starting at `urls[first]`; raises RewardClientError."""
+    """POST `payload` until a server returns a valid answer, starting at `urls[first]`; raises RewardClientError.
+    `session`: the caller's connection pool (one per rollout batch), else a session of its own."""
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await post_with_retries(urls, first, payload, settings, rng, own)
     rng = rng or random.Random()
     deadline = time.monotonic() + settings.budget_s
     attempt, last_url, last_error = 0, urls[first % len(urls)], "no attempt made"
-    async with aiohttp.ClientSession() as session:
-        while True:
-            url = urls[(first + attempt) % len(urls)]
+    while True:
+        url = urls[(first + attempt) % len(urls)]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            return await _attempt(session, url, payload, settings, min(settings.attempt_timeout_s, remaining))
+        except _Permanent as exc:
+            raise RewardClientError(
+                f"reward server {redact(url)} refused the request ({exc}); retrying cannot help, stopping"
+            ) from None
+        except _Retryable as exc:
+            last_url, last_error = url, str(exc)
+            delay = settings.backoff(attempt, rng)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after + rng.uniform(0, settings.base_delay_s))
+            logger.warning(
+                "reward server %s, attempt %d: %s; retrying in %.1f s", redact(url), attempt + 1, last_error, delay
+            )
+            attempt += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            try:
-                return await _attempt(session, url, payload, settings, min(settings.attempt_timeout_s, remaining))
-            except _Permanent as exc:
-                raise RewardClientError(
-                    f"reward server {redact(url)} refused the request ({exc}); retrying cannot help, stopping"
-                ) from None
-            except _Retryable as exc:
-                last_url, last_error = url, str(exc)
-                delay = settings.backoff(attempt, rng)
-                if exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after + rng.uniform(0, settings.base_delay_s))
-                logger.warning(
-                    "reward server %s, attempt %d: %s; retrying in %.1f s", redact(url), attempt + 1, last_error, delay
-                )
-                attempt += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                await asyncio.sleep(min(delay, remaining))
+            await asyncio.sleep(min(delay, remaining))
     raise RewardClientError(
         f"no reward after {settings.budget_s:g} s (${BUDGET_ENV}) and {attempt} attempts; "
         f"last server {redact(last_url)}: {last_error}"
@@ -205,5 +209,6 @@ async def fetch_rewards_via_http(executor: Any, queries_list, prompts_list, labe
             "prompts": list(prompts_list[start : start + size]),
             "labels": list(labels_list[start : start + size]),
         }
-        tasks.append(post_with_retries(urls, counter + shard, payload, settings))
-    return list(await asyncio.gather(*tasks))
+        tasks.append((urls, counter + shard, payload, settings))
+    async with aiohttp.ClientSession() as session:
+        return list(await asyncio.gather(*(post_with_retries(*task, session=session) for task in tasks)))
