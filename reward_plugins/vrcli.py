@@ -458,12 +458,16 @@ class VRCLIPlugin(RewardPlugin):
             return str(attached)
         return model_id(self.config.scorer.model) if self.config.scorer.model is not None else None
 
+    @property
+    def max_length(self) -> int:
+        """Tokens the scorer takes (an attached scorer's own limit, else the config's): inputs are cut to it."""
+        return getattr(self.scorer, "max_length", None) or self.config.scorer.max_length
+
     def fingerprint(self) -> dict[str, Any]:
         """This reward's fingerprint, as `compute_baseline_perplexity.py` records it in each label."""
         scorer = self.scorer
         temperature = scorer.temperature if scorer is not None else self.config.scorer.temperature
-        max_length = getattr(scorer, "max_length", None) or self.config.scorer.max_length
-        return fingerprint(self.scorer_model_id, temperature, max_length, self.config.prompt)
+        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt)
 
     def check_labels(self, labels: Sequence[Any]) -> None:
         """Refuse (raise `BaselineMismatchError`) labels whose baseline fingerprint differs from this reward's."""
@@ -514,14 +518,11 @@ class VRCLIPlugin(RewardPlugin):
             differences = fingerprint_differences(expected, found)
             if differences:
                 raise LabelError("baseline fingerprint differs from this reward: " + "; ".join(differences))
-        raw_plan, found_marker = find_plan(sample.response, self.config.plan.markers)
-        if not found_marker and not self.config.plan.whole_response_fallback:
-            raise ValueError(f"no plan marker ({', '.join(map(repr, self.config.plan.markers))}) in the response")
-        plan = strip_special_suffix(raw_plan, self.scorer.tokenizer.all_special_tokens)
-        if not plan:
-            raise ValueError("empty plan" + (" after the last marker" if found_marker else ": the response is empty"))
-        max_length = getattr(self.scorer, "max_length", None) or self.config.scorer.max_length
-        scored = self.config.prompt.scored_input(self.scorer.tokenizer, label, plan, max_length)
+        response = strip_special_suffix(sample.response, self.scorer.tokenizer.all_special_tokens)
+        markers = self.config.plan.markers
+        plan = extract_plan(response, markers, self.config.plan.whole_response_fallback)
+        found_marker = any(marker in response for marker in markers)
+        scored = self.config.prompt.scored_input(self.scorer.tokenizer, label, plan, self.max_length)
         return scored, float(baseline), not found_marker
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
