@@ -35,7 +35,7 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
 from reward_plugins.types import Sample
-from reward_plugins.vrcli import check_baselines, eval_metrics, model_id, vrcli_plugins
+from reward_plugins.vrcli import check_baselines, eval_metrics, has_vrcli, model_id
 
 from .placement import RayPlacer
 from .ref_scorer import (
@@ -134,7 +134,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
             start += size
         components = [dict(result.components) for result in scored.results]
         metrics = {"reward": float(np.mean(scored.rewards)), **scored.logs}
-        if vrcli_plugins(self.pipeline.root):
+        if has_vrcli(self.pipeline.root):
             metrics.update(eval_metrics(scored.rewards, components))
         metrics = {key: value for key, value in metrics.items() if math.isfinite(value)}
         if self.settings.eval_dir:

@@ -130,12 +130,12 @@ class RayReplicas:
         ]
         return _RayPending(self, method, items, jobs)
 
-    def call_one(self, method: str) -> Any:
-        """`method()` on one live replica (for example the plugin's component keys)."""
+    def call_one(self, method: str, *args: Any) -> Any:
+        """`method(*args)` on one live replica (for example the plugin's component keys)."""
         while self.alive:
             slot = self.alive[0]
             try:
-                return _get(self.actors[slot].call.remote(method))
+                return _get(self.actors[slot].call.remote(method, *args))
             except RayActorError:
                 self._lost(slot)
         raise PlacementError(f"{self.name}: every replica has died (max_restarts {self.placement.max_restarts})")

@@ -36,7 +36,7 @@ class Replicas(Protocol):
 
     def submit(self, method: str, items: Sequence) -> Pending: ...
 
-    def call_one(self, method: str) -> Any: ...
+    def call_one(self, method: str, *args: Any) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -151,6 +151,11 @@ class PluginWorker:
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
         return self.plugin.score(samples)
 
+    def check_baselines(self, labels: Sequence[Any]) -> None:
+        from .vrcli import check_baselines
+
+        check_baselines(self.plugin, labels)
+
 
 class PlacedPlugin(RewardPlugin):
     """A plugin whose replicas run elsewhere: each batch is split across them and gathered in order."""
@@ -171,6 +176,11 @@ class PlacedPlugin(RewardPlugin):
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
         return self.replicas.submit("score", list(samples)).result()
+
+    def check_labels(self, labels: Sequence[Any]) -> None:
+        """A placed VR-CLI plugin checks baseline fingerprints in one replica, against the scorer it holds."""
+        if self.type_name == "vrcli":
+            self.replicas.call_one("check_baselines", list(labels))
 
 
 class MemberWorker:

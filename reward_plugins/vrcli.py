@@ -554,26 +554,33 @@ class VRCLIPlugin(RewardPlugin):
         return results  # type: ignore[return-value]
 
 
-def vrcli_plugins(plugin: RewardPlugin) -> list[VRCLIPlugin]:
-    """Every `vrcli` plugin in a built plugin tree."""
+def plugin_tree(plugin: RewardPlugin) -> list[RewardPlugin]:
+    """Every plugin in a built plugin tree, `plugin` included."""
     found, stack, seen = [], [plugin], set()
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, VRCLIPlugin):
-            found.append(node)
+        found.append(node)
         for value in vars(node).values():
             children = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
             stack.extend(child for child in children if isinstance(child, RewardPlugin))
     return found
 
 
+def has_vrcli(plugin: RewardPlugin) -> bool:
+    """Whether the tree scores with VR-CLI, here or in placed replicas (a placed plugin keeps its `type_name`)."""
+    return any(isinstance(n, VRCLIPlugin) or getattr(n, "type_name", None) == "vrcli" for n in plugin_tree(plugin))
+
+
 def check_baselines(plugin: RewardPlugin, labels: Sequence[Any]) -> None:
-    """Refuse labels whose baselines do not match any `vrcli` plugin of the tree (at load or on the first batch)."""
-    for node in vrcli_plugins(plugin):
-        node.check_labels(labels)
+    """Refuse labels whose baselines do not match a `vrcli` plugin of the tree (at load or on the first batch);
+    placed VR-CLI plugins check in a replica, against the scorer they hold."""
+    for node in plugin_tree(plugin):
+        check = getattr(node, "check_labels", None)
+        if check is not None:
+            check(labels)
 
 
 EVAL_METRICS = ("vrcli_reward", "vrcli_improvement", "vrcli_improved_share")

@@ -107,6 +107,23 @@ def test_vrcli_placed_scorer_matches_unplaced(placer, lm_dir):
     assert_same(placed.score(samples), expected)
 
 
+def test_placed_vrcli_checks_baseline_fingerprints_like_a_local_one(placer, lm_dir):
+    """The trainer holds only the placed proxy; the fingerprint check runs in a replica, against its scorer."""
+    from reward_plugins.vrcli import BaselineMismatchError, check_baselines, has_vrcli
+
+    reward = {"type": "vrcli", "name": "vr", "scorer": {"model": str(lm_dir), "max_length": 256, "placement": ON_CPU}}
+    placed, local = both(reward, placer)
+    assert has_vrcli(placed.root) and has_vrcli(local.root)
+    stamp = local.root.fingerprint()
+    assert stamp["max_length"] == 256
+    good = [{**LABELS[0], "baseline_fingerprint": stamp}]
+    bad = [{**LABELS[0], "baseline_fingerprint": {**stamp, "max_length": 4096}}]
+    for pipeline in (placed, local):
+        check_baselines(pipeline.root, good)
+        with pytest.raises(BaselineMismatchError, match="max_length: baseline 4096, reward 256"):
+            check_baselines(pipeline.root, bad)
+
+
 def test_unsatisfiable_placement_fails_at_start_saying_what_was_asked(placer, rm_dirs):
     reward = {"type": "reward_model", "name": "rm", "path": str(rm_dirs[1]), "placement": {"num_gpus": 1, "replicas": 2}}
     config = parse_pipeline_config({"reward": reward})

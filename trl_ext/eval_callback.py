@@ -23,7 +23,7 @@ from evaluation.eval_checkpoints import sequence_kls
 from reward_plugins.logprobs import HFLogProbScorer
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.types import Sample
-from reward_plugins.vrcli import eval_metrics, vrcli_plugins
+from reward_plugins.vrcli import eval_metrics, has_vrcli
 
 from .generation import sample
 
@@ -80,7 +80,7 @@ class EvalFileCallback(TrainerCallback):
         self._ref = ref_model  # the frozen initial policy, when the caller already holds one
         self._done: set[int] = set()
         self._writer = None
-        self.has_vrcli = bool(vrcli_plugins(pipeline.root))
+        self.has_vrcli = has_vrcli(pipeline.root)
 
     def _ref_model(self, device: torch.device):
         if self._ref is None:
