@@ -15,15 +15,23 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
 
+def not_utf8(data: bytes) -> str | None:
+    """Why `data` is not UTF-8 (the first bad byte and its column), or None when it decodes."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte 0x{data[exc.start:exc.start + 1].hex()} at column {exc.start + 1})"
+    return None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield `(line_number, value)` for every non-blank line; malformed JSON or non-UTF-8 raises `DataError` naming the line."""
     with open(path, "rb") as handle:
         for number, data in enumerate(handle, 1):
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{data[exc.start:exc.start + 1].hex()} "
-                                f"at column {exc.start + 1})") from None
+            problem = not_utf8(data)
+            if problem:
+                raise DataError(f"{path}:{number}: {problem}")
+            line = data.decode("utf-8")
             if not line.strip():
                 continue
             try:

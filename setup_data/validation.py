@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reward_plugins.io import DataError, write_jsonl
+from reward_plugins.io import DataError, not_utf8, write_jsonl
 
 ROLES = ("system", "user", "assistant")
 
@@ -34,14 +34,12 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any | R
     seen = False
     with open(path, "rb") as handle:
         for number, data in enumerate(handle, 1):
-            try:
-                raw = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
+            problem = not_utf8(data)
+            if problem:
                 seen = True
-                bad = data[exc.start : exc.start + 1].hex()
-                yield number, data.decode("utf-8", "replace").rstrip("\n"), RowError(
-                    "not_utf8", f"not UTF-8: byte 0x{bad} at column {exc.start + 1}")
+                yield number, data.decode("utf-8", "replace").rstrip("\n"), RowError("not_utf8", problem)
                 continue
+            raw = data.decode("utf-8")
             if not raw.strip():
                 continue
             seen = True
