@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -229,8 +230,6 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
         max(settings.max_queue, settings.max_request_samples),
     )
     admission = Admission(settings.max_queue)
-    if scorer.max_sample_chars is None:
-        scorer.max_sample_chars = settings.max_sample_chars
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -287,7 +286,7 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
         if not await admission.acquire(n, wait):
             return _error(429, f"reward queue stayed full for {settings.request_timeout_s:g} s; retry", **{"Retry-After": "1"})
         try:
-            outcomes = await _score(parsed, batcher, scorer, settings.request_timeout_s)
+            outcomes = await _score(parsed, batcher, scorer, settings)
             payload = to_payload(outcomes, scorer.log_keys)
         except Exception as exc:  # noqa: BLE001 - a bug of ours still answers every sample, counted as an error
             logger.exception("answering %d samples failed", n)
@@ -299,16 +298,18 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
     return app
 
 
-async def _score(parsed: RewardRequest, batcher: DynamicBatcher, scorer: GuardedScorer, timeout_s: float) -> list[Outcome]:
+async def _score(parsed: RewardRequest, batcher: DynamicBatcher, scorer: GuardedScorer, settings: ServerSettings) -> list[Outcome]:
     """Outcomes in request order; a timeout gives fallbacks, never a hang.
 
     The prompt search is linear; for requests over INLINE_PREPARE_CHARS it runs in a thread, off the event loop.
     """
+    timeout_s = settings.request_timeout_s
     size = sum(map(len, parsed.query)) + sum(len(p or "") for p in parsed.prompts or ())
+    prepare = functools.partial(scorer.prepare, parsed.query, parsed.prompts, parsed.labels, settings.max_sample_chars)
     if size > INLINE_PREPARE_CHARS:
-        outcomes, samples, positions = await asyncio.to_thread(scorer.prepare, parsed.query, parsed.prompts, parsed.labels)
+        outcomes, samples, positions = await asyncio.to_thread(prepare)
     else:
-        outcomes, samples, positions = scorer.prepare(parsed.query, parsed.prompts, parsed.labels)
+        outcomes, samples, positions = prepare()
     if samples:
         try:
             scored = await asyncio.wait_for(batcher.submit(samples), timeout_s)

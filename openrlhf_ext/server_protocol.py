@@ -119,14 +119,13 @@ class GuardedScorer:
     tokenizers and models are shared.
     """
 
-    def __init__(self, pipeline: RewardPipeline, fallback: float, max_sample_chars: int | None = None):
+    def __init__(self, pipeline: RewardPipeline, fallback: float):
         if pipeline.on_error == "raise":
             pipeline = RewardPipeline(pipeline.root, on_error="skip")
         if not math.isfinite(float(fallback)):
             raise ValueError(f"the fallback reward must be a finite number, got {fallback!r}")
         self.pipeline = pipeline
         self.fallback = float(fallback)
-        self.max_sample_chars = max_sample_chars
         self.log_keys: tuple[str, ...] = pipeline.log_keys
         self._lock = threading.Lock()
 
@@ -164,9 +163,11 @@ class GuardedScorer:
         return outcomes
 
     def prepare(
-        self, queries: Sequence[str], prompts: Sequence[str | None] | None, labels: Sequence[Any] | None
+        self, queries: Sequence[str], prompts: Sequence[str | None] | None, labels: Sequence[Any] | None,
+        max_sample_chars: int | None = None,
     ) -> tuple[list[Outcome | None], list[Sample], list[int]]:
-        """Turn OpenRLHF's parallel lists into samples; a sample whose response cannot be derived fails alone.
+        """Turn OpenRLHF's parallel lists into samples; a sample whose response cannot be derived, or whose query and
+        prompt together exceed `max_sample_chars`, fails alone.
 
         Returns the outcomes so far (failures filled in), the samples to score and their positions.
         """
@@ -179,7 +180,7 @@ class GuardedScorer:
             return [self.failure(message)] * n, [], []
         outcomes: list[Outcome | None] = [None] * n
         samples, positions = [], []
-        cap = self.max_sample_chars
+        cap = max_sample_chars
         for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels)):
             if cap is not None and len(query) + len(prompt or "") > cap:
                 message = f"sample of {len(query) + len(prompt or '')} characters (query + prompt) is over the {cap} cap"
