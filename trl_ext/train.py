@@ -101,10 +101,9 @@ def trl_classes(algorithm: str):
 def trl_args(cfg: TrainConfig):
     """The TRL config: our defaults (TensorBoard, CPU when there is no GPU, paths), then the preset's `trl` section."""
     config_cls, _ = trl_classes(cfg.algorithm)
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(cfg.trl) - known)
+    unknown = unknown_fields(config_cls, cfg.trl)  # a config built in code, not through the located loader
     if unknown:
-        raise ConfigError([f"trl.{key}: unknown {config_cls.__name__} field" for key in unknown], "train")
+        raise ConfigError([f"{'.'.join(path)}: {message}" for path, message in unknown], "train")
     out = Path(cfg.output_dir)
     values: dict[str, Any] = {
         "output_dir": str(out),
