@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins import tiny_models
+from reward_plugins.batching import right_pad
 from reward_plugins.io import write_json, write_jsonl
-from reward_plugins.vrcli import VRCLIPrompt, eval_metrics
+from reward_plugins.vrcli import VRCLIPrompt
 
 CLUES = ("red", "blue", "green", "gold", "north", "south", "east", "west")
 THINGS = ("apple", "river", "sword", "lamp", "crow", "bell", "rope", "coin")
@@ -150,12 +151,7 @@ def train_lm(path: Path, tokenizer_dir: Path, cfg: VRCLIDemoConfig) -> None:
     rng = np.random.default_rng(cfg.seed)
     for _ in range(cfg.lm_steps):
         batch = [examples[i] for i in rng.choice(len(examples), cfg.lm_batch, replace=False)]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_pad(batch, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,9 +206,8 @@ def curve(eval_dir: Path) -> list[dict[str, float]]:
     """Held-out metrics at every eval step."""
     points = []
     for path in list_eval_files(eval_dir):
-        eval_file = read_eval_file(path)
-        metrics = eval_metrics([r.proxy_score for r in eval_file.rows], [r.components for r in eval_file.rows])
-        points.append({"step": eval_file.step, **metrics, "kl": float(eval_file.kl or 0.0)})
+        eval_file = read_eval_file(path)  # the eval callback stored the VR-CLI metrics with each file
+        points.append({"step": eval_file.step, **eval_file.meta["metrics"], "kl": float(eval_file.kl or 0.0)})
     return points
 
 
