@@ -37,7 +37,7 @@ from reward_plugins.cli import UsageError, check_model_dir, check_tokenizer_dir,
 from reward_plugins.config import ConfigError, PluginSpec, load_pipeline_config
 from reward_plugins.io import DataError, atomic_open, write_jsonl
 from reward_plugins.logprobs import LogProbScorer, perplexity
-from reward_plugins.vrcli import FINGERPRINT_KEY, VRCLIConfig, VRCLIPrompt, fingerprint, model_id
+from reward_plugins.vrcli import FINGERPRINT_KEY, VRCLIConfig, VRCLIPlugin, VRCLIPrompt
 from setup_data.validation import RejectLog, RowError, iter_json_lines
 
 SPLITS = ("train", "test", "val")
@@ -212,8 +212,8 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
         with loading("--model_name", args.model_name):
             scorer = scorer_config.build()
     dtype = str(getattr(getattr(scorer, "model", None), "dtype", scorer_config.dtype))
-    stamp = fingerprint(scorer_config.model_id or model_id(args.model_name), scorer.temperature,
-                        scorer_config.max_length, config.prompt)
+    # the reward's own fingerprint, computed by the plugin that will check it
+    stamp = VRCLIPlugin(config.model_copy(update={"scorer": scorer_config}), "baseline", scorer).fingerprint()
     settings = {
         "model": args.nice_model_name,
         "fingerprint": stamp,
