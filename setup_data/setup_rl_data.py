@@ -73,7 +73,7 @@ def build_row(value: Any, options: PromptOptions, tokenizer=None) -> tuple[dict[
     else:
         raise RowError("bad_type", f"a line must be an object with 'messages' or a message list, got {type(value).__name__}")
     if "messages" not in record and "next_chapter" in record:  # a story record in the paper's format
-        record = story_messages(record, filters=options.story_filters, policy_template=options.template_for({"prompt_layout": "paper"}))
+        record = story_messages(record, filters=options.story_filters, policy_template=options.user_template or PAPER_POLICY_TEMPLATE)
     if "messages" not in record:
         raise RowError("missing_key", "missing key 'messages'")
     messages = check_messages(record["messages"], final_role="assistant")
