@@ -118,9 +118,8 @@ def placement_requests(spec: PluginSpec) -> list[tuple[str, Placement]]:
     if placement is not None:
         return [(spec.name, placement)]
     requests = []
-    members = getattr(spec.config, "members", None) or []
-    names = getattr(spec.config, "member_names", None) or [str(i) for i in range(len(members))]
-    for name, member in zip(names, members):
+    members = getattr(spec.config, "members", None) or []  # an ensemble's, named by its validated member_names
+    for name, member in zip(getattr(spec.config, "member_names", ()), members):
         if getattr(member, "placement", None) is not None:
             requests.append((f"{spec.name}.{name}", member.placement))
     for child in spec.children.values():
