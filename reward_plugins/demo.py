@@ -18,9 +18,9 @@ from rich.table import Table
 
 from . import tiny_models
 from .io import write_jsonl
-from .pipeline import RewardPipeline
+from .pipeline import RewardPipeline, build_first_of_type
 from .score import read_samples
-from .vrcli import baseline_perplexities, load_vrcli_plugin
+from .vrcli import baseline_perplexities
 
 CONFIGS = ("reward_model", "ensemble_uwo5", "rm_eos_penalty", "weighted_sum", "vrcli")
 STORIES = [
@@ -52,7 +52,7 @@ def build_rollouts(path: Path, vrcli_config: Path) -> None:
     """Rollouts whose labels carry the VR-CLI gold text and its precomputed baseline perplexity."""
     if path.exists():
         return
-    plugin = load_vrcli_plugin(vrcli_config)
+    plugin = build_first_of_type(vrcli_config, "vrcli")
     labels = [{"id": f"story-{i}", "context": context, "gold": gold, "instruction": "Write the next chapter.",
                "plan_instruction": "Use the plan to write the next chapter."} for i, (context, gold) in enumerate(STORIES)]
     baselines = baseline_perplexities(plugin.scorer, plugin.config.prompt, labels)

@@ -138,7 +138,7 @@ class _Builder:
     def __call__(self, spec: PluginSpec) -> RewardPlugin:
         placement = plugin_placement(spec.config)
         if placement is not None and self.placer is not None:
-            return PlacedPlugin.build(spec, placement, self.placer)
+            return PlacedPlugin.build(spec, placement, self.placer, build_local_plugin)
         if placement is not None and not self.quiet:
             warn_unplaced(spec.name)
         return plugin_class(spec.type).from_spec(spec, self)
@@ -146,3 +146,15 @@ class _Builder:
 
 def build_pipeline(config: PipelineConfig, placer: Placer | None = None) -> RewardPipeline:
     return RewardPipeline(build_plugin(config.reward, placer), config.on_error, config.error_penalty)
+
+
+def build_first_of_type(path: str | os.PathLike, type_name: str) -> RewardPlugin:
+    """Build (in this process) the first plugin of `type_name` in a reward YAML, breadth first; e.g. the `vrcli`
+    plugin whose exact settings baseline perplexities must use."""
+    stack = [load_pipeline_config(path).reward]
+    while stack:
+        spec = stack.pop(0)
+        if spec.type == type_name:
+            return build_plugin(spec)
+        stack.extend(spec.children.values())
+    raise ValueError(f"{path}: no plugin of type {type_name} in this reward configuration")

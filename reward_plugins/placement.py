@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from .config import Placement, PluginSpec
-from .registry import PluginConfig, RewardPlugin
+from .registry import PluginConfig, RewardPlugin, check_baselines
 from .types import RewardResult, Sample
 
 if TYPE_CHECKING:
@@ -137,12 +137,10 @@ def warn_unplaced(name: str) -> None:
 
 
 class PluginWorker:
-    """What runs in each replica of a placed plugin: the plugin built locally, placements ignored."""
+    """What runs in each replica of a placed plugin: the plugin built locally by `build` (placements ignored)."""
 
-    def __init__(self, spec: PluginSpec):
-        from .pipeline import build_local_plugin
-
-        self.plugin = build_local_plugin(spec)
+    def __init__(self, spec: PluginSpec, build: Callable[[PluginSpec], RewardPlugin]):
+        self.plugin = build(spec)
 
     def component_keys(self) -> tuple[str, ...]:
         return tuple(self.plugin.component_keys)
@@ -151,8 +149,6 @@ class PluginWorker:
         return self.plugin.score(samples)
 
     def check_baselines(self, labels: Sequence[Any]) -> None:
-        from .vrcli import check_baselines
-
         check_baselines(self.plugin, labels)
 
 
@@ -166,8 +162,10 @@ class PlacedPlugin(RewardPlugin):
         self._keys = tuple(replicas.call_one("component_keys"))
 
     @classmethod
-    def build(cls, spec: PluginSpec, placement: Placement, placer: Placer) -> PlacedPlugin:
-        return cls(spec, placer.place(partial(PluginWorker, spec), placement, spec.name))
+    def build(cls, spec: PluginSpec, placement: Placement, placer: Placer,
+              build_local: Callable[[PluginSpec], RewardPlugin]) -> PlacedPlugin:
+        """Replicas of `spec`, each built by `build_local` (a module-level function, so it travels to them)."""
+        return cls(spec, placer.place(partial(PluginWorker, spec, build_local), placement, spec.name))
 
     @property
     def component_keys(self) -> tuple[str, ...]:

@@ -141,3 +141,27 @@ def _checked(plugin: RewardPlugin, samples: Sequence[Sample], results: list[Rewa
     if len(results) != len(samples):
         raise RuntimeError(f"plugin {plugin.name} returned {len(results)} results for {len(samples)} samples")
     return results
+
+
+def plugin_tree(plugin: RewardPlugin) -> list[RewardPlugin]:
+    """Every plugin in a built plugin tree, `plugin` included."""
+    found, stack, seen = [], [plugin], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        found.append(node)
+        for value in vars(node).values():
+            children = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
+            stack.extend(child for child in children if isinstance(child, RewardPlugin))
+    return found
+
+
+def check_baselines(plugin: RewardPlugin, labels: Sequence[Any]) -> None:
+    """Refuse labels whose baselines do not match a `vrcli` plugin of the tree (at load or on the first batch);
+    placed VR-CLI plugins check in a replica, against the scorer they hold."""
+    for node in plugin_tree(plugin):
+        check = getattr(node, "check_labels", None)
+        if check is not None:
+            check(labels)

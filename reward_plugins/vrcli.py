@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import ExistingPath, Placement
 from .logprobs import HFLogProbScorer, LogProbScorer, perplexity
 from .modeling import DTypeName
-from .registry import PluginConfig, RewardPlugin, register_plugin
+from .registry import PluginConfig, RewardPlugin, plugin_tree, register_plugin
 from .types import LabelError, RewardResult, Sample
 
 Scheme = Literal["stepped", "binary", "clipped_linear", "raw"]
@@ -554,33 +554,9 @@ class VRCLIPlugin(RewardPlugin):
         return results  # type: ignore[return-value]
 
 
-def plugin_tree(plugin: RewardPlugin) -> list[RewardPlugin]:
-    """Every plugin in a built plugin tree, `plugin` included."""
-    found, stack, seen = [], [plugin], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        found.append(node)
-        for value in vars(node).values():
-            children = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
-            stack.extend(child for child in children if isinstance(child, RewardPlugin))
-    return found
-
-
 def has_vrcli(plugin: RewardPlugin) -> bool:
     """Whether the tree scores with VR-CLI, here or in placed replicas (a placed plugin keeps its `type_name`)."""
     return any(isinstance(n, VRCLIPlugin) or getattr(n, "type_name", None) == "vrcli" for n in plugin_tree(plugin))
-
-
-def check_baselines(plugin: RewardPlugin, labels: Sequence[Any]) -> None:
-    """Refuse labels whose baselines do not match a `vrcli` plugin of the tree (at load or on the first batch);
-    placed VR-CLI plugins check in a replica, against the scorer they hold."""
-    for node in plugin_tree(plugin):
-        check = getattr(node, "check_labels", None)
-        if check is not None:
-            check(labels)
 
 
 EVAL_METRICS = ("vrcli_reward", "vrcli_improvement", "vrcli_improved_share")
@@ -600,17 +576,3 @@ def eval_metrics(rewards: Sequence[float | None], components: Sequence[Mapping[s
         "vrcli_improvement": float(gains.mean()) if gains.size else float("nan"),
         "vrcli_improved_share": float((gains > 0).mean()) if gains.size else float("nan"),
     }
-
-
-def load_vrcli_plugin(path: str | os.PathLike) -> VRCLIPlugin:
-    """Build the first `vrcli` plugin in a reward YAML: baselines then use exactly the reward's settings."""
-    from .config import load_pipeline_config
-    from .pipeline import build_plugin
-
-    stack = [load_pipeline_config(path).reward]
-    while stack:
-        spec = stack.pop(0)
-        if spec.type == "vrcli":
-            return build_plugin(spec)  # type: ignore[return-value]
-        stack.extend(spec.children.values())
-    raise ValueError(f"{path}: no plugin of type vrcli in this reward configuration")

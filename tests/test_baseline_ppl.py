@@ -224,7 +224,8 @@ def test_prompt_matches_vrcli_token_ids(rl_data, lm_dir):
 def test_the_other_configs_baselines_are_refused(rl_data, lm_dir, tmp_path, models_env):
     """Baselines from the script's default (vrcli_reference.yaml: max_length 16384, plan reserve 2048) do not
     fit the local vrcli.yaml: the reward refuses them at load and on the batch instead of scoring silently."""
-    from reward_plugins.vrcli import BaselineMismatchError, check_baselines
+    from reward_plugins.registry import check_baselines
+    from reward_plugins.vrcli import BaselineMismatchError
 
     data = copy_data(rl_data, tmp_path / "data")
     args = baseline_args(data, lm_dir)

@@ -11,7 +11,7 @@ import torch
 
 from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins.io import read_jsonl
-from reward_plugins.vrcli import load_vrcli_plugin
+from reward_plugins.pipeline import build_first_of_type
 from trl_ext import demo_vrcli as dv
 
 TINY = dict(n_lm=60, lm_steps=3, lm_batch=8, hidden_size=32, n_rl=16, n_eval=4, grpo_steps=2, grpo_batch=8,
@@ -43,7 +43,7 @@ def test_stage_writes_curve_summary_and_fingerprinted_baselines(stage, monkeypat
     cfg, section = stage
     out = Path(cfg.out)
     labels = [row["label"] for row in read_jsonl(out / "data_with_baseline" / "train.jsonl")]
-    plugin = load_vrcli_plugin(out / "reward.yaml")
+    plugin = build_first_of_type(out / "reward.yaml", "vrcli")
     assert len(labels) == cfg.n_rl and all(label["baseline_fingerprint"] == plugin.fingerprint() for label in labels)
     files = list_eval_files(out / "grpo" / "eval")
     assert [read_eval_file(f).step for f in files] == [0, 1, 2]

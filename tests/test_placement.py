@@ -109,7 +109,8 @@ def test_vrcli_placed_scorer_matches_unplaced(placer, lm_dir):
 
 def test_placed_vrcli_checks_baseline_fingerprints_like_a_local_one(placer, lm_dir):
     """The trainer holds only the placed proxy; the fingerprint check runs in a replica, against its scorer."""
-    from reward_plugins.vrcli import BaselineMismatchError, check_baselines, has_vrcli
+    from reward_plugins.registry import check_baselines
+    from reward_plugins.vrcli import BaselineMismatchError, has_vrcli
 
     reward = {"type": "vrcli", "name": "vr", "scorer": {"model": str(lm_dir), "max_length": 256, "placement": ON_CPU}}
     placed, local = both(reward, placer)

@@ -161,7 +161,8 @@ def test_truncation_is_counted(lm_dir):
 
 
 def test_fingerprint_mismatch_is_refused(lm_dir):
-    from reward_plugins.vrcli import BaselineMismatchError, check_baselines, fingerprint
+    from reward_plugins.registry import check_baselines
+    from reward_plugins.vrcli import BaselineMismatchError, fingerprint
 
     plugin = plugin_for(lm_dir)
     own = plugin.fingerprint()

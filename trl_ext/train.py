@@ -32,7 +32,8 @@ from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, ru
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError
 from reward_plugins.pipeline import RewardPipeline
-from reward_plugins.vrcli import BaselineMismatchError, check_baselines
+from reward_plugins.registry import check_baselines
+from reward_plugins.vrcli import BaselineMismatchError
 
 from .config import ExistingPath, load_config
 from .data import PROMPT_FIELDS, as_text, read_rows
