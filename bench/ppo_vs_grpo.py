@@ -28,11 +28,12 @@ from reward_plugins.io import write_jsonl
 from reward_plugins.tiny_models import build_causal_lm, build_reward_model, build_tokenizer
 from setup_data import synthetic_task as st
 from trl_ext import train
+from trl_ext.run_config import TrainConfig
 
 
 def time_ppo(base: dict, ppo_fields: dict, out: Path) -> float:
     """Steps/s of the training loop (its `eps` over the batch: model loading excluded, as in TRL's runtime)."""
-    cfg = train.TrainConfig(**base, algorithm="ppo", output_dir=str(out), ppo=ppo_fields)
+    cfg = TrainConfig(**base, algorithm="ppo", output_dir=str(out), ppo=ppo_fields)
     train.run(cfg)
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return last["eps"] / ppo_fields["batch_size"]
@@ -40,7 +41,7 @@ def time_ppo(base: dict, ppo_fields: dict, out: Path) -> float:
 
 def time_grpo(base: dict, trl_fields: dict, out: Path) -> float:
     """Steps/s from TRL's own `train_steps_per_second` (the training loop, model loading excluded)."""
-    cfg = train.TrainConfig(**base, algorithm="grpo", output_dir=str(out), trl=trl_fields)
+    cfg = TrainConfig(**base, algorithm="grpo", output_dir=str(out), trl=trl_fields)
     return float(train.build_trainer(cfg).train().metrics["train_steps_per_second"])
 
 

@@ -34,8 +34,8 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
-from reward_plugins.types import Sample
 from reward_plugins.registry import check_baselines
+from reward_plugins.types import Sample
 from reward_plugins.vrcli import eval_metrics, has_vrcli, model_id
 
 from .placement import RayPlacer

@@ -13,6 +13,7 @@ from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins.io import read_jsonl
 from reward_plugins.pipeline import build_first_of_type
 from trl_ext import demo_vrcli as dv
+from trl_ext.run_config import TrainConfig
 
 TINY = dict(n_lm=60, lm_steps=3, lm_batch=8, hidden_size=32, n_rl=16, n_eval=4, grpo_steps=2, grpo_batch=8,
             grpo_generations=4, eval_every=1)
@@ -73,7 +74,7 @@ def test_trl_refuses_baselines_from_other_settings_at_load(stage, tmp_path):
     rows[1]["label"]["baseline_fingerprint"]["max_length"] = 4096
     bad = tmp_path / "train.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = train_mod.TrainConfig(policy=str(out / "models" / "ref_lm"), reward_config=str(out / "reward.yaml"),
+    config = TrainConfig(policy=str(out / "models" / "ref_lm"), reward_config=str(out / "reward.yaml"),
                                    train_data=str(bad), output_dir=str(tmp_path / "run"))
     with pytest.raises(DataError, match="max_length: baseline 4096, reward 128"):
         train_mod.build_trainer(config)

@@ -14,6 +14,7 @@ from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins.io import write_jsonl
 from setup_data import synthetic_task as st
 from trl_ext import ppo, train
+from trl_ext.run_config import PPOSettings
 
 PPO_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
@@ -113,9 +114,9 @@ def test_prompt_order_is_a_permutation_per_pass_split_by_rank():
 
 def test_settings_errors(tmp_path):
     with pytest.raises(ValidationError, match="mini_batch_size 3 must divide batch_size 8"):
-        ppo.PPOSettings(batch_size=8, mini_batch_size=3)
+        PPOSettings(batch_size=8, mini_batch_size=3)
     with pytest.raises(ValidationError, match="value_init: reward_model needs value_model"):
-        ppo.PPOSettings(value_init="reward_model")
+        PPOSettings(value_init="reward_model")
 
 
 @pytest.fixture()

@@ -51,6 +51,7 @@ from . import train as train_mod
 from . import train_rm as rm_mod
 from .config import load_config
 from .generation import sample
+from .run_config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SINGLE_RM_REWARD = REPO / "configs" / "rewards" / "reward_model.yaml"
@@ -217,9 +218,9 @@ def stage_bon(cfg: DemoConfig, paths: Paths) -> dict[str, list[dict[str, float]]
     return curves
 
 
-def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> train_mod.TrainConfig:
+def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> TrainConfig:
     """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty."""
-    return train_mod.TrainConfig(
+    return TrainConfig(
         algorithm="ppo", policy=str(paths.policy), reward_config=str(rl_reward(cfg, paths, objective, seed)),
         train_data=str(paths.data / "prompts.jsonl"), eval_data=str(paths.eval_prompts),
         output_dir=str(paths.rl(objective, seed)), eval_every=cfg.eval_every, table_every=cfg.rl_steps, seed=seed,
@@ -257,7 +258,7 @@ def rl_runs(cfg: DemoConfig, paths: Paths) -> dict[str, list[Path]]:
     return {objective: [paths.rl(objective, seed) for seed in cfg.rl_seeds] for objective in RL_OBJECTIVES}
 
 
-def train_rl_run(config: train_mod.TrainConfig) -> None:
+def train_rl_run(config: TrainConfig) -> None:
     """One PPO run (skipped when its final model exists)."""
     if not (Path(config.output_dir) / "final" / "model.safetensors").exists():
         train_mod.run(config)

@@ -253,6 +253,7 @@ def run_stage(cfg: VRCLIDemoConfig) -> str:
     from setup_data import compute_baseline_perplexity as cbp
 
     from . import train as train_mod
+    from .run_config import TrainConfig
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -270,7 +271,7 @@ def run_stage(cfg: VRCLIDemoConfig) -> str:
                                 "--splits", "train", "val", "--reward_config", str(reward), "--quiet"]))
     run_dir = out / "grpo"
     if not (run_dir / "final" / "model.safetensors").exists():
-        train_mod.run(train_mod.TrainConfig(
+        train_mod.run(TrainConfig(
             algorithm="grpo", policy=str(ref), reward_config=str(reward), train_data=str(scored / "train.jsonl"),
             eval_data=str(scored / "val.jsonl"), output_dir=str(run_dir), eval_every=cfg.eval_every,
             table_every=cfg.eval_every, seed=cfg.seed, torch_threads=cfg.threads,

@@ -19,77 +19,31 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from reward_plugins.batching import position_ids_from_mask
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
 
-from .config import ExistingPath
 from .data import as_text
 from .generation import sample
 
 if TYPE_CHECKING:
-    from .train import RunInputs, TrainConfig
+    from .run_config import PPOSettings, RunInputs, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-class PPOSettings(BaseModel):
-    """The `ppo:` section of a train preset (sizes are per process; one response per prompt)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_steps: int = Field(default=100, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    mini_batch_size: int = Field(default=4, gt=0)
-    ppo_epochs: int = Field(default=4, gt=0)
-    learning_rate: float = Field(default=1e-6, gt=0)
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=64, gt=0)
-    temperature: float = Field(default=1.0, gt=0)
-    kl_coef: float = Field(default=0.05, ge=0)
-    kl_target: float | None = Field(default=None, gt=0)  # set: adaptive coefficient towards this sequence KL
-    kl_horizon: int = Field(default=10000, gt=0)
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    cliprange: float = Field(default=0.2, gt=0)
-    cliprange_value: float = Field(default=0.2, gt=0)
-    vf_coef: float = Field(default=0.1, ge=0)
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = None
-    value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ExistingPath | None = None  # the reward model the value model starts from
-    save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
-    logging_steps: int = Field(default=1, gt=0)
-    sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PPOSettings:
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"mini_batch_size {self.mini_batch_size} must divide batch_size {self.batch_size}")
-        if self.value_init == "reward_model" and self.value_model is None:
-            raise ValueError("value_init: reward_model needs value_model (the reward model's folder)")
-        if self.value_init == "policy" and self.value_model is not None:
-            raise ValueError("value_model is only read with value_init: reward_model")
-        return self
 
 
 # ---------------------------------------------------------------- maths (pure functions, no I/O)

@@ -24,9 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 
-from .config import ExistingPath, load_config
+from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
 from .data import SFT_FIELDS, read_rows
-from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 

@@ -14,17 +14,15 @@ from the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -35,69 +33,12 @@ from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.registry import check_baselines
 from reward_plugins.vrcli import BaselineMismatchError
 
-from .config import ExistingPath, load_config
-from .data import PROMPT_FIELDS, as_text, read_rows
-from .eval_callback import EvalFileCallback
-from .ppo import PPOSettings
-from .reward_adapter import DEFAULT_STOP_AFTER, PipelineRewardFunc, RewardFailure
+from .config import CPU_DEFAULTS, load_config, split_overrides, unknown_fields
+from .data import PROMPT_FIELDS, read_rows
+from .reward_adapter import PipelineRewardFunc, RewardFailure
+from .run_config import RunInputs, TrainConfig, trl_classes
 
 logger = logging.getLogger(__name__)
-
-CPU_DEFAULTS: dict[str, Any] = {"use_cpu": True, "bf16": False, "fp16": False}
-
-
-class TrainConfig(BaseModel):
-    """A TRL RL run: what to train, on which prompts, with which reward file; `trl` goes to GRPOConfig/RLOOConfig."""
-
-    model_config = ConfigDict(extra="forbid")
-    CONFIG_KIND: ClassVar[str] = "train"
-
-    algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
-    policy: ExistingPath
-    tokenizer: ExistingPath | None = None
-    reward_config: ExistingPath
-    train_data: ExistingPath
-    eval_data: ExistingPath | None = None
-    output_dir: str
-    label_key: str = "label"
-    eval_every: int = Field(default=10, ge=0)
-    eval_max_new_tokens: int | None = Field(default=None, gt=0)
-    table_every: int = Field(default=10, ge=0)
-    resume: bool = True
-    seed: int = 0
-    torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
-    stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
-    trl: dict[str, Any] = Field(default_factory=dict)
-    ppo: PPOSettings | None = None  # algorithm: ppo reads this section (trl_ext.ppo) instead of `trl`
-
-    @model_validator(mode="after")
-    def _one_section(self) -> TrainConfig:
-        if self.algorithm == "ppo":
-            if self.trl:
-                raise ValueError("algorithm ppo reads the `ppo` section; `trl` is for grpo/rloo")
-            self.ppo = self.ppo or PPOSettings()
-        elif self.ppo is not None:
-            raise ValueError(f"the `ppo` section is only read with algorithm: ppo (algorithm is {self.algorithm})")
-        return self
-
-    def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
-        """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
-        if self.algorithm == "ppo":
-            return []  # the `ppo` section is a typed model; `trl` is refused with ppo
-        return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
-
-
-def unknown_fields(config_cls: type, values: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
-    """(key path, message) for each key of `values` that is not a field of the dataclass `config_cls`."""
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    return [(("trl", key), f"unknown {config_cls.__name__} field") for key in sorted(set(values) - known)]
-
-
-def trl_classes(algorithm: str):
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-    return (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-
 
 def trl_args(cfg: TrainConfig):
     """The TRL config: our defaults (TensorBoard, CPU when there is no GPU, paths), then the preset's `trl` section."""
@@ -134,28 +75,6 @@ def to_dataset(rows: list[dict[str, Any]], path: str):
         return Dataset.from_list(rows)
     except Exception as exc:  # pyarrow raises several types for inconsistent columns
         raise DataError(f"{path}: rows do not share one schema (every label needs the same keys and types): {exc}") from exc
-
-
-@dataclasses.dataclass
-class RunInputs:
-    """What every algorithm starts from: checked tokenizer, reward pipeline and function, prompt rows."""
-
-    tokenizer: Any
-    pipeline: RewardPipeline
-    reward_fn: PipelineRewardFunc
-    rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]
-
-    def eval_callback(self, cfg: TrainConfig, max_new_tokens: int, temperature: float, backend: str,
-                      ref_model=None) -> EvalFileCallback:
-        """Eval files on the rendered eval prompts, written like every algorithm writes them."""
-        meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
-                "policy": str(cfg.policy), "backend": backend}
-        return EvalFileCallback(
-            Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
-            [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],
-            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model,
-        )
 
 
 def prepare_run(cfg: TrainConfig) -> RunInputs:
@@ -220,23 +139,6 @@ def run(cfg: TrainConfig) -> Path:
     if trainer.accelerator.is_main_process:
         (out / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     return final
-
-
-def split_overrides(extra: Sequence[str]) -> list[str]:
-    """Turn dotted flags (`--trl.learning_rate=1e-5`, `--trl.max_steps 5`) into `key=value` overrides."""
-    overrides, items = [], list(extra)
-    while items:
-        flag = items.pop(0)
-        if not flag.startswith("--"):
-            raise ConfigError([f"unexpected argument {flag!r}; use --key=value or --set key=value"], "train")
-        key = flag[2:]
-        if "=" in key:
-            overrides.append(key)
-        elif items and not items[0].startswith("--"):
-            overrides.append(f"{key}={items.pop(0)}")
-        else:
-            raise ConfigError([f"{flag}: missing value"], "train")
-    return overrides
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

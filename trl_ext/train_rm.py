@@ -31,9 +31,8 @@ from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 
-from .config import ExistingPath, load_config
+from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
 from .data import RM_FIELDS, answer_text, as_text, read_rows
-from .train import CPU_DEFAULTS, split_overrides, unknown_fields
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
