@@ -105,6 +105,7 @@ class RayReplicas:
         self.alive = list(range(len(self.actors)))
         self.reviving: dict[int, Any] = {}  # slot -> pid() call of a replica that is restarting
         self.gone: set[int] = set()
+        self.losses = [0] * len(self.actors)  # each loss uses one of Ray's max_restarts
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -164,7 +165,11 @@ class RayReplicas:
         self.alive.remove(slot)
         if killed:
             ray.kill(self.actors[slot], no_restart=False)
-        self.reviving[slot] = self.actors[slot].pid.remote()
+        self.losses[slot] += 1
+        if 0 <= self.placement.max_restarts < self.losses[slot]:
+            self.gone.add(slot)
+        else:
+            self.reviving[slot] = self.actors[slot].pid.remote()
         logger.warning(
             "%s: replica %d %s; its work moves to the %d live replica(s), it rejoins if Ray restarts it (max_restarts %d)",
             self.name, slot, f"missed its {_fmt(self.placement.call_timeout_s)} s deadline and was killed" if killed

@@ -415,7 +415,8 @@ async def score_with_retries(
                 done[i] = outcome
             elif outcome.error.retry:
                 retry.append(i)
-                codes.add(outcome.error.code)
+                client_side = outcome.error.code == "bad_answer"  # our own words about the answer, never its values
+                codes.add(f"bad_answer: {outcome.error.message}" if client_side else outcome.error.code)
             else:
                 unscorable[i] = (outcome, state)
         if retry:
