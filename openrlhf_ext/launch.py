@@ -168,6 +168,18 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
     return notes
 
 
+def check_shim_policy(shim_config: str) -> None:
+    """Refuse, before Ray starts, a shim config whose on_error OpenRLHF cannot honour (the shim would stop at once)."""
+    from reward_plugins.config import load_pipeline_config
+
+    from .server_protocol import ErrorPolicy
+
+    try:
+        ErrorPolicy.of(load_pipeline_config(shim_config, check_paths=False))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def refuse_unplaced_models(reward_config: str, spec: Any) -> None:
     """Refuse a reward that would load models in the trainer actor, which holds no GPU (they would run on its CPU)."""
     from reward_plugins.placement import unplaced_models
@@ -240,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every
     )
     shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
+    if shim_config:
+        check_shim_policy(shim_config)
     env = runtime_env(settings, shim_config=shim_config)
     for note in notes:
         print(f"[openrlhf_ext.launch] note: {note}", file=sys.stderr)

@@ -245,6 +245,22 @@ def test_one_attempt_never_overruns_the_budget(installed):
     finally:
         silent.close()
 
+    app = FastAPI()  # answers /health at once (no request timeout announced), never the POST
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/get_reward")
+    async def hang():
+        await asyncio.sleep(60)
+
+    with serve_in_thread(app) as slow:
+        started = time.monotonic()
+        with pytest.raises(RewardClientError, match=r"after 2 s .* no answer within 2\.0 s"):
+            _direct([slow + "/get_reward"], ONE, ClientSettings(budget_s=2.0))
+        assert time.monotonic() - started < 4.0
+
 
 def test_retry_after_never_holds_a_sample_back_from_a_healthy_server(installed):
     minded = {"n": 0}

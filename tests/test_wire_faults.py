@@ -16,7 +16,9 @@ from openrlhf_ext import reward_client
 from openrlhf_ext.reward_client import RewardClientError
 from openrlhf_ext.server_app import ServerSettings, create_app, serve_in_thread
 from openrlhf_ext.server_protocol import GuardedScorer
-from reward_plugins import Sample, build_pipeline, parse_pipeline_config
+from reward_plugins import RewardPipeline, Sample, build_pipeline, parse_pipeline_config
+from reward_plugins.registry import RewardPlugin, score_safely
+from reward_plugins.types import ScoringUnavailable
 
 pytest.importorskip("openrlhf")
 
@@ -123,3 +125,34 @@ def test_unscorable_samples_get_the_penalty_once_and_only_they(monkeypatch, toke
     with serve_in_thread(create_app(GuardedScorer(raising))) as url:
         with pytest.raises(RewardClientError, match=r"could not score a sample \(plugin_error; .*on_error: raise; stopping"):
             execute([url], tokenizer, engine, prompts)
+
+
+class _Gone(RewardPlugin):
+    """A plugin whose scorer is unreachable (what a placed plugin with no live replica raises)."""
+
+    component_keys = ()
+
+    def score(self, samples):
+        raise ScoringUnavailable("rm: no live replica (0 restarting, 2 gone for good, max_restarts 3)")
+
+
+def test_a_lost_scorer_is_never_turned_into_per_sample_penalties():
+    samples = [Sample("p", "a"), Sample("p", "b"), Sample("p", "c")]
+    pipeline = RewardPipeline(_Gone(None, "gone"), on_error="penalty", error_penalty=PENALTY)
+    with pytest.raises(ScoringUnavailable, match="no live replica"):
+        score_safely(pipeline.root, samples)
+    with pytest.raises(ScoringUnavailable):
+        pipeline.score(samples)  # the experience maker's path: the run stops with this message
+    outcomes = GuardedScorer(pipeline).score(samples)  # the server's path: the client retries elsewhere
+    assert [(o.reward, o.error.code, o.error.retry) for o in outcomes] == [(None, "unavailable", True)] * 3
+
+
+def test_every_openrlhf_path_refuses_skip_up_front(tmp_path):
+    from openrlhf_ext import launch
+
+    skip = tmp_path / "skip.yaml"
+    skip.write_text("on_error: skip\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    with pytest.raises(launch.LaunchError, match=f"{skip}: on_error: skip cannot be used with OpenRLHF 0.11.2"):
+        launch.check_shim_policy(str(skip))
+    with pytest.raises(ValueError, match="skip cannot be used"):
+        GuardedScorer(build_pipeline(parse_pipeline_config({"on_error": "skip", "reward": {"type": "length_penalty", "coef": 1.0}})))
