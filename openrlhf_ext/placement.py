@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class RayReplicas:
         self.reviving: dict[int, Any] = {}  # slot -> pid() call of a replica that is restarting
         self.gone: set[int] = set()
         self.losses = [0] * len(self.actors)  # each loss uses one of Ray's max_restarts
+        self._lock = threading.RLock()  # the server's health check and its scoring thread both update the sets
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -132,11 +134,11 @@ class RayReplicas:
         self.refresh()
         if not self.alive:
             self.await_revival()
-        chunks = split_even(len(items), len(self.alive))
+        live = list(self.alive)
         deadline = time.monotonic() + self.placement.call_timeout_s
         jobs = [
             _Job(chunk, slot, self.actors[slot].call.remote(method, items[chunk]), deadline)
-            for chunk, slot in zip(chunks, self.alive)
+            for chunk, slot in zip(split_even(len(items), len(live)), live)
         ]
         return _RayPending(self, method, items, jobs)
 
@@ -160,16 +162,17 @@ class RayReplicas:
 
     def lost(self, slot: int, killed: bool) -> None:
         """Take a replica out of the live set: it died, or it missed its deadline and is killed (Ray restarts it)."""
-        if slot not in self.alive:
-            return
-        self.alive.remove(slot)
-        if killed:
-            ray.kill(self.actors[slot], no_restart=False)
-        self.losses[slot] += 1
-        if 0 <= self.placement.max_restarts < self.losses[slot]:
-            self.gone.add(slot)
-        else:
-            self.reviving[slot] = self.actors[slot].pid.remote()
+        with self._lock:
+            if slot not in self.alive:
+                return
+            self.alive.remove(slot)
+            if killed:
+                ray.kill(self.actors[slot], no_restart=False)
+            self.losses[slot] += 1
+            if 0 <= self.placement.max_restarts < self.losses[slot]:
+                self.gone.add(slot)
+            else:
+                self.reviving[slot] = self.actors[slot].pid.remote()
         logger.warning(
             "%s: replica %d %s; its work moves to the %d live replica(s), it rejoins if Ray restarts it (max_restarts %d)",
             self.name, slot, f"missed its {_fmt(self.placement.call_timeout_s)} s deadline and was killed" if killed
@@ -178,25 +181,29 @@ class RayReplicas:
 
     def refresh(self, timeout: float = 0.0) -> None:
         """Return restarted replicas that answer to the live set; forget those Ray will not restart."""
-        if not self.reviving:
+        waiting = dict(self.reviving)
+        if not waiting:
             return
-        ready, _ = ray.wait(list(self.reviving.values()), num_returns=len(self.reviving), timeout=timeout)
-        for slot, ref in list(self.reviving.items()):
+        ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=timeout)
+        for slot, ref in waiting.items():
             if ref not in ready:
                 continue
-            try:
-                ray.get(ref)
-            except ActorUnavailableError:
-                self.reviving[slot] = self.actors[slot].pid.remote()
-                continue
-            except RayActorError:
+            with self._lock:
+                if self.reviving.get(slot) is not ref:
+                    continue  # another thread settled it
+                try:
+                    ray.get(ref)
+                except ActorUnavailableError:
+                    self.reviving[slot] = self.actors[slot].pid.remote()
+                    continue
+                except RayActorError:
+                    del self.reviving[slot]
+                    self.gone.add(slot)
+                    logger.warning("%s: replica %d is gone for good (max_restarts %d)", self.name, slot,
+                                   self.placement.max_restarts)
+                    continue
                 del self.reviving[slot]
-                self.gone.add(slot)
-                logger.warning("%s: replica %d is gone for good (max_restarts %d)", self.name, slot,
-                               self.placement.max_restarts)
-                continue
-            del self.reviving[slot]
-            self.alive = sorted([*self.alive, slot])
+                self.alive = sorted([*self.alive, slot])
             logger.info("%s: replica %d is back", self.name, slot)
 
     def await_revival(self) -> None:
@@ -251,7 +258,8 @@ class _RayPending:
                 group.refresh()
                 if not group.alive:
                     group.await_revival()
-                job.slot = group.alive[job.chunk.start % len(group.alive)]
+                live = list(group.alive)
+                job.slot = live[job.chunk.start % len(live)]
                 job.ref = group.actors[job.slot].call.remote(self.method, self.items[job.chunk])
                 job.deadline = time.monotonic() + group.placement.call_timeout_s
         if len(gathered) != len(self.items):

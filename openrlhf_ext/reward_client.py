@@ -9,9 +9,10 @@ becomes `None`, which crashes the training step later. This client instead:
   - checks every answer sample by sample (finite float32 rewards, scores and logs, exactly the declared log keys,
     at most a size cap) and retries only the samples that need it, each on the next server: those the server
     marked retryable (timeout, no live replica, ...) and those it answered with unusable numbers;
-  - remembers every server in a process-wide book: `Retry-After` (capped) and backoff put one server aside
-    while the others are used; a server that times out or refuses connections is put aside for a growing
-    interval (a circuit breaker), then one sample probes its /health before the others use it again;
+  - remembers every server in a process-wide book: a 429's `Retry-After` (capped) makes that sample wait or go
+    to another server; errors and backoff put the server aside for everyone while the others are used; a server
+    that times out or refuses connections is put aside for a growing interval (a circuit breaker), then one
+    sample probes its /health before the others use it again;
   - applies `on_error` once, at the end, to the samples the server could not score for a reason of their own
     (penalty: the announced `error_penalty`, `reward/errors` = 1; raise: stops the run);
   - within $REWARD_CLIENT_TIMEOUT_S seconds (default 600) returns a reward for every sample, else raises
@@ -39,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from .server_protocol import ErrorPolicy, Outcome, read_answer, to_payload
+from .server_protocol import ErrorPolicy, Outcome, read_answer, read_token_file, to_payload
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ClientSettings:
     max_delay_s: float = 10.0
     max_retry_after_s: float = 30.0
     breaker_base_s: float = 1.0
-    breaker_max_s: float = 60.0
+    breaker_max_s: float = 10.0
     attempt_timeout_s: float = ATTEMPT_TIMEOUT_S  # until a server's /health announces its own request timeout
     answer_bytes_per_sample: int = 256 * 1024
 
@@ -102,16 +103,12 @@ def read_token(environ: Mapping[str, str]) -> str | None:
     """$REWARD_SERVER_TOKEN, else the content of the file $REWARD_SERVER_TOKEN_FILE names (stripped), else None."""
     if environ.get(TOKEN_ENV):
         return environ[TOKEN_ENV]
-    path = environ.get(TOKEN_FILE_ENV)
-    if not path:
+    if not environ.get(TOKEN_FILE_ENV):
         return None
     try:
-        token = open(path, encoding="utf-8").read().strip()
-    except OSError as exc:
-        raise RewardClientError(f"${TOKEN_FILE_ENV} names {path}, which cannot be read ({exc.strerror})") from None
-    if not token:
-        raise RewardClientError(f"${TOKEN_FILE_ENV} names {path}, which is empty")
-    return token
+        return read_token_file(environ[TOKEN_FILE_ENV], f"${TOKEN_FILE_ENV}")
+    except ValueError as exc:
+        raise RewardClientError(str(exc)) from None
 
 
 def redact(url: str) -> str:
@@ -147,12 +144,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 class _Failure(Exception):
-    """One attempt at one server failed as a whole; `breaker`: the server timed out or refused (put it aside)."""
+    """One attempt at one server failed as a whole; `breaker`: the server timed out or refused (put it aside);
+    `busy`: it is only busy (429), so this sample waits or goes elsewhere while the others may still be admitted."""
 
-    def __init__(self, what: str, retry_after: float | None = None, breaker: bool = False):
+    def __init__(self, what: str, retry_after: float | None = None, breaker: bool = False, busy: bool = False):
         super().__init__(what)
         self.retry_after = retry_after
         self.breaker = breaker
+        self.busy = busy
 
 
 class _Refused(Exception):
@@ -177,6 +176,7 @@ class ServerState:
     failures: int = 0  # consecutive breaker failures
     soft: int = 0  # consecutive other failures (backoff)
     failed_at: float = -math.inf  # when the last failure was counted
+    last_error: str = ""
     probing: bool = False
     info: ServerInfo | None = None
 
@@ -197,17 +197,19 @@ class ServerBook:
     def state(self, url: str) -> ServerState:
         return self.servers.setdefault(url, ServerState(url))
 
-    def choose(self, urls: Sequence[str], start: int, now: float) -> ServerState | None:
-        """The first server, in rotation from `start`, not put aside and not being probed."""
+    def choose(self, urls: Sequence[str], start: int, now: float, avoid: Mapping[str, float]) -> ServerState | None:
+        """The first server, in rotation from `start`, not put aside, not being probed, and not one this sample
+        was told to avoid (`avoid`: url -> until when)."""
         for offset in range(len(urls)):
             state = self.state(urls[(start + offset) % len(urls)])
-            if state.blocked_until <= now and not state.probing:
+            if state.blocked_until <= now and not state.probing and avoid.get(state.url, 0.0) <= now:
                 return state
         return None
 
-    def wake_at(self, urls: Sequence[str], now: float) -> float:
+    def wake_at(self, urls: Sequence[str], now: float, avoid: Mapping[str, float]) -> float:
         """When the first of `urls` may be tried again (a probe in flight: look again shortly)."""
-        return min(s.blocked_until if s.blocked_until > now else now + 0.2 for s in map(self.state, urls))
+        return min(max(s.blocked_until if s.blocked_until > now else now + 0.2 * s.probing, avoid.get(s.url, 0.0))
+                   for s in map(self.state, urls))
 
     def failed(self, state: ServerState, failure: _Failure, settings: ClientSettings, rng: random.Random,
                started: float = math.inf) -> float:
@@ -217,6 +219,7 @@ class ServerBook:
         seen by many samples at once counts once, so the breaker interval grows per probe, not per sample)."""
         now = time.monotonic()
         new = started >= state.failed_at
+        state.last_error = str(failure)
         if new:
             state.failed_at = now
         if failure.breaker:
@@ -341,7 +344,7 @@ async def _attempt(state: ServerState, session: aiohttp.ClientSession, payload: 
                                                settings.max_answer_bytes(n), payload)
     what = f"HTTP {status}, {len(raw)} bytes, request {rid}"
     if status in RETRYABLE_STATUS:
-        raise _Failure(what, retry_after, breaker=status in BREAKER_STATUS)
+        raise _Failure(what, retry_after, breaker=status in BREAKER_STATUS, busy=status == 429)
     if status != 200:
         raise _Refused(what)
     try:
@@ -375,13 +378,15 @@ async def score_with_retries(
     pending = list(range(n))
     deadline = time.monotonic() + settings.budget_s
     attempts, last = 0, "no attempt made"
+    avoid: dict[str, float] = {}  # servers that told this sample to wait (429), until when
     while pending:
         now = time.monotonic()
         if now >= deadline:
             break
-        state = book.choose(urls, first + attempts, now)
+        state = book.choose(urls, first + attempts, now, avoid)
         if state is None:
-            await asyncio.sleep(min(max(book.wake_at(urls, now) - now, 0.0) + rng.uniform(0, 0.05), deadline - now))
+            wake = book.wake_at(urls, now, avoid)
+            await asyncio.sleep(min(max(wake - now, 0.0) + rng.uniform(0, 0.05), deadline - now))
             continue
         attempts += 1
         state.probing = state.failures > 0
@@ -401,8 +406,14 @@ async def score_with_retries(
                 "retrying cannot help, stopping"
             ) from None
         except _Failure as exc:
-            delay = book.failed(state, exc, settings, rng, started)
             last = f"{redact(state.url)}: {exc}"
+            if exc.busy:
+                wait = exc.retry_after if exc.retry_after is not None else settings.backoff(attempts, rng)
+                avoid[state.url] = time.monotonic() + min(wait, settings.max_retry_after_s) + rng.uniform(0, 0.25)
+                logger.info("reward server %s is busy (%s); %d sample(s) try the next server or wait",
+                            redact(state.url), exc, len(pending))
+                continue
+            delay = book.failed(state, exc, settings, rng, started)
             logger.warning("reward server %s: %s; %d sample(s) go to the next server, this one rests %.1f s",
                            redact(state.url), exc, len(pending), delay)
             continue
@@ -421,12 +432,18 @@ async def score_with_retries(
                 unscorable[i] = (outcome, state)
         if retry:
             codes = sorted(codes)
-            book.failed(state, _Failure("samples to retry"), settings, rng, started)
+            if codes == ["timeout"]:  # the server was busy: these samples wait or go elsewhere, the others need not
+                avoid[state.url] = time.monotonic() + settings.backoff(attempts, rng)
+            else:
+                book.failed(state, _Failure("samples to retry"), settings, rng, started)
             last = f"{redact(state.url)}: {len(retry)} sample(s) not scored ({', '.join(codes)})"
             logger.warning("reward server %s could not score %d sample(s) now (%s); retried on the next server",
                            redact(state.url), len(retry), ", ".join(codes))
         pending = retry
     if pending:
+        if last == "no attempt made":  # every server was put aside by other samples' failures the whole time
+            last = "every server was put aside; " + "; ".join(
+                f"{redact(url)}: {book.state(url).last_error or 'busy'}" for url in urls)
         raise RewardClientError(
             f"no reward for {len(pending)} of {n} sample(s) after {settings.budget_s:g} s (${BUDGET_ENV}) and "
             f"{attempts} attempts; last: {last}"

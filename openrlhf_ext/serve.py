@@ -21,7 +21,7 @@ from reward_plugins.config import ConfigError, load_pipeline_config
 from reward_plugins.pipeline import build_pipeline
 
 from .server_app import ServerSettings, create_app, uvicorn_config
-from .server_protocol import ErrorPolicy, GuardedScorer
+from .server_protocol import ErrorPolicy, GuardedScorer, read_token_file
 
 TOKEN_ENV = "REWARD_SERVER_TOKEN"
 logger = logging.getLogger(__name__)
@@ -35,19 +35,13 @@ class _Refused(argparse.Action):
 
 
 def read_token(path: str | None, environ: dict[str, str] | None = None) -> str | None:
-    """The token from `path` (surrounding whitespace stripped), else $REWARD_SERVER_TOKEN, else None.
-
-    ValueError for a missing or empty file; a warning when others may read the file."""
+    """The token from `path` (--token-file), else $REWARD_SERVER_TOKEN, else None; ValueError for an unusable file,
+    a warning when others may read it."""
     environ = os.environ if environ is None else environ
     if path is None:
         return environ.get(TOKEN_ENV) or None
-    try:
-        token = open(path, encoding="utf-8").read().strip()
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise ValueError(f"--token-file {path}: {exc.strerror}") from None
-    if not token:
-        raise ValueError(f"--token-file {path} is empty")
+    token = read_token_file(path, "--token-file")
+    mode = os.stat(path).st_mode
     if mode & 0o077:
         logger.warning("--token-file %s can be read by other users (mode %o); chmod 600 it", path, mode & 0o777)
     return token

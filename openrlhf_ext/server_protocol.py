@@ -30,6 +30,7 @@ import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,17 @@ def finite_float32(value: Any) -> bool:
     if isinstance(value, int):
         return abs(value) <= FLOAT32_MAX
     return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def read_token_file(path: str, what: str) -> str:
+    """The bearer token in `path`, surrounding whitespace stripped; ValueError naming `what` (never the content)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} names {path}, which cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8'})") from None
+    if not token:
+        raise ValueError(f"{what} names {path}, which is empty")
+    return token
 
 
 def longest_prompt_overlap(prompt: str, query: str) -> int:
