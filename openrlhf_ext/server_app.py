@@ -294,10 +294,10 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - a failing check is itself a reason to send clients elsewhere
             return f"health check failed: {type(exc).__name__}: {exc}"
 
-    def retry_after_s() -> str:
-        """Seconds until the admitted work is likely scored, at least 1, at most the request timeout."""
-        drain = batcher.estimate_s(admission.in_use)
-        return str(max(1, min(math.ceil(drain), math.ceil(settings.request_timeout_s))))
+    def retry_after_s(samples: int) -> str:
+        """Seconds until `samples` more would likely be scored within the request timeout again (1 to the timeout)."""
+        excess = batcher.estimate_s(admission.in_use + samples) - settings.request_timeout_s
+        return str(max(1, min(math.ceil(excess), math.ceil(settings.request_timeout_s))))
 
     @app.get("/health")
     async def health_route(request: Request) -> JSONResponse:
@@ -356,7 +356,7 @@ def create_app(
                 k, remaining - batcher.estimate_s(k)
             ):
                 return _error(429, f"too busy to score {k} samples within {settings.request_timeout_s:g} s; retry",
-                              rid, **{"Retry-After": retry_after_s()})
+                              rid, **{"Retry-After": retry_after_s(k)})
             try:
                 scored = await _score(samples, batcher, scorer, deadline, rid)
             finally:

@@ -95,20 +95,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_token_comes_from_a_file_or_the_environment_never_the_command_line(tmp_path):
+def test_token_comes_from_a_file_or_the_environment_never_the_command_line(tmp_path, capsys):
+    from openrlhf_ext import serve as serve_module
+
     config = tmp_path / "chars.yaml"
     config.write_text("on_error: penalty\nerror_penalty: -1\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
     serve = [sys.executable, "-m", "openrlhf_ext.serve", "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if k != "REWARD_SERVER_TOKEN"}
-    refused = subprocess.run([*serve, "--token", "cli-secret-1"], capture_output=True, text=True, env=env)
-    assert refused.returncode == 2 and "--token is not accepted" in refused.stderr and "REWARD_SERVER_TOKEN" in refused.stderr
-    assert "cli-secret-1" not in refused.stderr + refused.stdout
+    with pytest.raises(SystemExit, match="^2$"):
+        serve_module.parse_args(["--config", str(config), "--token", "cli-secret-1"])
+    refused = capsys.readouterr()
+    assert "--token is not accepted" in refused.err and "REWARD_SERVER_TOKEN" in refused.err
+    assert "cli-secret-1" not in refused.err + refused.out
 
     skip = tmp_path / "skip.yaml"
     skip.write_text("on_error: skip\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
-    no_skip = subprocess.run([sys.executable, "-m", "openrlhf_ext.serve", "--config", str(skip)],
-                             capture_output=True, text=True, env=env)
-    assert no_skip.returncode == 2 and f"{skip}: on_error: skip cannot be used with OpenRLHF 0.11.2" in no_skip.stderr
+    with pytest.raises(SystemExit, match="^2$"):
+        serve_module.main(["--config", str(skip), "--torch-threads", "1"])
+    assert f"{skip}: on_error: skip cannot be used with OpenRLHF 0.11.2" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="^2$"):
+        serve_module.main(["--config", str(config), "--token-file", str(tmp_path / "empty"), "--torch-threads", "1"])
+    assert f"--token-file names {tmp_path / 'empty'}, which is empty" in capsys.readouterr().err
 
     secret = "file-secret-42"
     token_file = tmp_path / "token"
