@@ -143,11 +143,23 @@ class HFLogProbScorer:
             position_ids=position_ids_from_mask(attention_mask),
             **kwargs,
         ).logits[:, -keep:]
-        logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        offset = width - keep
-        rows = []
-        for row, (sequence, start) in enumerate(zip(sequences, starts)):
-            positions = torch.arange(start - 1, len(sequence) - 1, device=logprobs.device) - offset
-            targets = input_ids[row, start : len(sequence)]
-            rows.append(logprobs[row, positions, targets].double().cpu().numpy())
-        return rows
+        rows = continuation_token_logprobs(logits, input_ids, starts, [len(s) for s in sequences], self.temperature)
+        return [row.double().cpu().numpy() for row in rows]
+
+
+def continuation_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, starts: Sequence[int],
+                                lengths: Sequence[int], temperature: float) -> list[torch.Tensor]:
+    """Log-probs of tokens `starts[i]:lengths[i]` of each row under `log_softmax(logits / temperature)`.
+
+    `logits` covers the last `logits.shape[1]` positions of `input_ids` (logits at position p predict token
+    p + 1). Only the scored positions are upcast and normalised (not the whole batch's vocabulary rows), and
+    everything stays on the logits' device.
+    """
+    offset = input_ids.shape[1] - logits.shape[1]
+    rows = []
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        positions = torch.arange(start - 1, length - 1, device=logits.device) - offset
+        targets = input_ids[row, start:length].to(logits.device)
+        scaled = logits[row, positions].float() / temperature
+        rows.append(scaled.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    return rows
