@@ -31,6 +31,14 @@ class LogProbScorer(Protocol):
     ) -> list[np.ndarray]: ...
 
 
+def dtype_name(value) -> str | None:
+    """One spelling for a dtype: `bf16`, `torch.bfloat16` and `bfloat16` are all `bfloat16` (None stays None)."""
+    if value is None:
+        return None
+    text = str(value).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(text, text)
+
+
 def perplexity(token_logprobs: np.ndarray) -> float:
     """exp of the mean negative log-likelihood over the scored tokens."""
     if len(token_logprobs) == 0:
@@ -74,11 +82,13 @@ class HFLogProbScorer:
         max_length: int = 4096,
         temperature: float = 1.0,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ):
         require_safetensors(model_path)
         target = resolve_device(device)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code
+            model_path, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code, **extra
         ).to(target).eval()
         tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         self._attach(model, tokenizer, batch_size, max_tokens_per_batch, max_length, temperature)
@@ -111,6 +121,16 @@ class HFLogProbScorer:
         self.temperature = temperature
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.truncated_contexts = 0
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype name (`bfloat16`, ...), as baseline fingerprints record it."""
+        return dtype_name(next(self.model.parameters()).dtype)
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention kernel the model runs (`sdpa`, `flash_attention_2`, `eager`), as fingerprints record it."""
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
 
     @torch.inference_mode()
     def continuation_logprobs(
