@@ -199,7 +199,8 @@ class VRCLIPrompt(PluginConfig):
         left once the gold, the larger fixed text and `plan_token_reserve` are counted goes to the newest
         story tokens. Cached per tokenizer and label.
         """
-        key = (self.settings_hash(), max_length, json.dumps(label, sort_keys=True, default=str))
+        label_text = json.dumps(label, sort_keys=True, default=str)
+        key = (self.settings_hash(), max_length, hashlib.sha256(label_text.encode()).digest())
         try:
             cache = _CUTS.setdefault(tokenizer, OrderedDict())
         except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
