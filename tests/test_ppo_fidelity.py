@@ -43,7 +43,11 @@ def test_has_eos_any_real_token_not_all_and_not_padding():
     assert ppo.response_has_eos(tokens, mask, eos).tolist() == [True, False, True, True]
     # pad == eos: the padding after a response without EOS is not an EOS it emitted
     shared = torch.tensor([[5, 6, 7, eos], [5, eos, eos, eos]])
-    assert ppo.response_has_eos(shared, torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), eos).tolist() == [False, True]
+    shared_mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert ppo.response_has_eos(shared, shared_mask, eos).tolist() == [False, True]
+    zeros = torch.zeros(2, 4)
+    sums = dict(zip(ppo.ROLLOUT_SUMS, ppo.rollout_sums(torch.zeros(2), zeros, zeros, zeros, shared_mask, shared, eos).tolist()))
+    assert sums["eos_tokens"] == 1  # val/num_eos_tokens: the one emitted, not the padding that shares its id
 
 
 def test_missing_eos_penalty_reaches_only_responses_without_eos():
