@@ -115,7 +115,9 @@ class ShimState:
         raise RewardStopped(f"reward_func stopped the run: {reason}")
 
     def settle(self, outcomes: Sequence[Outcome]) -> list[Outcome]:
-        """Apply the policy to failed samples, count failures; stop the run when the policy or the limit says so."""
+        """Apply the policy to failed samples, count failures; stop the run when the policy or the limit says so.
+
+        The first reason found (under the lock) is the one every call reports, however the threads interleave."""
         settled, reason = [], None
         with self._lock:
             for outcome in outcomes:
@@ -137,8 +139,11 @@ class ShimState:
                 if not reason and self._max_failures and self._consecutive >= self._max_failures:
                     reason = (f"{self._consecutive} samples in a row failed to score (${MAX_FAILURES_ENV}="
                               f"{self._max_failures}); {count}; last error: {last}")
-        if reason:
-            self.stop(reason)
+            if reason and self._stopped is None:
+                self._stopped = reason
+            stopped = self._stopped
+        if stopped is not None:
+            self.stop(stopped)
         return settled
 
     def __call__(self, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any]) -> dict[str, Any]:

@@ -147,3 +147,25 @@ def test_pipeline_built_once_under_concurrent_first_calls(fresh_state, tmp_path,
         thread.join()
     assert len(builds) == 1
     assert [r["rewards"] for r in results] == [-2.0] * 8
+
+
+def test_concurrent_failures_all_report_the_first_reason(fresh_state, tmp_path, monkeypatch):
+    config = tmp_path / "chars.yaml"
+    config.write_text("on_error: penalty\nerror_penalty: -5\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    monkeypatch.setenv(shim.CONFIG_ENV, str(config))
+    monkeypatch.setenv(shim.MAX_FAILURES_ENV, "3")
+    stops: list[str] = []
+
+    def call():
+        try:
+            shim.reward_func(["unrelated text"], ["<|user|>a prompt<|assistant|>"], [None])
+        except shim.RewardStopped as exc:
+            stops.append(str(exc))
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stops) >= 10 and len(set(stops)) == 1, stops
+    assert "3 samples in a row failed to score" in stops[0] and "; 3 sample(s) failed to score" in stops[0]
