@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from serve_helpers import chars_rollouts, chars_scorer, execute, install_client
 
 from openrlhf_ext import reward_client
