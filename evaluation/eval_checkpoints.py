@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = [row for row in load_prompts(args.prompts, args.max_prompts) for _ in range(args.samples_per_prompt)]
     from reward_plugins.cli import check_model_dir
 
-    for index, path in enumerate([args.initial_policy, *args.checkpoints]):
-        check_model_dir(path, "--initial-policy" if index == 0 else "--checkpoints", causal_lm=True)
+    args.initial_policy = check_model_dir(args.initial_policy, "--initial-policy", causal_lm=True)
+    for path in args.checkpoints:
+        check_model_dir(path, "--checkpoints", causal_lm=True)
     steps = checkpoint_steps(args.checkpoints)
     if not args.no_initial:
         if steps[0][0] == 0:

@@ -54,8 +54,8 @@ def _main(argv: Sequence[str]) -> None:
     from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
     from trl_ext.generation import sample
 
-    check_model_dir(args.policy, "--policy", causal_lm=True)
-    check_model_dir(args.gold_rm, "--gold-rm")
+    args.policy = check_model_dir(args.policy, "--policy", causal_lm=True)
+    args.gold_rm = check_model_dir(args.gold_rm, "--gold-rm")
     tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(args.policy, "--policy"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config_loader import ConfigError
 from .io import DataError
+from .model_ref import ModelNotFound, looks_like_hub_id, resolve_model
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "REWARD_PLUGINS_DEBUG"
@@ -21,6 +22,13 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 class UsageError(RuntimeError):
     """The command cannot run as asked (a missing or wrong model folder, an unusable option); the message says why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line to print (e.g. where the same command resumes)."""
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, UsageError, FileNotFoundError)
@@ -33,13 +41,23 @@ def looks_local(name: str) -> bool:
     return "/" in name and Path(name.split("/", 1)[0]).is_dir()
 
 
+def resolve_folder(path: str, key: str) -> str:
+    """A local folder, or a hub id (`org/name[@revision]`) resolved to its snapshot folder; `UsageError` naming
+    `key` when neither can be had (offline: within seconds, naming HF_HUB_OFFLINE)."""
+    if Path(os.path.expanduser(path)).exists():
+        return os.path.expanduser(path)
+    if looks_local(path) and not looks_like_hub_id(path):
+        raise UsageError(f"{key}: {path} does not exist (a local path; nothing is downloaded)")
+    try:
+        return resolve_model(path, key).path
+    except ModelNotFound as exc:
+        raise UsageError(str(exc)) from None
+
+
 def check_model_dir(path: str, key: str, *, causal_lm: bool = False) -> str:
-    """`path` as a usable local model folder, or a `UsageError` naming `key`; hub ids are left to transformers."""
-    folder = Path(os.path.expanduser(path))
-    if not folder.exists():
-        if looks_local(path):
-            raise UsageError(f"{key}: {path} does not exist (a local path; nothing is downloaded)")
-        return path
+    """`path` (a folder or hub id) as a usable local model folder, or a `UsageError` naming `key`."""
+    path = resolve_folder(path, key)
+    folder = Path(path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise UsageError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
     if causal_lm:
@@ -54,12 +72,9 @@ def check_model_dir(path: str, key: str, *, causal_lm: bool = False) -> str:
 
 
 def check_tokenizer_dir(path: str, key: str) -> str:
-    """A tokenizer folder (or hub id) that exists, else a `UsageError` naming `key`."""
-    folder = Path(os.path.expanduser(path))
-    if not folder.exists():
-        if looks_local(path):
-            raise UsageError(f"{key}: {path} does not exist (a local path; nothing is downloaded)")
-        return path
+    """A tokenizer folder (or a hub id, resolved to its folder) that exists, else a `UsageError` naming `key`."""
+    path = resolve_folder(path, key)
+    folder = Path(path)
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UsageError(f"{key}: {path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
     return path
@@ -85,13 +100,26 @@ def strip_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
 
 def run_cli(main: Callable[[list[str]], Any], prog: str, argv: Sequence[str] | None = None,
             user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Call `main(argv)`; a user error prints `prog: error: ...` and gives 2; `--debug` re-raises it."""
+    """Call `main(argv)`; a user error prints `prog: error: ...` and gives 2, Ctrl-C one line and 130 (rank 0
+    prints, under torchrun); `--debug` re-raises either."""
     args, debug = strip_debug(sys.argv[1:] if argv is None else argv)
     try:
         result = main(args)
     except (*USER_ERRORS, *user_errors) as exc:
         if debug:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if main_process():
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        if main_process():
+            print(f"{prog}: {exc if isinstance(exc, Interrupted) and str(exc) else 'interrupted'}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return result if isinstance(result, int) else 0
+
+
+def main_process() -> bool:
+    """Rank 0 under torchrun / accelerate (or no launcher): the one process that prints."""
+    return os.environ.get("RANK", "0") == "0"

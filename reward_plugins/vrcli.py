@@ -29,8 +29,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import Field, field_validator, model_validator
 
-from .config import ExistingPath, Placement
+from .config import Placement
 from .logprobs import HFLogProbScorer, LogProbScorer, perplexity
+from .model_ref import ModelRef, repo_of, revision_of
 from .modeling import DTypeName
 from .registry import PluginConfig, RewardPlugin, plugin_tree, register_plugin
 from .types import LabelError, RewardResult, Sample
@@ -283,8 +284,8 @@ class ScorerConfig(PluginConfig):
     """`backend: hf` loads `model` here; `backend: external` expects `attach_scorer` (e.g. OpenRLHF's reference model)."""
 
     backend: Literal["hf", "external"] = "hf"
-    model: ExistingPath | None = None
-    tokenizer: ExistingPath | None = None
+    model: ModelRef | None = None
+    tokenizer: ModelRef | None = None
     dtype: DTypeName = "auto"
     device: str = "auto"
     batch_size: int = Field(default=8, gt=0)
@@ -355,10 +356,15 @@ def model_id(name_or_path: str | os.PathLike) -> str:
     return PurePath(str(name_or_path).rstrip("/\\")).name or str(name_or_path)
 
 
-def fingerprint(model: str | None, temperature: float, max_length: int, prompt: VRCLIPrompt) -> dict[str, Any]:
-    """What must agree between a baseline and the reward that uses it: scorer model, temperature, max_length, prompt."""
-    return {"model": model, "temperature": float(temperature), "max_length": int(max_length),
-            "prompt_hash": prompt.settings_hash()}
+def fingerprint(model: str | None, temperature: float, max_length: int, prompt: VRCLIPrompt,
+                revision: str | None = None) -> dict[str, Any]:
+    """What must agree between a baseline and the reward that uses it: scorer model (and its hub commit, when it
+    came from a hub id), temperature, max_length, prompt."""
+    out = {"model": model, "temperature": float(temperature), "max_length": int(max_length),
+           "prompt_hash": prompt.settings_hash()}
+    if revision is not None:
+        out["revision"] = revision
+    return out
 
 
 def fingerprint_differences(expected: Mapping[str, Any], found: Any) -> list[str]:
@@ -456,7 +462,7 @@ class VRCLIPlugin(RewardPlugin):
         attached = getattr(self.scorer, "model_id", None)
         if attached:
             return str(attached)
-        return model_id(self.config.scorer.model) if self.config.scorer.model is not None else None
+        return model_id(repo_of(self.config.scorer.model)) if self.config.scorer.model is not None else None
 
     @property
     def max_length(self) -> int:
@@ -467,7 +473,8 @@ class VRCLIPlugin(RewardPlugin):
         """This reward's fingerprint, as `compute_baseline_perplexity.py` records it in each label."""
         scorer = self.scorer
         temperature = scorer.temperature if scorer is not None else self.config.scorer.temperature
-        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt)
+        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt,
+                           revision_of(self.config.scorer.model))
 
     def check_labels(self, labels: Sequence[Any]) -> None:
         """Refuse (raise `BaselineMismatchError`) labels whose baseline fingerprint differs from this reward's."""

@@ -192,7 +192,8 @@ def write_table(path: Path, rows: list[dict[str, Any]], table_format: str) -> li
 def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[str, Any]:
     """Score every split (resuming from the cache), then write the labelled splits and the table."""
     config = load_vrcli_config(args.reward_config, args.reward_name)
-    overrides = {"model": args.model_name, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
+    model = check_model_dir(args.model_name, "--model_name", causal_lm=True) if scorer is None else args.model_name
+    overrides = {"model": model, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
     for key in ("batch_size", "dtype", "device", "temperature", "max_length"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -206,9 +207,9 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     if absent:
         raise UsageError(f"split file(s) not found: {', '.join(absent)} (choose --splits)")
     if scorer is None:
-        check_model_dir(args.model_name, "--model_name", causal_lm=True)
         if scorer_config.tokenizer:
-            check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            tokenizer = check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            scorer_config = scorer_config.model_copy(update={"tokenizer": tokenizer})
         with loading("--model_name", args.model_name):
             scorer = scorer_config.build()
     dtype = str(getattr(getattr(scorer, "model", None), "dtype", scorer_config.dtype))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reward_plugins import load_pipeline_config
 from reward_plugins.config_loader import (
@@ -148,20 +148,27 @@ def test_expand_tree_reports_every_unset_variable_with_its_key(monkeypatch):
     assert [p.split(": ")[:2] for p in located.problems] == [["f.yaml:1", "a"], ["f.yaml:2", "b.0"]]
 
 
-def test_read_yaml_errors(tmp_path):
+def test_read_yaml_errors_carry_the_kind_of_file(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"a: \xe9\n")
+    cases = [(tmp_path / "none.yaml", "no such file"), (write(tmp_path, "a: [1, 2\n"), "not valid YAML"),
+             (latin, "cannot read"), (write(tmp_path, "a: ${RP_NOT_SET_X}\n", "env.yaml"),
+                                      "environment variable RP_NOT_SET_X is not set")]
+    for path, message in cases:
+        for reader in (lambda: read_yaml(path, "SFT"), lambda: load_model(Preset, path, kind="SFT")):
+            with pytest.raises(ConfigError) as info:
+                reader()
+            assert info.value.kind == "SFT" and message in str(info.value)
+            assert str(info.value).startswith(f"invalid SFT configuration:\n  {path}")
     with pytest.raises(ConfigError) as info:
         read_yaml(tmp_path / "none.yaml", "train")
     assert info.value.problems == [f"{tmp_path / 'none.yaml'}: no such file"]
-    assert str(info.value).startswith("invalid train configuration:\n  ")
-    bad = write(tmp_path, "a: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        read_yaml(bad, "train")
-    latin = tmp_path / "latin.yaml"
-    latin.write_bytes(b"a: \xe9\n")
-    with pytest.raises(ConfigError, match="cannot read"):
-        read_yaml(latin, "train")
-    with pytest.raises(ConfigError, match="environment variable RP_NOT_SET_X is not set"):
-        read_yaml(write(tmp_path, "a: ${RP_NOT_SET_X}\n"), "train")
+
+
+def test_utf8_is_read_as_utf8(tmp_path):
+    path = tmp_path / "u.yaml"
+    path.write_bytes("name: caf\u00e9 \u2013 \u6f22\n".encode())
+    assert load_model(Preset, path, kind="train").name == "caf\u00e9 \u2013 \u6f22"
 
 
 def test_parse_override_types_and_errors(monkeypatch):
@@ -172,6 +179,9 @@ def test_parse_override_types_and_errors(monkeypatch):
     assert parse_override("a=") == (["a"], "")
     assert parse_override("a=${RP_A}") == (["a"], "alpha")
     assert parse_override("a=null") == (["a"], None)
+    with pytest.raises(ConfigError) as info:
+        parse_override("novalue")
+    assert info.value.kind == "train"
     for text, message in (("novalue", "expected key.path=value"), ("=3", "empty key"), ("a=[1", "not valid YAML"),
                           ("a=${RP_NOT_SET_X}", "RP_NOT_SET_X is not set")):
         with pytest.raises(ConfigError) as info:
@@ -185,6 +195,11 @@ def test_apply_overrides_copies_and_creates_mappings():
     assert out == {"a": {"b": 2}, "keep": [1], "new": {"deep": {"key": "x"}}, "top": 5}
     assert keys == [("a", "b"), ("new", "deep", "key"), ("top",)]
     assert data == {"a": {"b": 1}, "keep": [1]}  # the input is not modified
+    for kind, args in (("train", ()), ("RM", ("RM",))):
+        for bad in ("keep.x=1", "novalue"):
+            with pytest.raises(ConfigError) as info:
+                apply_overrides(data, [bad], *args)
+            assert info.value.kind == kind
     with pytest.raises(ConfigError, match="keep is not a mapping"):
         apply_overrides(data, ["keep.x=1"])
     assert apply_overrides({}, []) == ({}, [])
@@ -200,10 +215,83 @@ def test_load_model_locates_problems_in_file_and_overrides(tmp_path):
     assert info.value.kind == "train"
     cfg = load_model(Preset, None, ["steps=4"], kind="train")
     assert cfg.steps == 4 and cfg.name == "run"
+    for bad in ("rate=fast", "novalue", "trl=1", "trl.x.y=2"):
+        with pytest.raises(ConfigError) as info:
+            load_model(Preset, None, ["trl.x=1", bad] if bad == "trl.x.y=2" else [bad], kind="RM")
+        assert info.value.kind == "RM"
     empty = write(tmp_path, "", "empty.yaml")
     assert load_model(Preset, empty, kind="train").steps == 1
-    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
-        load_model(Preset, write(tmp_path, "- 1\n", "list.yaml"), kind="train")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level") as info:
+        load_model(Preset, write(tmp_path, "- 1\n", "list.yaml"), kind="RM")
+    assert info.value.kind == "RM"
+
+
+class Required(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str
+    steps: int = 1
+
+
+def test_load_model_without_a_file_names_the_command_line():
+    with pytest.raises(ConfigError) as info:
+        load_model(Required, None, ["steps=2"], kind="train")
+    assert info.value.problems == ["<command line>: policy: Field required"]
+
+
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    size: int = 0
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inner: Inner
+    items: list[Inner] = []
+
+
+class NeedsContext(BaseModel):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _seen(cls, value, info):
+        if not (info.context or {}).get("allowed"):
+            raise ValueError("no context")
+        return value
+
+
+def test_typed_reference_nested_and_with_context(monkeypatch, tmp_path):
+    monkeypatch.setenv("RP_NUM", "12")
+    path = write(tmp_path, "inner: {label: '${RP_NUM}', size: '${RP_NUM}'}\nitems:\n  - label: ${RP_NUM}\n")
+    cfg = load_model(Outer, path, kind="train")
+    assert cfg.inner == Inner(label="12", size=12) and cfg.items == [Inner(label="12")]
+    path = write(tmp_path, "name: ${RP_NUM}\n", "ctx.yaml")
+    assert load_model(NeedsContext, path, kind="train", context={"allowed": True}).name == "12"
+    with pytest.raises(ConfigError, match="no context"):
+        load_model(NeedsContext, path, kind="train")
+
+
+def test_validate_leaves_its_input_alone_and_reports_other_string_errors():
+    located = Located("f.yaml")
+    located.typed[("inner", "label")] = "12"
+    data = {"inner": {"label": 12}}
+    assert located.validate(Outer, data).inner.label == "12"
+    assert data == {"inner": {"label": 12}}
+    with pytest.raises(ValidationError):  # a number written as a number, not through ${VAR}: still refused
+        located.validate(Outer, {"inner": {"label": 12}, "items": [{"label": 5}]})
+    with pytest.raises(ValidationError):
+        Located("g.yaml").validate(Outer, {"inner": {"label": 12}})
+
+
+def test_typed_reference_in_a_reward_config_keeps_check_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("RP_PATTERN", "42")
+    path = write(tmp_path, "reward:\n  type: reward_model\n  path: /no/such/rm\n  template: '{prompt}${RP_PATTERN}'\n"
+                           "  label_index: 0\n  device: ${RP_PATTERN}\n")
+    assert load_pipeline_config(path, check_paths=False).reward.config.device == "42"
 
 
 class Checked(Preset):
@@ -225,3 +313,4 @@ def test_config_error_survives_pickling():
     again = copy.deepcopy(error)  # through __reduce__, as pickling across a process boundary (Ray) does
     assert again.problems == error.problems and again.kind == "SFT" and str(again) == str(error)
     assert str(ConfigError(["x"])) == "invalid reward configuration:\n  x"
+    assert str(ConfigError(["x", "y"], "train")) == "invalid train configuration:\n  x\n  y"

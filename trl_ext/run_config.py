@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reward_plugins.model_ref import ModelRef, describe
 from reward_plugins.pipeline import RewardPipeline
 
 from .config import ExistingPath, unknown_fields
@@ -49,7 +50,7 @@ class PPOSettings(BaseModel):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ExistingPath | None = None  # the reward model the value model starts from
+    value_model: ModelRef | None = None  # the reward model the value model starts from
     save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
     logging_steps: int = Field(default=1, gt=0)
     sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
@@ -72,8 +73,8 @@ class TrainConfig(BaseModel):
     CONFIG_KIND: ClassVar[str] = "train"
 
     algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
-    policy: ExistingPath
-    tokenizer: ExistingPath | None = None
+    policy: ModelRef
+    tokenizer: ModelRef | None = None
     reward_config: ExistingPath
     train_data: ExistingPath
     eval_data: ExistingPath | None = None
@@ -120,7 +121,7 @@ class RunInputs:
                       ref_model=None) -> EvalFileCallback:
         """Eval files on the rendered eval prompts, written like every algorithm writes them."""
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
-                "policy": str(cfg.policy), "backend": backend}
+                "policy": describe(cfg.policy), "backend": backend}
         return EvalFileCallback(
             Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
             [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],

@@ -23,9 +23,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
+from reward_plugins.model_ref import ModelRef, describe
 
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
+from .console import is_main_process, setup_output, use_bar_and_table
 from .data import SFT_FIELDS, read_rows
+from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ class SFTRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "SFT"
 
-    model: ExistingPath
-    tokenizer: ExistingPath | None = None
+    model: ModelRef
+    tokenizer: ModelRef | None = None
     train_data: ExistingPath
     eval_data: ExistingPath | None = None
     output_dir: str
@@ -90,25 +93,33 @@ def build_trainer(cfg: SFTRunConfig):
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
 
 
-def run(cfg: SFTRunConfig) -> Path:
-    """Train (resuming from a checkpoint if one exists) and save the final model and tokenizer to `output_dir/final`."""
-    trainer = build_trainer(cfg)
+def run(cfg: SFTRunConfig, mode: ResumeMode = "auto") -> Path:
+    """Train (resuming from the last checkpoint of a run with the same settings, see `trl_ext.run_dir`) and save
+    the final model and tokenizer to `output_dir/final`."""
     out = Path(cfg.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    settings = trainer_settings(sft_args(cfg), algorithm="sft", model=describe(cfg.model),
+                                train_data=content_hash(cfg.train_data))
+    last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
+    trainer = build_trainer(cfg)
+    use_bar_and_table(trainer)
+    with stop_cleanly(out, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     final = out / "final"
     trainer.save_model(str(final))
     return final
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_resume_flags(parser)
     args, extra = parser.parse_known_args(argv)
+    setup_output()
     cfg = load_config(SFTRunConfig, args.config, [*args.set, *split_overrides(extra)])
-    print(f"final model: {run(cfg)}")
+    final = run(cfg, resume_mode(args))
+    if is_main_process():
+        print(f"final model: {final}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

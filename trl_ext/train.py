@@ -7,8 +7,9 @@ Prompt rows are `{"prompt": text or chat messages, "label": ...}`: setup_data.se
 synthetic task's prompts and `setup_data.convert --to prompt` all work as written.
 
 Writes TensorBoard logs (`OUT/runs/`), HF-format checkpoints (`OUT/checkpoint-*`, final model in `OUT/final`),
-eval files (`OUT/eval/eval_step*.json`) and completion tables (`OUT/completions/*.jsonl`). A rerun resumes
-from the last checkpoint.
+eval files (`OUT/eval/eval_step*.json`) and completion tables (`OUT/completions/*.jsonl`). A rerun with the same
+settings resumes from the last checkpoint; other settings are refused (`--fresh` starts over, moving the old
+folder aside; `--resume force` continues anyway; see trl_ext/run_dir.py).
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError
+from reward_plugins.model_ref import describe
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.registry import check_baselines
 from reward_plugins.vrcli import BaselineMismatchError
 
 from .config import CPU_DEFAULTS, load_config, split_overrides, unknown_fields
+from .console import current_step, is_main_process, setup_output, use_bar_and_table
 from .data import PROMPT_FIELDS, read_rows
 from .reward_adapter import PipelineRewardFunc, RewardFailure
 from .run_config import RunInputs, TrainConfig, trl_classes
+from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +126,25 @@ def build_trainer(cfg: TrainConfig):
     )
 
 
-def run(cfg: TrainConfig) -> Path:
-    """Train (resuming from the last checkpoint if any) and save the final HF model; returns its folder."""
+def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
+    """Train (resuming from the last checkpoint of a run with the same settings) and save the final HF model;
+    returns its folder. `mode`: see `trl_ext.run_dir.open_run_dir`; `resume: false` in the config means fresh."""
     out = Path(cfg.output_dir)
+    mode = mode if cfg.resume else "fresh"
     if cfg.algorithm == "ppo":
         from .ppo import train_ppo
 
-        return train_ppo(cfg, prepare_run(cfg))
+        with stop_cleanly(out, current_step):
+            return train_ppo(cfg, prepare_run(cfg), mode)
+    settings = trainer_settings(trl_args(cfg), algorithm=cfg.algorithm, policy=describe(cfg.policy),
+                                reward_config=content_hash(cfg.reward_config))
+    last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     trainer = build_trainer(cfg)
-    last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
+    use_bar_and_table(trainer)
     if last:
         logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    with stop_cleanly(out, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     final = out / "final"
     trainer.save_model(str(final))
     if trainer.accelerator.is_main_process:
@@ -141,17 +152,26 @@ def run(cfg: TrainConfig) -> Path:
     return final
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_command(argv: Sequence[str] | None = None) -> tuple[TrainConfig, ResumeMode]:
+    """The validated config and how to treat an existing run folder (`--fresh`, `--resume force`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset (configs/train/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
     args, extra = parser.parse_known_args(argv)
-    return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)])
+    return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)]), resume_mode(args)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    return parse_command(argv)[0]
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    print(f"final model: {run(parse_args(argv))}")
+    setup_output()
+    cfg, mode = parse_command(argv)
+    final = run(cfg, mode)
+    if is_main_process():
+        print(f"final model: {final}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

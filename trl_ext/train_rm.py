@@ -29,10 +29,13 @@ from reward_plugins.batching import truncate
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
+from reward_plugins.model_ref import ModelRef, describe
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
+from .console import is_main_process, setup_output, use_bar_and_table
 from .data import RM_FIELDS, answer_text, as_text, read_rows
+from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -44,8 +47,8 @@ class RMRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "RM"
 
-    base: ExistingPath
-    tokenizer: ExistingPath | None = None
+    base: ModelRef
+    tokenizer: ModelRef | None = None
     train_data: ExistingPath
     test_data: ExistingPath | None = None
     output_root: str = "models"
@@ -113,12 +116,17 @@ def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> floa
     return float(np.mean((c > r) + 0.5 * (c == r)))
 
 
-def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
-    """Train one seeded RM, save it, and return (and write) its held-out accuracy."""
+def train_rm(cfg: RMRunConfig, mode: ResumeMode = "auto") -> dict[str, Any]:
+    """Train one seeded RM, save it, and return (and write) its held-out accuracy. Its folder is a run folder
+    (`trl_ext.run_dir`): other settings than those it was trained with are refused."""
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardTrainer
 
     args = rm_args(cfg)
+    settings = trainer_settings(args, algorithm="rm", base=describe(cfg.base), train_data=content_hash(cfg.train_data),
+                                template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
+    last = open_run_dir(cfg.output_dir, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     check_model_dir(cfg.base, "base")
@@ -132,7 +140,9 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(encode_pairs(train_rows, tokenizer, cfg)),
                             processing_class=tokenizer)
-    trainer.train()
+    use_bar_and_table(trainer)
+    with stop_cleanly(cfg.output_dir, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     out = cfg.output_dir
     trainer.save_model(str(out))
     report: dict[str, Any] = {"seed": cfg.seed, "path": str(out), "train_pairs": len(train_rows)}
@@ -146,20 +156,22 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
     parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_resume_flags(parser)
     args, extra = parser.parse_known_args(argv)
+    setup_output()
     overrides = [*args.set, *split_overrides(extra)]
     seeds = [[f"seed={seed}"] for seed in args.seed] if args.seed else [[]]
     configs = [load_config(RMRunConfig, args.config, [*overrides, *seed]) for seed in seeds]
     for cfg in configs:
-        report = train_rm(cfg)
+        report = train_rm(cfg, resume_mode(args))
         held_out = (f"held-out accuracy {report['accuracy']:.3f} on {report['test_pairs']} pairs" if "accuracy" in report
                     else "no held-out pairs (test_data not set)")
-        print(f"{report['path']}: {held_out}")
+        if is_main_process():
+            print(f"{report['path']}: {held_out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
