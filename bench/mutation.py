@@ -35,7 +35,7 @@ NOT_COPIED = {".git", ".venv", "runs", "mutants", "pyproject.toml", "models", "d
 # The tests that target each core module (the fast ones: every mutant reruns the tests that call its function).
 TESTS_FOR = {
     "reward_plugins/config_loader.py": ["tests/test_config_loader.py", "tests/test_config.py"],
-    "evaluation/bon.py": ["tests/test_bon_estimator.py", "tests/test_bon_analysis.py"],
+    "evaluation/bon.py": ["tests/test_bon_estimator.py", "tests/test_bon_edges.py", "tests/test_bon_analysis.py"],
     "reward_plugins/ensemble.py": ["tests/test_ensemble_math.py", "tests/test_ensemble_plugin.py"],
     "trl_ext/ppo.py": ["tests/test_ppo.py"],
     "reward_plugins/vrcli.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],

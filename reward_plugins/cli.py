@@ -114,10 +114,19 @@ def run_cli(main: Callable[[list[str]], Any], prog: str, argv: Sequence[str] | N
     except KeyboardInterrupt as exc:
         if debug:
             raise
+        close_progress_bars()
         if main_process():
             print(f"{prog}: {exc if isinstance(exc, Interrupted) and str(exc) else 'interrupted'}", file=sys.stderr)
         return INTERRUPTED_EXIT
     return result if isinstance(result, int) else 0
+
+
+def close_progress_bars() -> None:
+    """End open tqdm bars on their own line, so the next message starts on a fresh one."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main_process() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -138,16 +139,22 @@ def record(out: Path, settings: dict[str, Any], recorded: dict[str, Any] | None)
     write_json(out / SETTINGS_FILE, {"settings": settings, **({"earlier": earlier} if earlier else {})})
 
 
-def trainer_settings(args: Any, **shaping: Any) -> dict[str, Any]:
-    """The settings that shape a transformers/TRL run, read from its TrainingArguments, plus `shaping` (what is
-    trained on what: algorithm, model, reward config or data hashes)."""
-    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    out = {**shaping, "learning_rate": args.learning_rate, "lr_schedule": str(schedule),
-           "warmup_steps": args.warmup_steps, "batch_size": args.per_device_train_batch_size,
-           "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size(),
-           "seed": args.seed}
-    if getattr(args, "num_generations", None) is not None:
-        out["num_generations"] = args.num_generations
+def trainer_settings(config_cls: type, values: Mapping[str, Any], **shaping: Any) -> dict[str, Any]:
+    """The settings that shape a transformers/TRL run: the `values` its config class (a dataclass such as
+    GRPOConfig) would be built with, over the class's defaults, plus `shaping` (algorithm, model, reward config or
+    data hashes). Read without building the config, which under torchrun would already join the process group."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
+
+    def get(name: str) -> Any:
+        value = values.get(name, defaults.get(name))
+        return getattr(value, "value", value)  # enums (lr_scheduler_type) as their names
+
+    out = {**shaping, "learning_rate": get("learning_rate"), "lr_schedule": str(get("lr_scheduler_type")),
+           "warmup_steps": get("warmup_steps"), "batch_size": get("per_device_train_batch_size"),
+           "gradient_accumulation_steps": get("gradient_accumulation_steps"), "world_size": world_size(),
+           "seed": get("seed")}
+    if get("num_generations") is not None:
+        out["num_generations"] = get("num_generations")
     return out
 
 

@@ -61,15 +61,20 @@ def sft_args(cfg: SFTRunConfig):
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
         raise ConfigError([f"trl.{key}: unknown SFTConfig field" for key in unknown], "SFT")
+    try:
+        return SFTConfig(**sft_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "SFT") from exc
+
+
+def sft_values(cfg: SFTRunConfig) -> dict[str, Any]:
+    """What `sft_args` passes to SFTConfig: our defaults, then the preset's `trl` section."""
     values: dict[str, Any] = {"output_dir": cfg.output_dir, "report_to": ["tensorboard"], "seed": cfg.seed,
                               "logging_steps": 10, "save_strategy": "no", "completion_only_loss": True}
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return SFTConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "SFT") from exc
+    return values
 
 
 def build_trainer(cfg: SFTRunConfig):
@@ -97,7 +102,9 @@ def run(cfg: SFTRunConfig, mode: ResumeMode = "auto") -> Path:
     """Train (resuming from the last checkpoint of a run with the same settings, see `trl_ext.run_dir`) and save
     the final model and tokenizer to `output_dir/final`."""
     out = Path(cfg.output_dir)
-    settings = trainer_settings(sft_args(cfg), algorithm="sft", model=describe(cfg.model),
+    from trl import SFTConfig
+
+    settings = trainer_settings(SFTConfig, sft_values(cfg), algorithm="sft", model=describe(cfg.model),
                                 train_data=content_hash(cfg.train_data))
     last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     trainer = build_trainer(cfg)

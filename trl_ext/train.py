@@ -50,9 +50,16 @@ def trl_args(cfg: TrainConfig):
     unknown = unknown_fields(config_cls, cfg.trl)  # a config built in code, not through the located loader
     if unknown:
         raise ConfigError([f"{'.'.join(path)}: {message}" for path, message in unknown], "train")
-    out = Path(cfg.output_dir)
+    try:
+        return config_cls(**trl_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "train") from exc
+
+
+def trl_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The values `trl_args` passes to the TRL config class (building it may start torch.distributed)."""
     values: dict[str, Any] = {
-        "output_dir": str(out),
+        "output_dir": str(Path(cfg.output_dir)),
         "report_to": ["tensorboard"],
         "seed": cfg.seed,
         "save_strategy": "steps",
@@ -61,10 +68,7 @@ def trl_args(cfg: TrainConfig):
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "train") from exc
+    return values
 
 
 def load_prompt_rows(path: str, label_key: str) -> list[dict[str, Any]]:
@@ -136,8 +140,8 @@ def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
 
         with stop_cleanly(out, current_step):
             return train_ppo(cfg, prepare_run(cfg), mode)
-    settings = trainer_settings(trl_args(cfg), algorithm=cfg.algorithm, policy=describe(cfg.policy),
-                                reward_config=content_hash(cfg.reward_config))
+    settings = trainer_settings(trl_classes(cfg.algorithm)[0], trl_values(cfg), algorithm=cfg.algorithm,
+                                policy=describe(cfg.policy), reward_config=content_hash(cfg.reward_config))
     last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     trainer = build_trainer(cfg)
     use_bar_and_table(trainer)

@@ -94,15 +94,20 @@ def rm_args(cfg: RMRunConfig):
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
         raise ConfigError([f"trl.{key}: unknown RewardConfig field" for key in unknown], "RM")
+    try:
+        return RewardConfig(**rm_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "RM") from exc
+
+
+def rm_values(cfg: RMRunConfig) -> dict[str, Any]:
+    """What `rm_args` passes to RewardConfig: our defaults, then the preset's `trl` section."""
     values: dict[str, Any] = {"output_dir": str(cfg.output_dir), "report_to": ["tensorboard"], "seed": cfg.seed,
                               "data_seed": cfg.seed, "max_length": None, "save_strategy": "no", "logging_steps": 10}
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return RewardConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "RM") from exc
+    return values
 
 
 def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> float:
@@ -121,12 +126,12 @@ def train_rm(cfg: RMRunConfig, mode: ResumeMode = "auto") -> dict[str, Any]:
     (`trl_ext.run_dir`): other settings than those it was trained with are refused."""
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import RewardTrainer
+    from trl import RewardConfig, RewardTrainer
 
-    args = rm_args(cfg)
-    settings = trainer_settings(args, algorithm="rm", base=describe(cfg.base), train_data=content_hash(cfg.train_data),
+    settings = trainer_settings(RewardConfig, rm_values(cfg), algorithm="rm", base=describe(cfg.base), train_data=content_hash(cfg.train_data),
                                 template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
     last = open_run_dir(cfg.output_dir, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
+    args = rm_args(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     check_model_dir(cfg.base, "base")
