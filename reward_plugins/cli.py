@@ -13,7 +13,7 @@ from typing import Any
 
 from .config_loader import ConfigError
 from .io import DataError
-from .model_ref import ModelNotFound, looks_like_hub_id, resolve_model
+from .model_ref import ModelNotFound, describe, resolve_model
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "REWARD_PLUGINS_DEBUG"
@@ -44,40 +44,37 @@ def looks_local(name: str) -> bool:
 def resolve_folder(path: str, key: str) -> str:
     """A local folder, or a hub id (`org/name[@revision]`) resolved to its snapshot folder; `UsageError` naming
     `key` when neither can be had (offline: within seconds, naming HF_HUB_OFFLINE)."""
-    if Path(os.path.expanduser(path)).exists():
-        return os.path.expanduser(path)
-    if looks_local(path) and not looks_like_hub_id(path):
-        raise UsageError(f"{key}: {path} does not exist (a local path; nothing is downloaded)")
     try:
         return resolve_model(path, key).path
     except ModelNotFound as exc:
+        if exc.local:
+            raise UsageError(f"{key}: {path} does not exist (a local path; nothing is downloaded)") from None
         raise UsageError(str(exc)) from None
 
 
 def check_model_dir(path: str, key: str, *, causal_lm: bool = False) -> str:
-    """`path` (a folder or hub id) as a usable local model folder, or a `UsageError` naming `key`."""
-    path = resolve_folder(path, key)
-    folder = Path(path)
+    """`path` (a folder or hub id) as a usable local model folder, or a `UsageError` naming `key` and the model."""
+    folder = Path(resolve_folder(path, key))
+    shown = describe(path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise UsageError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
+        raise UsageError(f"{key}: {shown} is not a Hugging Face model folder (no config.json)")
     if causal_lm:
         try:
             architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
         except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{key}: {path}/config.json cannot be read: {exc}") from None
+            raise UsageError(f"{key}: {shown}/config.json cannot be read: {exc}") from None
         if architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
-            raise UsageError(f"{key}: {path} is a {', '.join(architectures)}, not a causal language model "
+            raise UsageError(f"{key}: {shown} is a {', '.join(architectures)}, not a causal language model "
                              "(a reward model cannot be the policy)")
-    return path
+    return str(folder)
 
 
 def check_tokenizer_dir(path: str, key: str) -> str:
     """A tokenizer folder (or a hub id, resolved to its folder) that exists, else a `UsageError` naming `key`."""
-    path = resolve_folder(path, key)
-    folder = Path(path)
+    folder = Path(resolve_folder(path, key))
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise UsageError(f"{key}: {path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
-    return path
+        raise UsageError(f"{key}: {describe(path)} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
+    return str(folder)
 
 
 @contextlib.contextmanager

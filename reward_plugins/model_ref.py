@@ -28,7 +28,12 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class ModelNotFound(ValueError):
-    """A model reference that is neither a local folder nor a hub id that can be had; one line, naming the key."""
+    """A model reference that is neither a local folder nor a hub id that can be had; one line, naming the key.
+    `local`: it was meant as a local path (nothing was asked of the hub)."""
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ def resolve_model(ref: str, key: str) -> ResolvedModel:
     try:
         return _resolve(ref)
     except ModelNotFound as exc:
-        raise ModelNotFound(f"{key}: {exc}") from None
+        raise ModelNotFound(f"{key}: {exc}", exc.local) from None
 
 
 def _resolve(ref: str) -> ResolvedModel:
@@ -72,7 +77,7 @@ def _resolve(ref: str) -> ResolvedModel:
     if Path(expanded).exists():
         return ResolvedModel(expanded, ref)
     if not looks_like_hub_id(expanded):
-        raise ModelNotFound(f"path does not exist: {expanded}")
+        raise ModelNotFound(f"path does not exist: {expanded}", local=True)
     repo, _, revision = expanded.partition("@")
     resolved = _from_hub(repo, revision or None)
     _RESOLVED[resolved.path] = resolved
