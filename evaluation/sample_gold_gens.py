@@ -15,15 +15,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import torch
+from reward_plugins.cli import help_first
 
-from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
-from reward_plugins.io import DataError, write_jsonl
-
-from .eval_checkpoints import load_prompts, render_prompt
 from .rm_text import OA_TEMPLATE, check_template, rm_text
-
-logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
+import torch
+
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
+from reward_plugins.io import DataError, write_jsonl
+
+from .eval_checkpoints import load_prompts, render_prompt
+
+logger = logging.getLogger(__name__)
 
 
 def _main(argv: Sequence[str]) -> None:

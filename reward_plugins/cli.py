@@ -3,6 +3,7 @@ and model folders are checked up front, naming the config key or flag that point
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -86,6 +87,13 @@ def loading(key: str, path: str) -> Iterator[None]:
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{key}: {path} cannot be loaded: {first}") from exc
+
+
+def help_first(build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Answer `-h` / `--help` at once; a CLI calls this under `if __name__ == "__main__"` above its heavy imports
+    (torch, transformers), so help comes back in well under 2 s."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        build_parser().parse_args(["--help"])
 
 
 def strip_debug(argv: Sequence[str]) -> tuple[list[str], bool]:

@@ -16,6 +16,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.sft", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/sft/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,7 +44,7 @@ from reward_plugins.model_ref import ModelRef, describe
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
 from .console import is_main_process, setup_output, use_bar_and_table
 from .data import SFT_FIELDS, read_rows
-from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +133,7 @@ def run(cfg: SFTRunConfig, mode: ResumeMode = "auto") -> Path:
 
 
 def _main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    add_resume_flags(parser)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     setup_output()
     cfg = load_config(SFTRunConfig, args.config, [*args.set, *split_overrides(extra)])
     final = run(cfg, resume_mode(args))

@@ -23,6 +23,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/train/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
@@ -40,7 +56,7 @@ from .console import current_step, is_main_process, setup_output, use_bar_and_ta
 from .data import PROMPT_FIELDS, read_rows
 from .reward_adapter import PipelineRewardFunc, RewardFailure
 from .run_config import RunInputs, TrainConfig, trl_classes
-from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +174,7 @@ def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
 
 def parse_command(argv: Sequence[str] | None = None) -> tuple[TrainConfig, ResumeMode]:
     """The validated config and how to treat an existing run folder (`--fresh`, `--resume force`)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML preset (configs/train/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
-    add_resume_flags(parser)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)]), resume_mode(args)
 
 

@@ -20,6 +20,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.train_rm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/rm/*.yaml)")
+    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,7 +52,7 @@ from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
 from .console import is_main_process, setup_output, use_bar_and_table
 from .data import RM_FIELDS, answer_text, as_text, read_rows
-from .run_dir import ResumeMode, add_resume_flags, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -161,12 +178,7 @@ def train_rm(cfg: RMRunConfig, mode: ResumeMode = "auto") -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    add_resume_flags(parser)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     setup_output()
     overrides = [*args.set, *split_overrides(extra)]
     seeds = [[f"seed={seed}"] for seed in args.seed] if args.seed else [[]]
