@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first prompts (unbiased subsample)")
     parser.add_argument("-o", "--output-dir", default=None, help="default: runs/bon_<RM folder name without {seed}>")
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
-                        help="RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not the RM's own ({seed} allowed)")
     parser.add_argument("--max-length", type=int, default=776, help="RM input tokens (the published 520 + 256)")
     parser.add_argument("--batch-size", type=int, default=32)

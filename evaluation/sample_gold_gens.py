@@ -1,7 +1,7 @@
 """Gold-labelled generations for best-of-n: N sampled answers per prompt from a policy, each scored by a gold RM.
 
     python -m evaluation.sample_gold_gens --policy models/sft/final --prompts data/eval_prompts.jsonl --n 64 \
-        --gold-rm models/gold_seed0 --template '{prompt}{answer}' -o data/gold_gens.jsonl
+        --gold-rm models/gold_seed0 --template '{prompt}{response}' -o data/gold_gens.jsonl
 
 Writes JSONL rows with the columns of `tlc4418/gold_labelled_gens` (`instruction`, `input`, `answers`,
 `gold_scores`), which `evaluation.run_bon_pipeline --gold-gens` reads. Prompts are `{"prompt": text or chat
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
-                        help="gold-RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="gold-RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--max-length", type=int, default=1024, help="gold-RM input tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,7 @@ from .config import Placement
 from .model_ref import ModelRef
 from .modeling import DTypeName, load_tokenizer, require_safetensors, resolve_device, resolve_dtype
 from .registry import PluginConfig, RewardPlugin, register_plugin
+from .templates import current_names
 from .types import RewardResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RewardModelConfig(PluginConfig):
     @field_validator("template")
     @classmethod
     def _known_fields(cls, template: str) -> str:
+        template = current_names(template, "template")
         for _, field_name, _, _ in string.Formatter().parse(template):
             if field_name is None:
                 continue

@@ -39,7 +39,7 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from reward_plugins.batching import truncate
@@ -48,6 +48,7 @@ from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
 from reward_plugins.model_ref import ModelRef, describe
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
+from reward_plugins.templates import current_names
 
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
 from .console import is_main_process, setup_output, use_bar_and_table
@@ -71,11 +72,16 @@ class RMRunConfig(BaseModel):
     output_root: str = "models"
     name: str = "rm"
     seed: int = 1
-    template: str = "{prompt}{response}"
+    template: str = "{prompt}{response}"  # the reward_model plugin's fields; {answer} is read as {response}, deprecated
     max_length: int = Field(default=1024, gt=1)
     truncation_side: Literal["left", "right"] = "left"
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _current_names(cls, template: str) -> str:
+        return current_names(template, "template")
 
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
         from trl import RewardConfig
