@@ -41,8 +41,10 @@ def setup_output() -> None:
     """Logging for a training command: INFO on rank 0, warnings only elsewhere; repeated warnings shown once."""
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
     once = _Once()
-    for handler in logging.getLogger().handlers:
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for handler in {h for lg in loggers for h in lg.handlers}:  # libraries with their own handler (transformers)
         handler.addFilter(once)
     warnings.simplefilter("once")
     logging.captureWarnings(False)
@@ -57,7 +59,7 @@ def metrics_table(title: str, logs: Mapping[str, Any]):
     """A rich table of every numeric metric of one log record."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(logs.items()):
