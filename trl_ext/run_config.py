@@ -83,7 +83,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=10, ge=0)
     eval_max_new_tokens: int | None = Field(default=None, gt=0)
     table_every: int = Field(default=10, ge=0)
-    resume: bool = True
+    resume: bool = True  # false: every run starts fresh, an existing run folder moved aside (trl_ext.run_dir)
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never

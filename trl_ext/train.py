@@ -56,7 +56,8 @@ from .console import current_step, is_main_process, setup_output, use_bar_and_ta
 from .data import PROMPT_FIELDS, read_rows
 from .reward_adapter import PipelineRewardFunc, RewardFailure
 from .run_config import RunInputs, TrainConfig, trl_classes
-from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
+from .run_dir import (ResumeMode, content_hash, open_run_dir, ppo_settings, resume_mode, stop_cleanly,
+                      trainer_settings)
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
     if cfg.algorithm == "ppo":
         from .ppo import train_ppo
 
+        open_run_dir(out, ppo_settings(cfg), mode, lambda folder: None)  # refuse or set aside before loading models
         with stop_cleanly(out, current_step):
-            return train_ppo(cfg, prepare_run(cfg), mode)
+            return train_ppo(cfg, prepare_run(cfg))
     settings = trainer_settings(trl_classes(cfg.algorithm)[0], trl_values(cfg), algorithm=cfg.algorithm,
                                 policy=describe(cfg.policy), reward_config=content_hash(cfg.reward_config))
     last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
