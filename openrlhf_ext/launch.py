@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-dir", help="where eval files go (default: <--ckpt.output_dir>/eval)")
     parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
+    parser.add_argument("--eval-top-p", type=float, help="top-p for held-out eval sampling (default: --rollout.top_p)")
+    parser.add_argument("--eval-top-k", type=int, help="top-k for held-out eval sampling (default: --rollout.top_k)")
+    parser.add_argument("--eval-before-training", action="store_true",
+                        help="run the held-out evaluation once before the first step, as the VR-CLI authors' fork did")
     parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
     parser.add_argument("--server-wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to this long for HTTP reward servers to answer /health (one just started)")
@@ -237,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = preflight(args, reward_config)
     eval_dir = str(Path(ours.eval_dir).resolve()) if ours.eval_dir else None
     settings = HookSettings(
-        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every
+        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every,
+        ours.eval_top_p, ours.eval_top_k, ours.eval_before_training,
     )
     shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
     env = runtime_env(settings, shim_config=shim_config)

@@ -346,10 +346,11 @@ def test_mismatched_baselines_stop_the_first_batch(ray_session, models, vrcli, t
     from reward_plugins.vrcli import BaselineMismatchError
 
     maker = make_maker(models, grpo_args(models, tmp_path), HookSettings(vrcli.external, None, None))
-    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash()}
+    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash(),
+             "dtype": "bfloat16", "attn_implementation": "flash_attention_2"}  # OpenRLHF's --ds.param_dtype / attn defaults
     matching = [dict(label, baseline_fingerprint=stamp) for label in vrcli.labels]
     assert len(maker.make_experience_batch(rollouts(models, matching))) == 2
-    for change in ({"max_length": 4096}, {"model": "ref_lm"}):
+    for change in ({"max_length": 4096}, {"model": "ref_lm"}, {"dtype": "float32"}, {"attn_implementation": "sdpa"}):
         labels = [dict(label, baseline_fingerprint={**stamp, **change}) for label in vrcli.labels]
         with pytest.raises(BaselineMismatchError, match=next(iter(change))):
             maker.make_experience_batch(rollouts(models, labels))
