@@ -74,7 +74,7 @@ def test_a_third_party_warning_is_shown_once(quiet_root, monkeypatch):
             console.setup_output()
             for _ in range(3):
                 hf_logging.get_logger("transformers.trainer").warning("the same advice")  # its own handler
-                logging.getLogger("datasets.builder").warning("a library note")
+                logging.getLogger("a_library.module").warning("a library note")
                 logging.getLogger("trl_ext.train").warning("ours, every time")
                 warnings.warn("deprecated thing", FutureWarning, stacklevel=1)
                 warnings.warn("deprecated thing", FutureWarning, stacklevel=1)
