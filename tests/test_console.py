@@ -3,12 +3,11 @@ and each third-party warning once."""
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
-
-import pytest
 
 from trl_ext import console
 
@@ -50,46 +49,41 @@ def test_progress_bar_counts_steps_for_ctrl_c(monkeypatch, capsys):
     assert console.current_step() is None and "last logged metrics (step 3)" in capsys.readouterr().err
 
 
-@pytest.fixture()
-def quiet_root():
+SCRIPT = """
+import logging, os, warnings
+from transformers.utils import logging as hf_logging
+from trl_ext.console import setup_output
+hf_logging.set_verbosity_warning()
+setup_output()
+for _ in range(3):
+    hf_logging.get_logger("transformers.trainer").warning("the same advice")  # transformers' own handler
+    logging.getLogger("a_library.module").warning("a library note")
+    logging.getLogger("trl_ext.train").warning("ours, every time")
+    logging.getLogger("trl_ext.train").info("progress note")
+    warnings.warn("deprecated thing", FutureWarning)
+"""
+
+
+def run_script(rank: str) -> str:
+    """stderr of a fresh process that sets up output like a training command and logs a few things three times."""
+    env = {**os.environ, "RANK": rank}
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120).stderr
+
+
+def test_a_third_party_warning_is_shown_once():
+    err = run_script("0")
+    assert err.count("the same advice") == 1 and err.count("a library note") == 1
+    assert err.count("deprecated thing") == 1
+    assert err.count("ours, every time") == 3 and err.count("progress note") == 3
+
+
+def test_other_ranks_log_warnings_only():
+    err = run_script("1")
+    assert err.count("ours, every time") == 3 and "progress note" not in err
+
+
+def test_a_host_that_set_up_logging_is_left_alone(monkeypatch):
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    root.handlers = [logging.StreamHandler(stream)]
-    yield stream
-    root.handlers, root.level = handlers, level
-
-
-def test_a_third_party_warning_is_shown_once(quiet_root, monkeypatch):
-    from transformers.utils import logging as hf_logging
-
-    monkeypatch.delenv("RANK", raising=False)
-    hf_stream = io.StringIO()
-    for handler in logging.getLogger("transformers").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            monkeypatch.setattr(handler, "stream", hf_stream)
-    hf_logging.set_verbosity_warning()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            console.setup_output()
-            for _ in range(3):
-                hf_logging.get_logger("transformers.trainer").warning("the same advice")  # its own handler
-                logging.getLogger("a_library.module").warning("a library note")
-                logging.getLogger("trl_ext.train").warning("ours, every time")
-                warnings.warn("deprecated thing", FutureWarning, stacklevel=1)
-                warnings.warn("deprecated thing", FutureWarning, stacklevel=1)
-    finally:
-        hf_logging.set_verbosity_error()
-    lines = quiet_root.getvalue().splitlines()
-    assert lines.count("a library note") == 1 and lines.count("ours, every time") == 3
-    assert hf_stream.getvalue().count("the same advice") == 1
-    assert len([w for w in caught if "deprecated thing" in str(w.message)]) == 1
-    assert logging.getLogger().level == logging.INFO
-
-
-def test_other_ranks_log_warnings_only(quiet_root, monkeypatch):
-    monkeypatch.setenv("RANK", "2")
-    logging.getLogger().setLevel(logging.NOTSET)
-    with warnings.catch_warnings():
-        console.setup_output()
-    assert logging.getLogger().level == logging.WARNING
+    before = (list(root.handlers), [list(h.filters) for h in root.handlers], root.level)
+    console.setup_output()
+    assert (list(root.handlers), [list(h.filters) for h in root.handlers], root.level) == before

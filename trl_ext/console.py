@@ -38,16 +38,18 @@ class _Once(logging.Filter):
 
 
 def setup_output() -> None:
-    """Logging for a training command: INFO on rank 0, warnings only elsewhere; repeated warnings shown once."""
-    level = logging.INFO if is_main_process() else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)
+    """Logging for a training command: INFO on rank 0, warnings only elsewhere; repeated library warnings shown once.
+    A process whose logging is already set up (an application or test runner calling `main`) is left as it is."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     once = _Once()
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    loggers = [root, *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     for handler in {h for lg in loggers for h in lg.handlers}:  # libraries with their own handler (transformers)
         handler.addFilter(once)
     warnings.simplefilter("once")
-    logging.captureWarnings(False)
 
 
 def bar_metrics(logs: Mapping[str, Any], keys: Sequence[str] = BAR_KEYS) -> dict[str, str]:
