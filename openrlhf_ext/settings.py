@@ -11,6 +11,7 @@ from typing import Any
 ENV_CONFIG = "REWARD_PLUGINS_TRAINER_CONFIG"  # the reward_func shim reads its own REWARD_PLUGINS_CONFIG
 ENV_EVAL_DIR = "REWARD_PLUGINS_EVAL_DIR"
 ENV_EVAL_EVERY = "REWARD_PLUGINS_EVAL_EVERY"
+ENV_MONITOR = "REWARD_PLUGINS_MONITOR_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,13 @@ class HookSettings:
     """`reward_config`: score the rollout batch with this pipeline (None keeps the rollout-side rewards).
 
     `eval_every`: record an eval file every this many steps (None: never); `eval_dir`: where.
+    `monitor_config`: a YAML file holding the over-optimisation monitor's settings (`reward_plugins.monitor`).
     """
 
     reward_config: str | None
     eval_dir: str | None
     eval_every: int | None
+    monitor_config: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, eval_steps: Any = None, output_dir: str | None = None):
@@ -40,10 +43,10 @@ class HookSettings:
         if every is not None and every <= 0:
             every = None
         eval_dir = environ.get(ENV_EVAL_DIR) or (os.path.join(output_dir, "eval") if output_dir else None)
-        return cls(config, eval_dir, every if eval_dir else None)
+        return cls(config, eval_dir, every if eval_dir else None, environ.get(ENV_MONITOR) or None)
 
     def env_vars(self) -> dict[str, str]:
-        values = {ENV_CONFIG: self.reward_config, ENV_EVAL_DIR: self.eval_dir}
+        values = {ENV_CONFIG: self.reward_config, ENV_EVAL_DIR: self.eval_dir, ENV_MONITOR: self.monitor_config}
         values[ENV_EVAL_EVERY] = str(self.eval_every) if self.eval_every is not None else None
         return {key: value for key, value in values.items() if value}
 

@@ -86,15 +86,17 @@ class MonitorSession:
     """The monitor of one run: inputs, files and the alarm line. `main` is False on every rank but the first (they
     compute the same signals from the same gathered data, and write nothing)."""
 
-    def __init__(self, config: MonitorConfig, pipeline: RewardPipeline, run_dir: str | os.PathLike | None,
+    def __init__(self, config: MonitorConfig, pipeline: RewardPipeline | None, run_dir: str | os.PathLike | None,
                  main: bool = True, build: Callable[[str], RewardPipeline] = RewardPipeline.from_yaml,
                  source_name: str = "the training reward"):
         self.config = config
         self.shadow = build(config.shadow) if config.shadow else None
         watched = self.shadow or pipeline
         source = f"monitor.shadow {config.shadow}" if self.shadow else source_name
+        if watched is None and not config.members:
+            raise MonitorError(f"{source} is not known here; list its member components in monitor.members")
         if config.members:
-            missing = [key for key in config.members if key not in watched.root.component_keys]
+            missing = [] if watched is None else [k for k in config.members if k not in watched.root.component_keys]
             if missing:
                 raise MonitorError(f"monitor.members: {source} has no component {missing}; it has "
                                    f"{list(watched.root.component_keys)}")
@@ -166,12 +168,14 @@ class MonitorSession:
 
     # ------------------------------------------------ gold at evals
 
-    def score_gold(self, step: int, samples: Sequence[Sample]) -> list[float] | None:
-        """Gold for eval samples (None without gold); its mean goes to the monitor (may fire `gold_drop`)."""
+    def score_gold(self, step: int, samples: Sequence[Sample], observe: bool = True) -> list[float] | None:
+        """Gold for eval samples (None without gold); with `observe` its mean goes to the monitor (may fire
+        `gold_drop`)."""
         if self.gold is None:
             return None
         scores = self.gold(samples)
-        self.observe_gold(step, float(np.mean(scores)))
+        if observe:
+            self.observe_gold(step, float(np.mean(scores)))
         return scores
 
     def observe_gold(self, step: int, value: float) -> None:
@@ -205,7 +209,11 @@ class MonitorSession:
         if not path.exists():
             raise MonitorError(f"{folder}: no {STATE_FILE}; this checkpoint was saved without the monitor "
                                "(start a fresh run to monitor it)")
-        self.monitor.load_state_dict(json.loads(path.read_text()))
+        self.restore_state(json.loads(path.read_text()), step)
+
+    def restore_state(self, state: dict[str, Any], step: int) -> None:
+        """Resume from a checkpoint's monitor state (of training step `step`)."""
+        self.monitor.load_state_dict(state)
         self._snapshots = [dict(self.monitor.logs()) for _ in self.monitor.series.steps]
         self._written = len(self.monitor.series.steps)
         if self.main and self.dir is not None:
@@ -222,9 +230,11 @@ class MonitorSession:
                            factor, step, self.monitor.kl_scale)
         return factor
 
-    def keep_best(self, checkpoint_dir: Callable[[int], Path], alarm: Alarm) -> Path | None:
-        """stop: the saved checkpoint with the best monitor score; later ones move to `monitor/after_stop/` so that
-        resuming the run picks the kept one. Writes stop.json and prints one line naming it."""
+    def keep_best(self, checkpoint_dir: Callable[[int], Path], alarm: Alarm,
+                  more_dirs: Callable[[int], Sequence[Path]] = lambda step: ()) -> Path | None:
+        """stop: the saved checkpoint with the best monitor score (its folder `checkpoint_dir(step)`); later ones (and
+        their `more_dirs`) move to `monitor/after_stop/` so that resuming the run picks the kept one. Writes stop.json
+        and prints one line naming it."""
         best = self.monitor.best_checkpoint()
         if best is None:
             return None
@@ -232,9 +242,10 @@ class MonitorSession:
         moved = []
         if self.main:
             for step in sorted(s for s in self.monitor.checkpoints if s > best):
-                folder = checkpoint_dir(step)
-                if folder.exists():
-                    target = self.dir / "after_stop" / folder.name
+                for folder in (checkpoint_dir(step), *more_dirs(step)):
+                    if not folder.exists():
+                        continue
+                    target = self.dir / "after_stop" / folder.parent.name / folder.name
                     if target.exists():
                         shutil.rmtree(target)
                     target.parent.mkdir(parents=True, exist_ok=True)
