@@ -7,7 +7,9 @@ mean sequence KL to the initial policy. Without any gold it computes:
 - `disagreement`: the mean over samples of the standard deviation across members of each member's score,
   standardised by that member's own mean and standard deviation over the reference steps (step 0 by default);
   so members on different scales weigh alike, and 0 means the members agree up to their step-0 offsets.
-- `trend`: the least-squares slope of disagreement against KL over the last `window` steps (per nat).
+- `disagreement_rise`: its mean over the last `window` steps minus its mean over the reference steps.
+- `trend`: the slope of disagreement against KL over the last `window` steps (per nat): its least-squares slope
+  against the step over the KL's (one batch's KL is too noisy to regress on).
 - `proxy`: the mean proxy reward, in standard deviations of the proxy over the reference steps, from its mean there.
 - `divergence`: `divergence_weight * trend` minus the proxy's own slope against KL over the same window: positive
   once the uncertainty-penalised reward `proxy - divergence_weight * disagreement` falls as KL grows, i.e. once the
@@ -89,7 +91,8 @@ class MonitorConfig(BaseModel):
     shadow: ExistingPath | None = None  # reward YAML with member scores, scored beside the training reward, never trained on
     members: list[str] | None = None  # component keys holding member scores; default: found in the reward's plugins
     reference_steps: int = Field(default=1, ge=1)  # steps whose scores fix each member's location and scale
-    window: int = Field(default=10, ge=2)  # steps in each slope against KL
+    window: int = Field(default=20, ge=1)  # steps in each slope against KL and in the disagreement's level
+    min_kl_rise: float = Field(default=0.05, ge=0)  # no slope against KL while KL rose less than this over the window
     patience: int = Field(default=3, ge=1)  # consecutive steps a signal must stay beyond its threshold
     thresholds: Thresholds = Thresholds()
     action: Action = "warn"
@@ -146,6 +149,16 @@ def slope(x: ArrayLike, y: ArrayLike) -> float:
     if spread <= 1e-12 * max(1.0, float(x @ x)):
         return 0.0
     return float(dx @ (y - y.mean()) / spread)
+
+
+def per_kl(steps: ArrayLike, kl: ArrayLike, values: ArrayLike, min_kl_rise: float) -> float:
+    """Slope of `values` against KL over a window: the ratio of both least-squares slopes against the step (one
+    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window."""
+    steps = np.asarray(steps, dtype=np.float64)
+    kl_slope = slope(steps, kl)
+    if kl_slope * (steps[-1] - steps[0]) < min_kl_rise:
+        return 0.0
+    return slope(steps, values) / kl_slope
 
 
 def standardised(value: float, mean: float, std: float) -> float:
@@ -332,15 +345,17 @@ class Monitor:
         s, w = self.series, self.config.window
         d = s.disagreement[-1] if s.steps else 0.0
         full = len(s.steps) >= max(w, self.config.reference_steps)
-        trend = slope(s.kl[-w:], s.disagreement[-w:]) if full else 0.0
-        proxy_trend = slope(s.kl[-w:], s.proxy[-w:]) if full else 0.0
+        rise = self.config.min_kl_rise
+        trend = per_kl(s.steps[-w:], s.kl[-w:], s.disagreement[-w:], rise) if full else 0.0
+        proxy_trend = per_kl(s.steps[-w:], s.kl[-w:], s.proxy[-w:], rise) if full else 0.0
         weight = self.config.divergence_weight
         conservative = [p - weight * (x - self.reference_disagreement) for p, x in zip(s.proxy[-w:], s.disagreement[-w:])]
         score = float(np.mean(conservative)) if conservative else 0.0
         if self.has_gold and s.gold:
             score = s.gold[-1]
         values = {
-            "kl": s.kl[-1] if s.kl else 0.0, "disagreement": d, "disagreement_rise": d - self.reference_disagreement,
+            "kl": s.kl[-1] if s.kl else 0.0, "disagreement": d,
+            "disagreement_rise": float(np.mean(s.disagreement[-w:])) - self.reference_disagreement if s.steps else 0.0,
             "trend": trend, "proxy": s.proxy[-1] if s.proxy else 0.0, "proxy_trend": proxy_trend,
             "divergence": weight * trend - proxy_trend if full else 0.0, "score": score,
             "alarm": float(self.alarm is not None), "kl_scale": self.kl_scale,

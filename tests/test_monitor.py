@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from reward_plugins.monitor import (
     MemberBatch, Monitor, MonitorConfig, MonitorError, best_step, disagreement, member_batch, member_keys,
-    member_reference, monitor_keys, replay, slope,
+    member_reference, monitor_keys, per_kl, replay, slope,
 )
 from reward_plugins.types import RewardResult
 
@@ -30,10 +30,13 @@ def test_disagreement_by_hand():
     assert means2[0] == 2.0 and stds2[0] == 1.0 and means2[1] == 5.0 and stds2[1] == pytest.approx(math.sqrt(5.0))
 
 
-def test_slope_by_hand():
-    # kl mean 1.5, d mean 1.25; sum dx*dy = 4.5, sum dx^2 = 5
+def test_slope_and_trend_per_kl_by_hand():
+    # x mean 1.5, y mean 1.25; sum dx*dy = 4.5, sum dx^2 = 5
     assert slope([0, 1, 2, 3], [0, 1, 1, 3]) == pytest.approx(0.9)
-    assert slope([2, 2, 2], [0, 1, 5]) == 0.0  # KL did not move: no trend, not a division by zero
+    assert slope([2, 2, 2], [0, 1, 5]) == 0.0  # x did not move: no slope, not a division by zero
+    # per KL: disagreement's slope per step 0.9 over KL's per step (kl = 0, 2, 1, 3: slope 0.8) = 1.125
+    assert per_kl([0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 1, 3], 0.05) == pytest.approx(0.9 / 0.8)
+    assert per_kl([0, 1, 2, 3], [0, 0.01, 0.0, 0.02], [0, 1, 1, 3], 0.05) == 0.0  # KL rose 0.018: too little
 
 
 def test_monitor_values_by_hand():
@@ -47,28 +50,29 @@ def test_monitor_values_by_hand():
     d1 = (math.sqrt(2 / 3) + math.sqrt(14) / 3) / 2
     logs = monitor.logs()
     assert logs["monitor/disagreement"] == pytest.approx(d1)
-    assert logs["monitor/disagreement_rise"] == pytest.approx(d1)  # the reference disagreement is step 0's, 0
+    assert logs["monitor/disagreement_rise"] == pytest.approx(d1 / 2)  # the window's mean less step 0's, 0
     assert logs["monitor/proxy"] == pytest.approx(3.0)  # (mean 5 - step-0 mean 2) / step-0 std 1
     assert logs["monitor/trend"] == pytest.approx(d1 / 0.5)  # two points: rise over run
     assert logs["monitor/proxy_trend"] == pytest.approx(3.0 / 0.5)
-    assert logs["monitor/divergence"] == pytest.approx(d1 / 0.5 - 6.0)
-    assert logs["monitor/score"] == pytest.approx(np.mean([0.0, 3.0 - d1]))  # proxy - rise, over the window
+    assert logs["monitor/divergence"] == pytest.approx(2 * d1 / 0.5 - 6.0)  # divergence_weight 2
+    assert logs["monitor/score"] == pytest.approx(np.mean([0.0, 3.0 - 2 * d1]))  # proxy - 2 x rise, over the window
     assert logs["monitor/kl"] == 0.5 and logs["monitor/alarm"] == 0.0 and logs["monitor/kl_scale"] == 1.0
 
 
-def stream(over_optimise: bool, steps: int = 80, batch: int = 64, seed: int = 0):
-    """Three members score samples of a policy whose true quality rises like sqrt(KL); the proxy is member 0.
-    Built to over-optimise: past KL 2 each member's own error grows with KL (the policy leaves the members' data),
-    so the proxy keeps rising while a gold (the true quality minus the exploited error) peaks and falls."""
+def stream(over_optimise: bool, steps: int = 100, batch: int = 64, seed: int = 0):
+    """Three members score samples of a policy whose true quality rises like sqrt(KL); the proxy is member 0 and the
+    KL is measured with noise. Built to over-optimise: past KL 2 the true quality falls while each member's own error
+    grows (the policy leaves the members' data) and the proxy's error, the one the policy exploits, is positive,
+    so the proxy keeps rising. Built not to: the same without either."""
     rng = np.random.default_rng(seed)
     for step in range(steps):
-        kl = 0.05 * step
-        quality = rng.normal(math.sqrt(kl), 1.0, batch)
-        error_scale = max(0.0, kl - 2.0) * 1.5 if over_optimise else 0.0
-        errors = rng.normal(0.0, 1.0, (3, batch)) * error_scale
-        errors[0] = np.abs(errors[0])  # the proxy's error is what the policy learns to exploit
+        kl = 0.04 * step
+        excess = max(0.0, kl - 2.0) if over_optimise else 0.0
+        quality = rng.normal(math.sqrt(kl) - 0.6 * excess, 1.0, batch)
+        errors = rng.normal(0.0, 1.0, (3, batch)) * excess
+        errors[0] = np.abs(errors[0])
         scores = quality + errors + rng.normal(0.0, 0.3, (3, batch))
-        yield step, kl, MemberBatch(scores, scores[0], ("m0", "m1", "m2"))
+        yield step, kl + rng.normal(0.0, 0.05), MemberBatch(scores, scores[0], ("m0", "m1", "m2"))
 
 
 def first_alarm(over_optimise: bool, seed: int = 0, **config):
@@ -82,14 +86,15 @@ def first_alarm(over_optimise: bool, seed: int = 0, **config):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_alarm_fires_on_a_stream_that_over_optimises_and_not_on_one_that_does_not(seed):
-    alarm = first_alarm(True, seed)
+    alarm = first_alarm(True, seed)  # the default settings
     assert alarm is not None and alarm.signal == "divergence"
-    assert 2.0 < alarm.kl < 3.0, alarm  # after the members start to disagree, well before the stream ends at 3.95
+    assert 2.2 < alarm.step * 0.04 < 3.0, alarm  # after gold's peak at KL 2, well before the stream ends at 3.96
     assert first_alarm(False, seed) is None
     # the other signals, alone, see it too and stay silent on the control
-    for thresholds in ({"divergence": None, "trend": 0.5}, {"divergence": None, "disagreement_rise": 0.5}):
+    for thresholds in ({"divergence": None, "trend": 0.3}, {"divergence": None, "disagreement_rise": 0.15}):
         alarm = first_alarm(True, seed, thresholds=thresholds)
-        assert alarm is not None and 2.0 < alarm.kl < 3.0 and alarm.signal == next(iter(set(thresholds) - {"divergence"}))
+        assert alarm is not None and 2.2 < alarm.step * 0.04 < 3.0
+        assert alarm.signal == next(iter(set(thresholds) - {"divergence"}))
         assert first_alarm(False, seed, thresholds=thresholds) is None
 
 
@@ -101,7 +106,7 @@ def test_alarm_line_is_one_line_with_step_kl_and_signal(capsys):
 
 
 def test_patience_counts_consecutive_steps():
-    config = MonitorConfig(window=2, patience=3, thresholds={"divergence": None, "disagreement_rise": 0.5})
+    config = MonitorConfig(window=1, patience=3, thresholds={"divergence": None, "disagreement_rise": 0.5})
     monitor = Monitor(config)
     monitor.observe_signals(0, 0.0, 0.0, 0.0)
     fired = [monitor.observe_signals(step, 0.1 * step, d, 0.0) for step, d in enumerate([1, 1, 0, 1, 1, 1], 1)]
