@@ -18,7 +18,7 @@ sequence KL of the training batch at that step), and the KL budget is the larges
   steps up to the alarm, checkpoints saved at every eval) over the peak gold; a run that really stopped is read from
   its `stop.json`;
 - gold kept by `adapt_kl` (`--pair ACTED=BASE`, the same run with and without the action): the acted run's final
-  gold over the base run's peak, beside the base run's own final gold over its peak.
+  gold over the base run's peak, beside the base run's gold at the same step over its peak.
 Targets: hit rate >= 80 %, false alarms <= 10 %, gold kept >= 95 % of the peak.
 """
 
@@ -184,10 +184,14 @@ def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunRe
                        f"(target >= {KEPT_TARGET:.0%}: {'met' if min(kept) >= KEPT_TARGET else 'missed'} "
                        f"in {sum(k >= KEPT_TARGET for k in kept)} of {len(kept)})")
     for acted, base in pairs:
-        ratio, without = acted.gold[-1] / base.peak_gold, base.gold[-1] / base.peak_gold
-        figures.append(f"- gold kept by {acted.action} ({acted.name} vs {base.name}): final gold {acted.gold[-1]:.3f} = "
-                       f"{ratio:.0%} of the base run's peak {base.peak_gold:.3f}, against {without:.0%} without "
-                       f"(target >= {KEPT_TARGET:.0%}: {'met' if ratio >= KEPT_TARGET else 'missed'})")
+        end = acted.gold_steps[-1]
+        base_end = base.gold_of(end) if end in base.gold_steps else base.gold[-1]
+        ratio, without = acted.gold[-1] / base.peak_gold, base_end / base.peak_gold
+        alarm = "no alarm" if acted.alarm_step is None else f"alarm at step {acted.alarm_step}, KL {acted.alarm_kl:.2f}"
+        figures.append(f"- gold kept by {acted.action} ({acted.name} vs {base.name}, {alarm}): gold at step {end} "
+                       f"{acted.gold[-1]:.3f} = {ratio:.0%} of the base run's peak {base.peak_gold:.3f}, against "
+                       f"{base_end:.3f} = {without:.0%} without (target >= {KEPT_TARGET:.0%}: "
+                       f"{'met' if ratio >= KEPT_TARGET else 'missed'})")
     return "\n".join(lines) + "\n\n" + "\n".join(figures) + "\n"
 
 

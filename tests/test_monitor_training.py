@@ -186,3 +186,21 @@ def test_single_rm_without_shadow_is_refused(tmp_path, lm_dir, files):
 
     with pytest.raises(MonitorError, match="no plugin with member scores"):
         train.prepare_run(ppo_config(tmp_path, lm_dir, files, {"action": "warn"}))
+
+
+def test_member_batches_are_packed_on_the_device_they_are_gathered_on():
+    """The monitor's only tensor code: padded (rows, k + 1) blocks built on the gather's device (meta here, where a
+    tensor made on the wrong device fails as on CUDA), and unpacked without the padding."""
+    import numpy as np
+
+    from reward_plugins.monitor import MemberBatch
+    from trl_ext.monitor_hooks import pack_member_batch, unpack_member_batch
+
+    batch = MemberBatch([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [0.5, 0.25], ("a", "b", "c"))
+    on_meta = pack_member_batch(batch, batch.names, 4, torch.device("meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4, 4)
+    assert pack_member_batch(None, batch.names, 4, "meta").device.type == "meta"
+    packed = pack_member_batch(batch, batch.names, 4, "cpu")
+    both = np.concatenate([packed.numpy(), pack_member_batch(None, batch.names, 4, "cpu").numpy()])  # a second rank
+    merged = unpack_member_batch(both, batch.names)
+    assert merged.scores.tolist() == batch.scores.tolist() and merged.proxy.tolist() == [0.5, 0.25]
