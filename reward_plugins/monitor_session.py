@@ -134,7 +134,11 @@ class MonitorSession:
         return MemberBatch.concat(batches) if batches else None
 
     def step(self, step: int, kl: float, batch: MemberBatch) -> Alarm | None:
-        """Feed one step; prints the alarm line and writes alarm.json when it fires."""
+        """Feed one step; prints the alarm line and writes alarm.json when it fires. A step without a sample that
+        every member scored (all errored) is left out with a warning; the logs keep their last values."""
+        if batch.scores.shape[1] == 0:
+            logger.warning("monitor: step %d has no sample with every member score and a reward; left out", step)
+            return None
         alarm = self.monitor.observe(step, kl, batch)
         self._snapshots.append(self.monitor.logs())
         self._write_steps()

@@ -528,3 +528,20 @@ def test_launcher_refuses_a_monitor_without_reference_model(tmp_path, models):
         preflight_monitor(args, "reward.yaml", str(path))
     with pytest.raises(LaunchError, match="name the member components"):
         preflight_monitor(openrlhf_args(models, tmp_path), None, str(path))
+
+
+def test_monitor_reads_members_from_the_rollout_side(ray_session, models, tmp_path):
+    """With our reward server the members arrive as `reward/<member>` logs; `members` names them."""
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump({"members": ["seed1", "seed2"], "window": 2}))
+    args = grpo_args(models, tmp_path, "--algo.kl.init_coef", "0.01")
+    maker = make_maker(models, args, HookSettings(None, str(tmp_path / "eval"), 1, str(path)))
+    rewards = [0.5, -0.25, 1.0, 0.125]
+    logs = [{"reward/mean": r, "reward/seed1": r + 0.1 * i, "reward/seed2": r - 0.2 * i} for i, r in enumerate(rewards)]
+    maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}], rewards, logs))
+    (record,) = [json.loads(line) for line in (tmp_path / "ckpt" / "monitor" / "steps.jsonl").read_text().splitlines()]
+    # standardised by their own step-0 mean and std, the members differ by the 0.1 i and -0.2 i offsets
+    members = np.array([[r + 0.1 * i for i, r in enumerate(rewards)], [r - 0.2 * i for i, r in enumerate(rewards)]])
+    z = (members - members.mean(axis=1, keepdims=True)) / members.std(axis=1, keepdims=True)
+    assert record["disagreement"] == pytest.approx(np.mean(np.abs(z[0] - z[1]) / 2))  # std of two values: half the gap
+    assert record["disagreement"] > 0 and record["proxy"] == 0.0
