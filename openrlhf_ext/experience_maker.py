@@ -40,8 +40,8 @@ import torch
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
-from reward_plugins.monitor import Alarm, MonitorError, load_monitor_config
-from reward_plugins.monitor_session import MonitorSession
+from reward_plugins.monitor import Alarm, MonitorError
+from reward_plugins.monitor_session import MonitorSession, load_monitor_config
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
 from reward_plugins.registry import check_baselines
 from reward_plugins.types import RewardResult, Sample

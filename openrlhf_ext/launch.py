@@ -173,7 +173,7 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
 def preflight_monitor(args: SimpleNamespace, reward_config: str | None, monitor_config: str) -> list[str]:
     """Refuse a monitor that cannot see what it needs: the KL (a reference model), member scores, models on a GPU."""
     from reward_plugins.config import load_pipeline_config
-    from reward_plugins.monitor import load_monitor_config
+    from reward_plugins.monitor_session import load_monitor_config
 
     config = load_monitor_config(monitor_config)
     if not args.algo.kl.init_coef > 0:

@@ -27,7 +27,6 @@ here is pure maths and state (no I/O); trainers adapt it (`reward_plugins.monito
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,7 +36,6 @@ from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import ExistingPath
-from .config_loader import load_model
 from .types import RewardResult, Status
 
 Action = Literal["warn", "checkpoint", "adapt_kl", "stop"]
@@ -114,11 +112,6 @@ class MonitorConfig(BaseModel):
         if self.thresholds.gold_drop is not None and self.gold is None:
             raise ValueError("thresholds.gold_drop needs gold: (a gold reward_config or function)")
         return self
-
-
-def load_monitor_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MonitorConfig:
-    """A YAML file holding a monitor section's fields (the OpenRLHF launcher's --monitor-config), validated."""
-    return load_model(MonitorConfig, path, overrides, kind="monitor")
 
 
 def monitor_keys(has_gold: bool) -> tuple[str, ...]:

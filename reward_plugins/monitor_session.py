@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .config_loader import load_model
 from .io import DataError, atomic_open, iter_jsonl, write_json
 from .monitor import Alarm, GoldSpec, MemberBatch, Monitor, MonitorConfig, MonitorError, member_batch, member_keys
 from .pipeline import RewardPipeline, ScoredBatch
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "monitor_state.json"
 STEPS_FILE = "steps.jsonl"
+
+
+def load_monitor_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MonitorConfig:
+    """A YAML file holding a monitor section's fields (the OpenRLHF launcher's --monitor-config), validated."""
+    return load_model(MonitorConfig, path, overrides, kind="monitor")
 
 
 def plugin_member_names(plugin: RewardPlugin) -> tuple[str, ...]:
