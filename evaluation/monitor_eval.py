@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from reward_plugins.config_loader import ConfigError, apply_overrides
 from reward_plugins.io import DataError
-from reward_plugins.monitor import MonitorConfig, replay
+from reward_plugins.monitor import Monitor, MonitorConfig, replay
 from reward_plugins.monitor_session import read_steps
 
 from .eval_files import list_eval_files, read_eval_file
@@ -143,12 +143,16 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunResul
 
 def kept_by_stop(config: MonitorConfig, records: Sequence[dict], eval_steps: Sequence[int], alarm_step: int) -> int:
     """The eval step `stop` keeps: the best gold-free score among checkpoints at the eval steps up to the alarm."""
+    monitor = Monitor(config, has_gold=False)
+    score_after: list[tuple[int, float]] = []
+    for record in records:
+        monitor.observe_signals(int(record["step"]), record["kl"], record["disagreement"], record["proxy"])
+        score_after.append((int(record["step"]), monitor.score))
     scores = {}
-    candidates = [s for s in eval_steps if s <= alarm_step]
-    for step in candidates:
-        # checkpoint-s holds the policy that samples step s; its score is the monitor's after step s - 1
-        before = [r for r in records if r["step"] < step]
-        scores[step] = replay(config, before).score if before else -math.inf
+    for step in (s for s in eval_steps if s <= alarm_step):
+        # checkpoint-s holds the policy that samples step s; its score is the monitor's after the steps before s
+        before = [score for logged, score in score_after if logged < step]
+        scores[step] = before[-1] if before else -math.inf
     return min(scores, key=lambda s: (-scores[s], s))
 
 
