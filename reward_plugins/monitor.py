@@ -54,9 +54,9 @@ class Thresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    disagreement_rise: float | None = Field(default=None, gt=0)  # disagreement above its reference value by this much
+    disagreement_rise: float | None = Field(default=0.05, gt=0)  # disagreement's level above its reference value
     trend: float | None = Field(default=None, gt=0)  # disagreement's slope against KL above this
-    divergence: float | None = 0.0  # disagreement's slope minus the proxy's above this
+    divergence: float | None = 1.0  # weighted disagreement's slope minus the proxy's, per nat, above this
     gold_drop: float | None = Field(default=None, gt=0)  # gold below its best eval so far by this much (needs gold)
 
 
@@ -91,7 +91,7 @@ class MonitorConfig(BaseModel):
     reference_steps: int = Field(default=1, ge=1)  # steps whose scores fix each member's location and scale
     window: int = Field(default=20, ge=1)  # steps in each slope against KL and in the disagreement's level
     min_kl_rise: float = Field(default=0.05, ge=0)  # no slope against KL while KL rose less than this over the window
-    patience: int = Field(default=3, ge=1)  # consecutive steps a signal must stay beyond its threshold
+    patience: int = Field(default=5, ge=1)  # consecutive steps a signal must stay beyond its threshold
     thresholds: Thresholds = Thresholds()
     action: Action = "warn"
     divergence_weight: float = Field(default=2.0, gt=0)  # disagreement's weight against the proxy (see above)

@@ -40,7 +40,7 @@ def test_slope_and_trend_per_kl_by_hand():
 
 
 def test_monitor_values_by_hand():
-    config = MonitorConfig(window=2, patience=1, thresholds={"divergence": None, "trend": 100.0})
+    config = MonitorConfig(window=2, patience=1, thresholds={"divergence": None, "disagreement_rise": None, "trend": 100.0})
     monitor = Monitor(config)
     names = ("a", "b", "c")
     assert monitor.observe(0, 0.0, MemberBatch(STEP0, [1.0, 3.0], names)) is None
@@ -87,14 +87,14 @@ def first_alarm(over_optimise: bool, seed: int = 0, **config):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_alarm_fires_on_a_stream_that_over_optimises_and_not_on_one_that_does_not(seed):
     alarm = first_alarm(True, seed)  # the default settings
-    assert alarm is not None and alarm.signal == "divergence"
+    assert alarm is not None and alarm.signal == "disagreement_rise"
     assert 2.2 < alarm.step * 0.04 < 3.0, alarm  # after gold's peak at KL 2, well before the stream ends at 3.96
     assert first_alarm(False, seed) is None
-    # the other signals, alone, see it too and stay silent on the control
-    for thresholds in ({"divergence": None, "trend": 0.3}, {"divergence": None, "disagreement_rise": 0.15}):
+    # the slopes, alone, see it too (later) and stay silent on the control
+    for name, threshold in (("trend", 0.3), ("divergence", 0.3)):
+        thresholds = {"divergence": None, "disagreement_rise": None, name: threshold}
         alarm = first_alarm(True, seed, thresholds=thresholds)
-        assert alarm is not None and 2.2 < alarm.step * 0.04 < 3.0
-        assert alarm.signal == next(iter(set(thresholds) - {"divergence"}))
+        assert alarm is not None and alarm.signal == name and 2.2 < alarm.step * 0.04 < 3.8, alarm
         assert first_alarm(False, seed, thresholds=thresholds) is None
 
 
@@ -102,7 +102,7 @@ def test_alarm_line_is_one_line_with_step_kl_and_signal(capsys):
     alarm = first_alarm(True, action="stop")
     line = alarm.line()
     assert "\n" not in line and f"step {alarm.step}" in line and f"KL {alarm.kl:.3f}" in line
-    assert "divergence" in line and "action: stop" in line
+    assert "disagreement_rise" in line and "action: stop" in line
 
 
 def test_patience_counts_consecutive_steps():
@@ -128,7 +128,8 @@ def test_keys_are_the_same_on_every_step_before_and_after_the_alarm():
 
 
 def test_gold_drop_alarm_and_gold_score():
-    config = MonitorConfig(thresholds={"divergence": None, "gold_drop": 0.05}, gold={"function": "m:f"})
+    config = MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None, "gold_drop": 0.05},
+                           gold={"function": "m:f"})
     monitor = Monitor(config)
     monitor.observe_signals(0, 0.0, 0.0, 0.0)
     assert monitor.observe_gold(0, 0.3) is None and monitor.observe_gold(10, 0.5) is None
@@ -164,7 +165,7 @@ def test_replay_of_the_logged_series_matches_the_online_alarm():
     s = monitor.series
     records = [{"step": st, "kl": k, "disagreement": d, "proxy": p} for st, k, d, p in zip(s.steps, s.kl, s.disagreement, s.proxy)]
     assert replay(MonitorConfig(), records).alarm == monitor.alarm
-    stricter = replay(MonitorConfig(thresholds={"divergence": 1.0}), records).alarm
+    stricter = replay(MonitorConfig(thresholds={"disagreement_rise": 0.5}), records).alarm
     assert stricter is None or stricter.step > monitor.alarm.step  # thresholds re-evaluated without retraining
 
 
@@ -198,7 +199,7 @@ def test_flat_reference_is_refused():
 
 def test_config_errors():
     with pytest.raises(ValidationError, match="every signal is off"):
-        MonitorConfig(thresholds={"divergence": None})
+        MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None})
     with pytest.raises(ValidationError, match="gold_drop needs gold"):
         MonitorConfig(thresholds={"gold_drop": 0.1})
     with pytest.raises(ValidationError, match="exactly one of reward_config"):

@@ -23,7 +23,7 @@ from reward_plugins.monitor import monitor_keys
 from setup_data import synthetic_task as st
 from trl_ext import train
 
-ALWAYS = {"divergence": -1000.0}  # over the threshold from the first full window: fires at step window-1+patience-1
+ALWAYS = {"divergence": -1000.0, "disagreement_rise": None}  # from the first full window: fires at step window+patience-2
 
 
 @pytest.fixture()

@@ -432,7 +432,7 @@ def test_patch_wraps_the_plain_trainer_class_evaluate():
 
 # ---------------------------------------------------------------- the over-optimisation monitor in the hook
 
-ALWAYS = {"divergence": -1000.0}  # over the threshold from the first full window (step 1 with window 2)
+ALWAYS = {"divergence": -1000.0, "disagreement_rise": None}  # over it from the first full window (step 1 with window 2)
 
 
 def monitor_settings(tmp_path, action, **extra):
