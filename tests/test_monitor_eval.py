@@ -14,9 +14,9 @@ from reward_plugins.io import DataError, write_json, write_jsonl
 CONFIG = {"window": 1, "patience": 1, "thresholds": {"divergence": None, "disagreement_rise": 0.1}, "action": "warn"}
 
 
-def make_run(path, gold, rising_from=None, action="warn"):
+def make_run(path, gold, rising_from=None, action="warn", spread=0.1):
     """60 steps at KL 0.1 per step; disagreement 0.3, rising 0.04 per step after `rising_from`; proxy 0.05 per step;
-    an eval every 10 steps with the given gold means (two rows each, 0.1 either side)."""
+    an eval every 10 steps with the given gold means (two rows each, `spread` either side)."""
     records = []
     for step in range(60):
         d = 0.3 + (0.04 * (step - rising_from) if rising_from is not None and step > rising_from else 0.0)
@@ -24,7 +24,7 @@ def make_run(path, gold, rising_from=None, action="warn"):
     write_jsonl(path / "monitor" / "steps.jsonl", records)
     write_json(path / "monitor" / "config.json", {"config": {**CONFIG, "action": action}})
     for i, value in enumerate(gold):
-        rows = [EvalRow("p", "a", 0.0, gold_score=value + delta) for delta in (-0.1, 0.1)]
+        rows = [EvalRow("p", "a", 0.0, gold_score=value + delta) for delta in (-spread, spread)]
         write_eval_file(path / "eval", EvalFile(step=10 * i, rows=rows, kl=0.1 * 10 * i))
     return path
 
@@ -47,6 +47,15 @@ def test_lead_hit_false_alarm_and_gold_kept_by_hand(runs):
     # at step s - 1 (flat disagreement), 0.05 (s - 1), so step 30, whose gold is 0.55
     assert over.kept_step == 30 and over.gold_of(30) == pytest.approx(0.55)
     assert control.alarm_step is None and control.drop == pytest.approx(0.0)
+
+
+def test_a_drop_within_the_noise_is_a_control(tmp_path):
+    # two rows 0.2 either side: each eval's standard error is 0.2, the drop's 0.2 * sqrt(2) = 0.28 > 0.3 / 2
+    noisy = monitor_eval.evaluate_run(make_run(tmp_path / "noisy", [0.4, 0.7, 0.4], spread=0.2))
+    assert noisy.drop == pytest.approx(0.3) and noisy.drop_se == pytest.approx(0.2 * 2 ** 0.5)
+    assert not noisy.over_optimises(0.05)
+    assert monitor_eval.evaluate_run(make_run(tmp_path / "clear", [0.4, 0.7, 0.4], spread=0.1)).over_optimises(0.05)
+    assert not monitor_eval.evaluate_run(make_run(tmp_path / "small", [0.4, 0.44, 0.4], spread=0.001)).over_optimises(0.05)
 
 
 def test_table_and_figures(runs, tmp_path, capsys):
