@@ -141,14 +141,19 @@ def grpo_config(tmp_path, lm_dir, files, monitor, algorithm="grpo", steps=4, **t
 
 
 def test_grpo_adapt_kl_multiplies_beta_and_logs_every_step(tmp_path, lm_dir, files):
+    monitor_gold_stub.reset([0.2, 0.3])
     monitor = {"shadow": str(files["shadow"]), "window": 2, "patience": 1, "thresholds": ALWAYS,
-               "action": "adapt_kl", "kl_factor": 3.0}
+               "action": "adapt_kl", "kl_factor": 3.0, "gold": {"function": "monitor_gold_stub:gold"}}
     cfg = grpo_config(tmp_path, lm_dir, files, monitor)
     trainer = train.build_trainer(cfg)
     trainer.train()
     assert trainer.beta == pytest.approx(0.15)  # the coefficient GRPO's loss reads at every step
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 4 and all({k for k in e if k.startswith("monitor/")} == set(monitor_keys(False)) for e in logs)
+    assert len(logs) == 4 and all({k for k in e if k.startswith("monitor/")} == set(monitor_keys(True)) for e in logs)
+    assert all(e["monitor/gold"] == 0.2 for e in logs)  # the eval before training; the next is at the end
+    first, last = (read_eval_file(p) for p in list_eval_files(tmp_path / "grpo" / "eval"))
+    assert [r.gold_score for r in first.rows] == [0.2] * 4 and [r.gold_score for r in last.rows] == [0.3] * 4
+    assert first.meta["gold_rm"] == "monitor_gold_stub:gold" and set(last.meta["monitor"]) == set(monitor_keys(True))
     assert [e["monitor/kl_scale"] for e in logs] == [1.0, 3.0, 3.0, 3.0]
     steps = records(tmp_path / "grpo" / "monitor" / "steps.jsonl")
     assert [r["step"] for r in steps] == [0, 1, 2, 3]  # the policy that sampled each step: global step - 1
