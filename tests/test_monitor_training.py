@@ -174,6 +174,14 @@ def test_rloo_stop_ends_training_and_keeps_a_checkpoint(tmp_path, lm_dir, files,
     got = load_file(final / "model.safetensors")
     assert all(torch.equal(kept[k], got[k]) for k in kept)
     assert (out / f"checkpoint-{stop['kept_step']}" / "monitor_state.json").exists()
+    # rerunning resumes from the kept checkpoint (a warning now), its monitor continuing from the state saved there
+    resumed = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"action": "warn"}),
+                                     "trl": {**cfg.trl, "max_steps": 4}})
+    train.run(resumed)
+    steps = [r["step"] for r in records(out / "monitor" / "steps.jsonl")]
+    assert steps == [0, 1, 2, 3]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["log_history"][0]["step"] == 1
 
 
 def test_monitor_needs_a_kl_coefficient(tmp_path, lm_dir, files):
