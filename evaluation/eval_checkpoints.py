@@ -27,6 +27,7 @@ import torch
 
 from reward_plugins.io import DataError, iter_jsonl
 from reward_plugins.types import Sample
+from trl_ext.generation import completion_ids, generate_following, sampling_config
 
 from .eval_files import EvalFile, eval_file_path, read_eval_file, rows_from_scores, write_eval_file
 from .rm_text import prompt_text
@@ -85,8 +86,9 @@ def render_prompt(tokenizer, prompt: Any) -> str:
 
 @torch.inference_mode()
 def sample_answers(model, tokenizer, prompt_ids: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
-    """One sampled continuation per prompt (token ids up to and including the first EOS), in batches."""
-    eos = tokenizer.eos_token_id
+    """One sampled continuation per prompt (token ids up to and including the first EOS), in batches, drawn
+    with exactly the sampling settings given (the checkpoint's own generation config never applies)."""
+    config = sampling_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), args.batch_size):
         batch = prompt_ids[start : start + args.batch_size]
@@ -96,13 +98,8 @@ def sample_answers(model, tokenizer, prompt_ids: list[list[int]], args: argparse
         for row, ids in enumerate(batch):  # left padding, so every continuation starts at `width`
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-        )[:, width:].tolist()
-        for ids in generated:
-            out.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
+        generated = generate_following(model, input_ids.to(model.device), mask.to(model.device), config)
+        out.extend(completion_ids(ids, tokenizer.eos_token_id) for ids in generated[:, width:].tolist())
     return out
 
 

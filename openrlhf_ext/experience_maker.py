@@ -40,6 +40,7 @@ import torch
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
+from reward_plugins.logprobs import dtype_name
 from reward_plugins.monitor import Alarm, MonitorError
 from reward_plugins.monitor_session import MonitorSession, load_monitor_config
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
@@ -107,6 +108,8 @@ class PluginExperienceMaker(RemoteExperienceMaker):
                 )
             )
             plugin.scorer.model_id = reference_name
+            plugin.scorer.dtype = dtype_name(a.ds.param_dtype)  # what the baselines must have been computed with
+            plugin.scorer.attn_implementation = a.ds.attn_implementation
 
     @torch.no_grad()
     def make_experience(self, samples_list):
@@ -273,6 +276,9 @@ def plugin_evaluate(evaluate):
     @functools.wraps(evaluate)
     def wrapped(self, global_step, **generate_kwargs):
         maker = getattr(self, "experience_maker", None)
+        settings = getattr(maker, "settings", None)
+        if settings is not None:
+            generate_kwargs.update(settings.eval_sampling())  # the launcher's --eval-top-p / --eval-top-k
         if getattr(maker, "pipeline", None) is None:
             return evaluate(self, global_step, **generate_kwargs)
         generator = self.samples_generator
@@ -295,5 +301,22 @@ def plugin_evaluate(evaluate):
                 tracker.log_eval(global_step, metrics)
         logger.info("held-out reward metrics at step %s: %s", global_step, metrics)
         return {**(logs or {}), **metrics}
+
+    return wrapped
+
+
+def evaluate_before_training(fit):
+    """Wrap `PPOTrainer.fit(global_step)`: with `eval_at_start`, evaluate the initial policy once (step 0) on a
+    fresh run, with the eval settings OpenRLHF uses at later steps."""
+
+    @functools.wraps(fit)
+    def wrapped(self, global_step: int = 0):
+        settings = getattr(getattr(self, "experience_maker", None), "settings", None)
+        if settings is not None and settings.eval_at_start and self.eval_dataloader and global_step == 0 \
+                and self.init_checkpoint_states()["global_step"] == 0:
+            kwargs = {**self.generate_kwargs, "temperature": self.args.eval.temperature,
+                      "n_samples_per_prompt": self.args.eval.n_samples_per_prompt}
+            self.evaluate(0, **kwargs)
+        return fit(self, global_step)
 
     return wrapped

@@ -60,7 +60,7 @@ def patch_trainer_module(module: ModuleType) -> None:
     """Point the module's `RemoteExperienceMaker` at ours, let it see the trainer's global step and score held-out eval."""
     if getattr(module, _MARK, False):
         return
-    from openrlhf_ext.experience_maker import PluginExperienceMaker, plugin_evaluate
+    from openrlhf_ext.experience_maker import PluginExperienceMaker, evaluate_before_training, plugin_evaluate
 
     module.RemoteExperienceMaker = PluginExperienceMaker
     trainer = module.BasePPOTrainer
@@ -71,6 +71,8 @@ def patch_trainer_module(module: ModuleType) -> None:
     if hasattr(module, "PPOTrainer"):
         ppo = trainer_class(module.PPOTrainer)
         ppo.evaluate = plugin_evaluate(ppo.evaluate)
+        if hasattr(ppo, "fit"):
+            ppo.fit = evaluate_before_training(ppo.fit)
     setattr(module, _MARK, True)
 
 

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-config", help="over-optimisation monitor settings (a YAML file with the fields of a "
                         "train YAML's monitor: section); files go to <--ckpt.output_dir>/monitor")
     parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
+    parser.add_argument("--eval-top-p", type=float, help="top-p for held-out eval sampling (default: --rollout.top_p)")
+    parser.add_argument("--eval-top-k", type=int, help="top-k for held-out eval sampling (default: --rollout.top_k)")
+    parser.add_argument("--eval-before-training", action="store_true",
+                        help="run the held-out evaluation once before the first step, as the VR-CLI authors' fork did")
     parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
     parser.add_argument("--server-wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to this long for HTTP reward servers to answer /health (one just started)")
@@ -263,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes += preflight_monitor(args, reward_config, monitor_config)
     eval_dir = str(Path(ours.eval_dir).resolve()) if ours.eval_dir else None
     settings = HookSettings(
-        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every, monitor_config
+        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every,
+        ours.eval_top_p, ours.eval_top_k, ours.eval_before_training, monitor_config=monitor_config,
     )
     shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
     env = runtime_env(settings, shim_config=shim_config)

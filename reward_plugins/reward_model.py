@@ -84,7 +84,7 @@ class _ValueHeadModel(torch.nn.Module):
             input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
         ).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
-        values = self.head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+        values = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
         return (values - self.mean) / self.std
 
 

@@ -348,10 +348,11 @@ def test_mismatched_baselines_stop_the_first_batch(ray_session, models, vrcli, t
     from reward_plugins.vrcli import BaselineMismatchError
 
     maker = make_maker(models, grpo_args(models, tmp_path), HookSettings(vrcli.external, None, None))
-    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash()}
+    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash(),
+             "dtype": "bfloat16", "attn_implementation": "flash_attention_2"}  # OpenRLHF's --ds.param_dtype / attn defaults
     matching = [dict(label, baseline_fingerprint=stamp) for label in vrcli.labels]
     assert len(maker.make_experience_batch(rollouts(models, matching))) == 2
-    for change in ({"max_length": 4096}, {"model": "ref_lm"}):
+    for change in ({"max_length": 4096}, {"model": "ref_lm"}, {"dtype": "float32"}, {"attn_implementation": "sdpa"}):
         labels = [dict(label, baseline_fingerprint={**stamp, **change}) for label in vrcli.labels]
         with pytest.raises(BaselineMismatchError, match=next(iter(change))):
             maker.make_experience_batch(rollouts(models, labels))
@@ -439,7 +440,7 @@ def monitor_settings(tmp_path, action, **extra):
     path = tmp_path / "monitor.yaml"
     path.write_text(yaml.safe_dump({"window": 2, "patience": 1, "thresholds": ALWAYS, "action": action, **extra}))
     config = str(Path(__file__).parents[1] / "configs" / "rewards" / "ensemble_uwo5.yaml")
-    return HookSettings(config, str(tmp_path / "eval"), 1, str(path))
+    return HookSettings(config, str(tmp_path / "eval"), 1, monitor_config=str(path))
 
 
 class FakeSaver:
@@ -535,7 +536,7 @@ def test_monitor_reads_members_from_the_rollout_side(ray_session, models, tmp_pa
     path = tmp_path / "monitor.yaml"
     path.write_text(yaml.safe_dump({"members": ["seed1", "seed2"], "window": 2}))
     args = grpo_args(models, tmp_path, "--algo.kl.init_coef", "0.01")
-    maker = make_maker(models, args, HookSettings(None, str(tmp_path / "eval"), 1, str(path)))
+    maker = make_maker(models, args, HookSettings(None, str(tmp_path / "eval"), 1, monitor_config=str(path)))
     rewards = [0.5, -0.25, 1.0, 0.125]
     logs = [{"reward/mean": r, "reward/seed1": r + 0.1 * i, "reward/seed2": r - 0.2 * i} for i, r in enumerate(rewards)]
     maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}], rewards, logs))

@@ -64,6 +64,9 @@ class PPOSettings(BaseModel):
             raise ValueError("value_init: reward_model needs value_model (the reward model's folder)")
         if self.value_init == "policy" and self.value_model is not None:
             raise ValueError("value_model is only read with value_init: reward_model")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("kl_target adapts kl_coef by multiplying it, so kl_coef: 0 would stay 0; "
+                             "start from a positive kl_coef (e.g. 0.05) or drop kl_target")
         return self
 
 

@@ -22,7 +22,7 @@ from ..modeling import DTypeName
 from ..registry import PluginConfig, RewardPlugin, plugin_tree, register_plugin
 from ..types import LabelError, RewardResult, Sample
 from .baselines import FINGERPRINT_KEY, BaselineMismatchError, fingerprint, fingerprint_differences, model_id, valid_baseline
-from .plan import PAPER_MARKERS, extract_plan, strip_special_suffix
+from .plan import PAPER_MARKERS, extract_plan, strip_special_tokens
 from .prompts import ScoredInput, VRCLIPrompt
 from .scoring import Scheme, improvement, shape
 
@@ -42,6 +42,7 @@ class ScorerConfig(PluginConfig):
     max_length: int = Field(default=4096, gt=1)
     temperature: float = Field(default=1.0, gt=0)
     trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None  # None: transformers' default
     placement: Placement | None = None
     model_id: str | None = None  # the scorer's name in baseline fingerprints; default: the model folder's name
 
@@ -64,6 +65,7 @@ class ScorerConfig(PluginConfig):
             max_length=self.max_length,
             temperature=self.temperature,
             trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
         )
 
 
@@ -158,7 +160,8 @@ class VRCLIPlugin(RewardPlugin):
         """This reward's fingerprint, as `compute_baseline_perplexity.py` records it in each label."""
         scorer = self.scorer
         temperature = scorer.temperature if scorer is not None else self.config.scorer.temperature
-        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt)
+        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt,
+                           getattr(scorer, "dtype", None), getattr(scorer, "attn_implementation", None))
 
     def check_labels(self, labels: Sequence[Any]) -> None:
         """Refuse (raise `BaselineMismatchError`) labels whose baseline fingerprint differs from this reward's."""
@@ -209,7 +212,7 @@ class VRCLIPlugin(RewardPlugin):
             differences = fingerprint_differences(expected, found)
             if differences:
                 raise LabelError("baseline fingerprint differs from this reward: " + "; ".join(differences))
-        response = strip_special_suffix(sample.response, self.scorer.tokenizer.all_special_tokens)
+        response = strip_special_tokens(sample.response, self.scorer.tokenizer.all_special_tokens)
         markers = self.config.plan.markers
         plan = extract_plan(response, markers, self.config.plan.whole_response_fallback)
         found_marker = any(marker in response for marker in markers)
