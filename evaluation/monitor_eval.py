@@ -6,7 +6,8 @@
 Works offline from what a monitored run leaves (`RUN/monitor/steps.jsonl`, `RUN/monitor/config.json`, the eval
 files `RUN/eval/eval_step*.json` with gold scores, from the monitor's gold or `evaluation.run_ppo_gold_eval`): the
 monitor is replayed over the logged per-step signals with the run's own settings, or with `--set` overrides, so
-thresholds are re-evaluated without retraining.
+thresholds are re-evaluated without retraining. A run whose action changed it (`adapt_kl`, `stop`) keeps the alarm
+it really had (`alarm.json`).
 
 Per run: gold's mean on the eval prompts at each eval gives its peak and its final value; a run whose final gold
 is below its peak by at least `--min-drop` and by more than twice that drop's standard error over-optimises, any
@@ -140,9 +141,15 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunResul
     for step in steps:  # an eval after the last logged step (the final one) sees the policy that step would sample
         kl_at.setdefault(step, last_kl)
     result = RunResult(str(run_dir), action, steps, gold, errors, kl_at, max(kl_at.values()))
-    monitor = replay(config, records, list(zip(steps, gold)) if config.thresholds.gold_drop is not None else [])
-    if monitor.alarm is not None:
-        result.alarm_step, result.alarm_kl, result.signal = monitor.alarm.step, monitor.alarm.kl, monitor.alarm.signal
+    alarm_file = run_dir / "monitor" / "alarm.json"
+    if action in ("adapt_kl", "stop"):  # the action changed the run after its alarm: only the real alarm is valid
+        if alarm_file.exists():
+            alarm = json.loads(alarm_file.read_text())
+            result.alarm_step, result.alarm_kl, result.signal = int(alarm["step"]), float(alarm["kl"]), alarm["signal"]
+    else:
+        monitor = replay(config, records, list(zip(steps, gold)) if config.thresholds.gold_drop is not None else [])
+        if monitor.alarm is not None:
+            result.alarm_step, result.alarm_kl, result.signal = monitor.alarm.step, monitor.alarm.kl, monitor.alarm.signal
     stop_file = run_dir / "monitor" / "stop.json"
     if stop_file.exists():
         result.kept_step, result.stopped = int(json.loads(stop_file.read_text())["kept_step"]), True

@@ -79,9 +79,13 @@ def test_thresholds_are_re_evaluated_without_retraining(runs):
 
 def test_adapt_kl_pair(runs, tmp_path):
     acted = make_run(tmp_path / "acted", [0.4, 0.5, 0.6, 0.58, 0.59, 0.58], rising_from=30, action="adapt_kl")
+    write_json(acted / "monitor" / "alarm.json", {"step": 31, "kl": 3.1, "signal": "divergence", "value": 1.0,
+                                                  "threshold": 0.0, "action": "adapt_kl"})
+    assert monitor_eval.evaluate_run(acted, ["thresholds.disagreement_rise=0.05"]).alarm_step == 31  # the real one
     table = monitor_eval.main([str(runs[1]), "--pair", f"{acted}={runs[0]}"])
     # final gold 0.58 against the base run's peak 0.6 (97 %), the base run itself ends at 0.3 (50 %)
-    assert "gold at step 50 0.580 = 97% of the base run's peak 0.600, against 0.300 = 50% without (target >= 95%: met)" in table
+    assert "alarm at step 31, KL 3.10): gold at step 50 0.580 = 97% of the base run's peak 0.600, against 0.300 = 50% " \
+           "without (target >= 95%: met)" in table
 
 
 def test_errors_name_the_run(tmp_path):
