@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reward_plugins.model_ref import ModelRef, describe
+from reward_plugins.monitor import MonitorConfig
+from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
 
 from .config import ExistingPath, unknown_fields
@@ -92,6 +94,7 @@ class TrainConfig(BaseModel):
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
     trl: dict[str, Any] = Field(default_factory=dict)
     ppo: PPOSettings | None = None  # algorithm: ppo reads this section (trl_ext.ppo) instead of `trl`
+    monitor: MonitorConfig | None = None  # the over-optimisation monitor (reward_plugins.monitor)
 
     @model_validator(mode="after")
     def _one_section(self) -> TrainConfig:
@@ -103,11 +106,24 @@ class TrainConfig(BaseModel):
             raise ValueError(f"the `ppo` section is only read with algorithm: ppo (algorithm is {self.algorithm})")
         return self
 
+    def kl_coefficient(self) -> tuple[tuple[str, ...], float]:
+        """Where the KL coefficient the loss uses is set, and its value (TRL's own default when `trl` omits it)."""
+        if self.algorithm == "ppo":
+            return ("ppo", "kl_coef"), self.ppo.kl_coef
+        default = {field.name: field.default for field in dataclasses.fields(trl_classes(self.algorithm)[0])}["beta"]
+        return ("trl", "beta"), float(self.trl.get("beta", default))
+
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
         """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
-        if self.algorithm == "ppo":
-            return []  # the `ppo` section is a typed model; `trl` is refused with ppo
-        return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+        problems = [] if self.algorithm == "ppo" else unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+        if self.monitor is not None and not problems:
+            where, coefficient = self.kl_coefficient()
+            if self.algorithm != "ppo" and coefficient == 0:
+                problems.append((where, "the monitor needs the KL to the initial policy, which TRL computes only with "
+                                        "beta > 0; set trl.beta (e.g. 0.01)"))
+            elif self.monitor.action == "adapt_kl" and coefficient == 0:
+                problems.append((where, "monitor.action adapt_kl multiplies this coefficient, which is 0"))
+        return problems
 
 
 @dataclasses.dataclass
@@ -119,6 +135,7 @@ class RunInputs:
     reward_fn: PipelineRewardFunc
     rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
+    monitor: MonitorSession | None = None
 
     def eval_callback(self, cfg: TrainConfig, max_new_tokens: int, temperature: float, backend: str,
                       ref_model=None) -> EvalFileCallback:
@@ -128,5 +145,5 @@ class RunInputs:
         return EvalFileCallback(
             Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
             [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],
-            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model,
+            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model, monitor=self.monitor,
         )

@@ -47,6 +47,8 @@ from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, ru
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError
 from reward_plugins.model_ref import describe
+from reward_plugins.monitor import MonitorError
+from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.registry import check_baselines
 from reward_plugins.vrcli import BaselineMismatchError
@@ -54,6 +56,7 @@ from reward_plugins.vrcli import BaselineMismatchError
 from .config import CPU_DEFAULTS, load_config, split_overrides, unknown_fields
 from .console import current_step, is_main_process, setup_output, use_bar_and_table
 from .data import PROMPT_FIELDS, read_rows
+from .monitor_hooks import MonitorCallback
 from .reward_adapter import PipelineRewardFunc, RewardFailure
 from .run_config import RunInputs, TrainConfig, trl_classes
 from .run_dir import (ResumeMode, content_hash, open_run_dir, ppo_settings, resume_mode, stop_cleanly,
@@ -115,10 +118,15 @@ def prepare_run(cfg: TrainConfig) -> RunInputs:
         tokenizer.pad_token = tokenizer.eos_token
     pipeline = RewardPipeline.from_yaml(cfg.reward_config)
     main_process = int(os.environ.get("RANK", "0")) == 0
+    monitor = None
+    if cfg.monitor is not None:
+        monitor = MonitorSession(cfg.monitor, pipeline, cfg.output_dir, main=main_process,
+                                 source_name=f"reward_config {cfg.reward_config}")
     reward_fn = PipelineRewardFunc(
         pipeline, name=Path(cfg.reward_config).stem, label_key=cfg.label_key,
         table_dir=Path(cfg.output_dir) / "completions" if main_process else None, table_every=cfg.table_every,
         stop_after=cfg.stop_after_failed_steps, tokenizer=tokenizer,
+        observer=monitor.observe_scored if monitor is not None else None,
     )
     rows = load_prompt_rows(cfg.train_data, cfg.label_key)
     eval_rows = load_prompt_rows(cfg.eval_data, cfg.label_key) if cfg.eval_data else []
@@ -127,7 +135,7 @@ def prepare_run(cfg: TrainConfig) -> RunInputs:
             check_baselines(pipeline.root, [r[cfg.label_key] for r in checked])
         except BaselineMismatchError as exc:
             raise DataError(f"{path}: {exc}") from None
-    return RunInputs(tokenizer, pipeline, reward_fn, rows, eval_rows)
+    return RunInputs(tokenizer, pipeline, reward_fn, rows, eval_rows, monitor)
 
 
 def build_trainer(cfg: TrainConfig):
@@ -136,15 +144,25 @@ def build_trainer(cfg: TrainConfig):
     _, trainer_cls = trl_classes(cfg.algorithm)
     inputs = prepare_run(cfg)
     callbacks = []
+    watcher = MonitorCallback(inputs.monitor) if inputs.monitor is not None else None
+    if watcher is not None:
+        callbacks.append(watcher)  # before the eval files: an eval's gold comes after the step before it
     if cfg.eval_data:
         callbacks.append(inputs.eval_callback(cfg, cfg.eval_max_new_tokens or args.max_completion_length,
                                               args.temperature, "trl"))
     with loading("policy", cfg.policy):
         model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model, reward_funcs=inputs.reward_fn, args=args, train_dataset=to_dataset(inputs.rows, cfg.train_data),
         processing_class=inputs.tokenizer, callbacks=callbacks,
     )
+    if watcher is not None:
+        watcher.attach(trainer)
+    return trainer
+
+
+def monitor_callback(trainer) -> MonitorCallback | None:
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, MonitorCallback)), None)
 
 
 def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
@@ -163,12 +181,23 @@ def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
     last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     trainer = build_trainer(cfg)
     use_bar_and_table(trainer)
+    watcher = monitor_callback(trainer)
     if last:
         logger.info("resuming from %s", last)
+        if watcher is not None:
+            watcher.restore(last)
     with stop_cleanly(out, lambda: trainer.state.global_step):
         trainer.train(resume_from_checkpoint=last)
     final = out / "final"
-    trainer.save_model(str(final))
+    kept = None
+    if watcher is not None and watcher.stopped is not None:
+        kept = watcher.session.keep_best(lambda step: out / f"checkpoint-{step}", watcher.stopped)
+    if kept is not None:  # stop: the final model is the kept checkpoint's
+        if trainer.accelerator.is_main_process:
+            AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).save_pretrained(final)
+            trainer.processing_class.save_pretrained(final)
+    else:
+        trainer.save_model(str(final))
     if trainer.accelerator.is_main_process:
         (out / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     return final
@@ -194,7 +223,7 @@ def _main(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: bad configs, data, model folders and a reward that always fails exit 2 with one message."""
-    return run_cli(_main, "trl_ext.train", argv, user_errors=(RewardFailure,))
+    return run_cli(_main, "trl_ext.train", argv, user_errors=(RewardFailure, MonitorError))
 
 
 if __name__ == "__main__":
