@@ -103,8 +103,9 @@ class EnsembleConfig(PluginConfig):
     def _consistent(self) -> EnsembleConfig:
         if len(set(self.member_names)) != len(self.member_names) or len(self.member_names) != len(self.members):
             raise ValueError(f"member_names must be unique, one per member: {self.member_names}")
-        if self.objective == "uwo" and len(self.members) - self.ddof <= 0:
-            raise ValueError(f"uwo with ddof={self.ddof} needs more than {self.ddof} members")
+        if len(self.members) <= self.ddof:
+            raise ValueError(f"ddof={self.ddof} needs more than {self.ddof} member(s) for a variance; "
+                             f"this ensemble has {len(self.members)}")
         if self.standardize == "reference_stats" and (
             self.reference_stats is None or len(self.reference_stats) != len(self.members)
         ):

@@ -25,9 +25,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .batching import length_sorted_batches, position_ids_from_mask, right_pad, truncate
-from .config import ExistingPath, Placement
+from .config import Placement
+from .model_ref import ModelRef
 from .modeling import DTypeName, load_tokenizer, require_safetensors, resolve_device, resolve_dtype
 from .registry import PluginConfig, RewardPlugin, register_plugin
+from .templates import current_names
 from .types import RewardResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ TEMPLATE_FIELDS = ("prompt", "response", "query", "label")
 
 
 class RewardModelConfig(PluginConfig):
-    path: ExistingPath
-    tokenizer: ExistingPath | None = None
+    path: ModelRef
+    tokenizer: ModelRef | None = None
     format: Literal["auto", "hf", "openrlhf"] = "auto"
     value_head_prefix: str | None = None
     label_index: int = 0
@@ -60,6 +62,7 @@ class RewardModelConfig(PluginConfig):
     @field_validator("template")
     @classmethod
     def _known_fields(cls, template: str) -> str:
+        template = current_names(template, "template")
         for _, field_name, _, _ in string.Formatter().parse(template):
             if field_name is None:
                 continue

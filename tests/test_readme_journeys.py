@@ -30,6 +30,7 @@ EXPECTED = {
     "llm_on_ray": ["data/ray/sft.jsonl", "models/ray/sft/final/config.json", "models/ray/rm_seed1/config.json",
                    "runs/grpo_ray/final/config.json"],
     "openrlhf": [],
+    "monitor": ["runs/ppo_rm_monitor/monitor/steps.jsonl", "runs/ppo_rm_monitor/final/config.json"],
 }
 
 

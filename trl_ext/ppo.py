@@ -43,9 +43,14 @@ from torch import nn
 from reward_plugins.batching import position_ids_from_mask
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
+from reward_plugins.monitor import Alarm
+from reward_plugins.monitor_session import STATE_FILE
 
+from .console import advance, close_bar, progress_bar
 from .data import as_text
 from .generation import sample
+from .run_dir import ResumeMode, open_run_dir, ppo_settings
+from .monitor_hooks import copy_folder, watch_step
 
 if TYPE_CHECKING:
     from .run_config import PPOSettings, RunInputs, TrainConfig
@@ -263,8 +268,9 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
 
 def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer) -> None:
-    """Policy and value in HF format, the optimizer's tensors in safetensors, the rest in JSON; written then renamed."""
+                    tokenizer, extra_json: dict[str, Any] | None = None) -> None:
+    """Policy and value in HF format, the optimizer's tensors in safetensors, the rest (and `extra_json`, file name ->
+    document) in JSON; written then renamed."""
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -280,6 +286,8 @@ def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim
     save_file(tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", meta)
     write_json(tmp / "trainer_state.json", state)
+    for name, document in (extra_json or {}).items():
+        write_json(tmp / name, document)
     if folder.exists():
         import shutil
 
@@ -367,8 +375,9 @@ def print_samples(console, step: int, prompts: list[str], responses: list[str], 
     console.print(table)
 
 
-def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
-    """Train with PPO (resuming from the last checkpoint when `cfg.resume`); returns the final policy folder."""
+def train_ppo(cfg: TrainConfig, inputs: RunInputs, mode: ResumeMode = "auto") -> Path:
+    """Train with PPO (resuming from the last checkpoint of a run with the same settings, see `run_dir`); returns
+    the final policy folder."""
     from accelerate import Accelerator
     from rich.console import Console
     from torch.utils.tensorboard import SummaryWriter
@@ -380,7 +389,7 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer, reward_fn, rows = inputs.tokenizer, inputs.reward_fn, inputs.rows
     start_step, state = 0, {"step": 0, "episode": 0, "kl_coef": ppo.kl_coef}
-    checkpoint = last_checkpoint(out) if cfg.resume and out.is_dir() else None
+    checkpoint = open_run_dir(out, ppo_settings(cfg), mode, last_checkpoint)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -395,6 +404,9 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     bundle, optimizer = accelerator.prepare(bundle, optimizer)
     ref.to(accelerator.device)
     kl_ctl = KLController(float(state["kl_coef"]), ppo.kl_target, ppo.kl_horizon)
+    monitor = inputs.monitor
+    if monitor is not None and checkpoint is not None:
+        monitor.restore(checkpoint, start_step)
 
     pipeline = inputs.pipeline
     evaluator = None
@@ -405,6 +417,13 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     console = Console(stderr=True)
     unwrapped = accelerator.unwrap_model(bundle)
 
+    def save(step: int, state: dict[str, Any]) -> None:
+        """checkpoint-STEP: the policy that samples step STEP (after STEP updates), with the monitor's state."""
+        accelerator.wait_for_everyone()
+        extra = {STATE_FILE: monitor.checkpoint_state(step)} if monitor is not None else None
+        if main:
+            save_checkpoint(out / f"checkpoint-{step}", unwrapped, optimizer, state, tokenizer, extra)
+
     def evaluate(step: int) -> None:
         if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step in (0, ppo.max_steps)):
             evaluator.write(step, unwrapped.policy, tokenizer)
@@ -412,6 +431,8 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     if start_step == 0:
         evaluate(0)
     began, episodes_at_start = time.perf_counter(), int(state["episode"])
+    bar, record = progress_bar(ppo.max_steps, start_step), {}
+    stopped: Alarm | None = None
     for step in range(start_step, ppo.max_steps):
         batch_rows = [rows[i] for i in prompt_indices(step, rank, world, ppo.batch_size, len(rows), cfg.seed)]
         prompts = [as_text(r["prompt"], tokenizer) for r in batch_rows]
@@ -438,8 +459,19 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
             old_logprobs = token_logprobs(logits, response_tokens)
             del logits
             old_ref = ref_logprobs(ref, ids, attention, start, ppo.temperature)
+            alarm = None
+            if monitor is not None:  # before the update: adapt_kl acts on this very batch, stop before it is learnt
+                alarm = watch_step(monitor, accelerator, step, ((old_logprobs - old_ref) * mask).sum(1), valid,
+                                   ppo.batch_size)
+                if alarm is not None and alarm.action == "adapt_kl":
+                    kl_ctl.value *= monitor.apply_kl(step)
             targets = training_targets(scores, valid, old_logprobs, old_ref, old_values, mask, kl_coef=kl_ctl.value,
                                        gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards)
+        if alarm is not None and alarm.action in ("checkpoint", "stop"):
+            save(step, state)
+            if alarm.action == "stop":
+                stopped = alarm
+                break
         mask, advantages, returns = targets.mask, targets.advantages, targets.returns
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in MINIBATCH_STATS}
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -489,6 +521,8 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
             "val/num_eos_tokens": sums[5], "lr": optimizer.param_groups[0]["lr"],
         }
         record.update(dict(zip(pipeline.log_keys, means[8:])))  # one gather per step
+        if monitor is not None:
+            record.update(monitor.logs())
         kl_ctl.update(kl_mean, ppo.batch_size * world)
         state["kl_coef"] = kl_ctl.value
         if main:
@@ -498,18 +532,21 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
                         writer.add_scalar(key, v, step + 1)
                 with open(out / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                logger.info("step %d: scores %.3f kl %.3f rlhf %.3f", step + 1, record["objective/scores"],
-                            record["objective/kl"], record["objective/rlhf_reward"])
             if cfg.table_every and step % cfg.table_every == 0 and ppo.sample_rows:
                 print_samples(console, step, prompts, gens.texts, scores.tolist(), ppo.sample_rows)
+        advance(bar, record)
         evaluate(step + 1)
         if (ppo.save_steps and (step + 1) % ppo.save_steps == 0) or step + 1 == ppo.max_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out / f"checkpoint-{step + 1}", unwrapped, optimizer, state, tokenizer)
+            save(step + 1, state)
     accelerator.wait_for_everyone()
     final = out / "final"
     if main:
+        close_bar(bar, record)
+    kept = monitor.keep_best(lambda s: out / f"checkpoint-{s}", stopped) if stopped is not None else None
+    if main and kept is not None:  # stop: the final model is the kept checkpoint's
+        copy_folder(kept / "policy", final)
+        copy_folder(kept / "value", out / "value")
+    elif main:
         unwrapped.policy.save_pretrained(final)
         tokenizer.save_pretrained(final)
         unwrapped.value.save_pretrained(out / "value")

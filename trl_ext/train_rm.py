@@ -20,19 +20,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.train_rm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/rm/*.yaml)")
+    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from reward_plugins.batching import truncate
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
+from reward_plugins.model_ref import ModelRef, describe
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
+from reward_plugins.templates import current_names
 
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
+from .console import is_main_process, setup_output, use_bar_and_table
 from .data import RM_FIELDS, answer_text, as_text, read_rows
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -44,18 +65,23 @@ class RMRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "RM"
 
-    base: ExistingPath
-    tokenizer: ExistingPath | None = None
+    base: ModelRef
+    tokenizer: ModelRef | None = None
     train_data: ExistingPath
     test_data: ExistingPath | None = None
     output_root: str = "models"
     name: str = "rm"
     seed: int = 1
-    template: str = "{prompt}{response}"
+    template: str = "{prompt}{response}"  # the reward_model plugin's fields; {answer} is read as {response}, deprecated
     max_length: int = Field(default=1024, gt=1)
     truncation_side: Literal["left", "right"] = "left"
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _current_names(cls, template: str) -> str:
+        return current_names(template, "template")
 
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
         from trl import RewardConfig
@@ -91,15 +117,20 @@ def rm_args(cfg: RMRunConfig):
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
         raise ConfigError([f"trl.{key}: unknown RewardConfig field" for key in unknown], "RM")
+    try:
+        return RewardConfig(**rm_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "RM") from exc
+
+
+def rm_values(cfg: RMRunConfig) -> dict[str, Any]:
+    """What `rm_args` passes to RewardConfig: our defaults, then the preset's `trl` section."""
     values: dict[str, Any] = {"output_dir": str(cfg.output_dir), "report_to": ["tensorboard"], "seed": cfg.seed,
                               "data_seed": cfg.seed, "max_length": None, "save_strategy": "no", "logging_steps": 10}
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return RewardConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "RM") from exc
+    return values
 
 
 def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> float:
@@ -113,11 +144,16 @@ def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> floa
     return float(np.mean((c > r) + 0.5 * (c == r)))
 
 
-def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
-    """Train one seeded RM, save it, and return (and write) its held-out accuracy."""
+def train_rm(cfg: RMRunConfig, mode: ResumeMode = "auto") -> dict[str, Any]:
+    """Train one seeded RM, save it, and return (and write) its held-out accuracy. Its folder is a run folder
+    (`trl_ext.run_dir`): other settings than those it was trained with are refused."""
     from datasets import Dataset
-    from trl import RewardTrainer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import RewardConfig, RewardTrainer
 
+    settings = trainer_settings(RewardConfig, rm_values(cfg), algorithm="rm", base=describe(cfg.base), train_data=content_hash(cfg.train_data),
+                                template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
+    last = open_run_dir(cfg.output_dir, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     args = rm_args(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -132,7 +168,9 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(encode_pairs(train_rows, tokenizer, cfg)),
                             processing_class=tokenizer)
-    trainer.train()
+    use_bar_and_table(trainer)
+    with stop_cleanly(cfg.output_dir, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     out = cfg.output_dir
     trainer.save_model(str(out))
     report: dict[str, Any] = {"seed": cfg.seed, "path": str(out), "train_pairs": len(train_rows)}
@@ -146,20 +184,17 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    setup_output()
     overrides = [*args.set, *split_overrides(extra)]
     seeds = [[f"seed={seed}"] for seed in args.seed] if args.seed else [[]]
     configs = [load_config(RMRunConfig, args.config, [*overrides, *seed]) for seed in seeds]
     for cfg in configs:
-        report = train_rm(cfg)
+        report = train_rm(cfg, resume_mode(args))
         held_out = (f"held-out accuracy {report['accuracy']:.3f} on {report['test_pairs']} pairs" if "accuracy" in report
                     else "no held-out pairs (test_data not set)")
-        print(f"{report['path']}: {held_out}")
+        if is_main_process():
+            print(f"{report['path']}: {held_out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
