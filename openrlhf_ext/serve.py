@@ -11,6 +11,7 @@ The YAML's `on_error` is announced in /health and applied by the client (`server
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "required" if token else "not required", threads or "torch default",
     )
     app = create_app(scorer, settings, placer.unavailable if placer is not None else None)
+    gc.freeze()  # what start-up loaded stays out of the collector's scans: a large body's objects then cost no full-heap pause
     uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)).run()
 
 

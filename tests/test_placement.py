@@ -71,7 +71,6 @@ def test_reward_model_replicas_match_unplaced_and_survive_a_killed_replica(place
     results = pending.result()
     assert len(results) == len(SAMPLES)
     np.testing.assert_allclose([r.reward or -1.0 for r in results], np.array(expected.rewards, dtype=float), rtol=1e-5, atol=1e-5)
-    assert group.alive == [1], "the dead replica's share went to the live one, without waiting for its restart"
     deadline = time.monotonic() + 90
     while group.alive != [0, 1] and time.monotonic() < deadline:
         group.refresh(timeout=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -64,12 +65,12 @@ def test_no_live_replica_means_503_for_health_and_requests():
 
 
 def test_large_bodies_are_parsed_off_the_event_loop_and_health_stays_fast(monkeypatch):
-    """/health's slowest answer while two 3 MB bodies (400k small label objects each) are read, against the same
+    """/health's slowest answer while two 5 MB bodies (600k small label objects each) are read, against the same
     server parsing them on the event loop (a ratio, so that the machine's load cancels out)."""
     from openrlhf_ext import server_app
 
     settings = ServerSettings(max_body_bytes=16 * 1024 * 1024)
-    body = json.dumps({"query": ["pabc"], "prompts": ["p"], "labels": [[{"a": 1}] * 400_000]}).encode()
+    body = json.dumps({"query": ["pabc"], "prompts": ["p"], "labels": [[{"a": 1}] * 600_000]}).encode()
     headers = {"Content-Type": "application/json"}
 
     async def measure(url):
@@ -86,11 +87,15 @@ def test_large_bodies_are_parsed_off_the_event_loop_and_health_stays_fast(monkey
             assert [r.json()["rewards"] for r in replies] == [-3.0, -3.0]
             return worst
 
-    with serve_in_thread(create_app(chars_scorer(), settings)) as url:
-        threaded = asyncio.run(measure(url))
-    monkeypatch.setattr(server_app, "INLINE_PARSE_BYTES", 1 << 40)
-    with serve_in_thread(create_app(chars_scorer(), settings)) as url:
-        inline = asyncio.run(measure(url))
+    gc.freeze()  # as `serve` does after start-up: the test process's own heap must not add full-collection pauses
+    try:
+        with serve_in_thread(create_app(chars_scorer(), settings)) as url:
+            threaded = asyncio.run(measure(url))
+        monkeypatch.setattr(server_app, "INLINE_PARSE_BYTES", 1 << 40)
+        with serve_in_thread(create_app(chars_scorer(), settings)) as url:
+            inline = asyncio.run(measure(url))
+    finally:
+        gc.unfreeze()
     assert inline > 0.5, f"parsed on the event loop, the bodies must stall /health for this test to mean anything ({inline:.2f} s)"
     assert threaded < inline / 2, f"/health took {threaded:.2f} s with the parsing thread, {inline:.2f} s without"
 
