@@ -146,7 +146,8 @@ def build_multihead_rm(out_dir: str | Path, tokenizer_dir: str | Path, k: int = 
 
 
 def build_lora_ensemble(out_dir: str | Path, tokenizer_dir: str | Path, k: int = 3, seed: int = 0, r: int = 4,
-                        top_layers: int = 1, **config_overrides) -> Path:
+                        top_layers: int = 1, target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj"),
+                        **config_overrides) -> Path:
     """A random tiny LoRA ensemble folder: a Llama backbone and k peft adapters with random (non-zero) weights on
     the top `top_layers` layers, each with its own score head."""
     from peft import LoraConfig, get_peft_model
@@ -166,13 +167,15 @@ def build_lora_ensemble(out_dir: str | Path, tokenizer_dir: str | Path, k: int =
     for member_seed in seeds:
         torch.manual_seed(member_seed)
         base = LlamaForSequenceClassification.from_pretrained(out_dir, num_labels=1)
-        lora = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "up_proj"],
+        lora = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(target_modules),
                           layers_to_transform=list(range(layers - top_layers, layers)))
         model = get_peft_model(base, lora)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if "lora_" in name or "modules_to_save" in name:
-                    param.normal_(0.0, 0.5 if "lora_" in name else 1.0)
+                if "lora_" in name:  # a delta about as large as the layer's own weights
+                    param.normal_(0.0, param.shape[1] ** -0.5 * (1.0 if "lora_A" in name else 2.0))
+                elif "modules_to_save" in name:
+                    param.normal_(0.0, 1.0)
         names.append(f"adapters/seed{member_seed}")
         model.save_pretrained(out_dir / names[-1])
     save_lora_index(out_dir, names, MemberInfo(seeds))
