@@ -50,6 +50,7 @@ SIZES = {  # backbone shapes (Llama layout); the tokenizer is tiny, so the param
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2),
 }
+WORKLOAD = {"tiny": (128, 16), "100m": (8, 8), "1.5b": (64, 16)}  # default samples scored per round, batch size
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, without sparsity
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("one RM", "k separate RMs", "multi-head", "LoRA indexed", "LoRA peft_mixed")
@@ -175,12 +176,12 @@ def run_child(payload: str) -> None:
 
 def measure_size(size: str, ks: list[int], args: argparse.Namespace, root: Path) -> list[dict]:
     device = "cuda" if args.gpu else "cpu"
-    text = {"batch_size": args.batch_size, "max_length": 512, "device": device,
-            "dtype": "bfloat16" if args.gpu else "float32"}
+    count, batch_size = args.samples or WORKLOAD[size][0], args.batch_size or WORKLOAD[size][1]
+    text = {"batch_size": batch_size, "max_length": 512, "device": device, "dtype": "bfloat16" if args.gpu else "float32"}
     start = time.perf_counter()
     models = build_models(root / size, size, max(ks))
     print(f"[{size}] models built in {time.perf_counter() - start:.0f} s", flush=True)
-    samples = make_samples(args.samples, seed=0)
+    samples = make_samples(count, seed=0)
     rows: list[dict] = []
     for k in ks:
         folders = first_members(models, k, root / size)
@@ -191,7 +192,7 @@ def measure_size(size: str, ks: list[int], args: argparse.Namespace, root: Path)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             plugins[variant] = build_plugin(parse_pipeline_config({"reward": config}).reward)
-            plugins[variant].score(samples[: args.batch_size])  # warm-up
+            plugins[variant].score(samples[:batch_size])  # warm-up
             params[variant] = parameter_bytes(plugins[variant]) / 2**20
             if args.gpu:
                 plugins[variant].score(samples)
@@ -202,11 +203,11 @@ def measure_size(size: str, ks: list[int], args: argparse.Namespace, root: Path)
             for variant in order:
                 times[variant].append(timed_score(plugins[variant], samples))
         if args.peak and not args.gpu:
-            peaks = {v: child_peak(configs[v], args.samples) for v in VARIANTS}
+            peaks = {v: child_peak(configs[v], count) for v in VARIANTS}
         one = statistics.median(times["one RM"])
         for variant in VARIANTS:
             seconds = statistics.median(times[variant])
-            rows.append({"size": size, "k": k, "variant": variant, "samples_per_s": args.samples / seconds,
+            rows.append({"size": size, "k": k, "variant": variant, "samples_per_s": count / seconds,
                          "speed_ratio": one / seconds, "param_mib": params[variant],
                          "param_ratio": params[variant] / params["one RM"], "peak_mib": peaks.get(variant),
                          "tflops": None})
@@ -250,8 +251,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=None, help="comma list of tiny,100m,1.5b (default: tiny,100m; --gpu: 1.5b)")
     parser.add_argument("--ks", default="1,3,5,8")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=None, help="scored per round (default: tiny 128, 100m 8, 1.5b 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: tiny 16, 100m 8, 1.5b 16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peak", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     parser.add_argument("--gpu", action="store_true", help="score on the GPU in bf16 (default size 1.5b)")

@@ -54,13 +54,6 @@ def lm_dir(tiny_dir, tokenizer_dir) -> Path:
     return tiny_models.build_causal_lm(tiny_dir / "ref_lm", tokenizer_dir, seed=0)
 
 
-@pytest.fixture()
-def models_env(monkeypatch, tiny_dir, rm_dirs, lm_dir) -> Path:
-    """Point the shipped configs' ${MODELS_DIR} at the tiny models."""
-    monkeypatch.setenv("MODELS_DIR", str(tiny_dir))
-    return tiny_dir
-
-
 @pytest.fixture(scope="session")
 def multihead_dir(tiny_dir, tokenizer_dir) -> Path:
     """A tiny random multi-head RM with 5 heads at tiny_dir/rm_multihead_seed1 (configs/rewards/multihead_uwo5.yaml)."""
@@ -74,6 +67,7 @@ def lora_dir(tiny_dir, tokenizer_dir) -> Path:
 
 
 @pytest.fixture()
-def cheap_env(models_env, multihead_dir, lora_dir) -> Path:
-    """models_env plus the one-model ensembles the shipped multihead/lora configs point at."""
-    return models_env
+def models_env(monkeypatch, tiny_dir, rm_dirs, lm_dir, multihead_dir, lora_dir) -> Path:
+    """Point the shipped configs' ${MODELS_DIR} at the tiny models."""
+    monkeypatch.setenv("MODELS_DIR", str(tiny_dir))
+    return tiny_dir

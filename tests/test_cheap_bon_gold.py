@@ -74,7 +74,7 @@ def test_bon_refuses_seeds_with_a_one_model_ensemble(multihead_dir, gens, tmp_pa
     assert "is a multihead ensemble: its members are the RMs, so --seeds does not apply" in capsys.readouterr().err
 
 
-def test_eval_files_keep_the_heads_and_gold_evaluation_adds_gold(cheap_env, lm_dir, tokenizer_dir, rm_dirs, tmp_path):
+def test_eval_files_keep_the_heads_and_gold_evaluation_adds_gold(models_env, lm_dir, tokenizer_dir, rm_dirs, tmp_path):
     checkpoint = tiny_models.build_causal_lm(tmp_path / "global_step10", tokenizer_dir, seed=3)
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "Write a short story about a dragon"}, {"prompt": "List three fruits."}])

@@ -161,7 +161,7 @@ def test_k_model_ensemble_tokenises_once_for_members_that_read_alike(models_env,
 
 
 @pytest.mark.parametrize("kind, count_key, member", [("multihead", "heads", "head"), ("lora", "adapters", "adapter")])
-def test_shipped_configs_score_and_refuse_empty_responses_like_the_ensemble(cheap_env, kind, count_key, member):
+def test_shipped_configs_score_and_refuse_empty_responses_like_the_ensemble(models_env, kind, count_key, member):
     pipe = RewardPipeline.from_yaml(f"configs/rewards/{kind}_uwo5.yaml")
     keys = [f"{member}{j}" for j in range(5)]
     assert pipe.log_keys[3:] == (*(f"reward/{k}" for k in keys), "reward/variance", "reward/combined")
