@@ -24,7 +24,7 @@ from .config import ExistingPath, Placement, PluginSpec
 from .io import DataError, iter_jsonl
 from .placement import PlacedMember, Placer, warn_unplaced
 from .registry import PluginConfig, RewardPlugin, register_plugin
-from .reward_model import RewardModelConfig, RewardModelScorer
+from .reward_model import RewardModelConfig, RewardModelScorer, TextScorer
 from .types import RewardResult, Sample
 
 Objective = Literal["mean", "wco", "uwo"]
@@ -240,6 +240,26 @@ class EnsemblePlugin(MemberEnsemble):
             if p is not None:
                 rows[index] = np.asarray(p.result(), dtype=np.float64)
         return np.array(rows, dtype=np.float64)
+
+
+def default_member_names(data: Any, count_key: str, prefix: str) -> Any:
+    """Fill `member_names` with prefix0..prefix{k-1} from the config's member count, when not given."""
+    if isinstance(data, dict) and "member_names" not in data and isinstance(data.get(count_key), int):
+        return {**data, "member_names": [f"{prefix}{i}" for i in range(data[count_key])]}
+    return data
+
+
+class OneModelEnsemble(MemberEnsemble):
+    """An ensemble whose k members live in one model: one formatting, one tokenisation, one pass per batch."""
+
+    scorer: TextScorer
+
+    @property
+    def allows_empty_response(self) -> bool:
+        return self.config.allow_empty_response
+
+    def member_scores(self, samples: Sequence[Sample]) -> np.ndarray:
+        return self.scorer.member_scores_texts([self.scorer.format_sample(s) for s in samples])[0]
 
 
 def _encoding_groups(scorers: Sequence[RewardModelScorer | None]) -> list[list[int]]:

@@ -26,11 +26,10 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForSequenceClassification
 
 from .batching import last_token_index, position_ids_from_mask
+from .ensemble import CombinerConfig, OneModelEnsemble, default_member_names
 from .io import write_json
 from .member_info import MemberFileError, MemberInfo, check_member_count
 from .modeling import require_safetensors
-from .multihead import OneModelEnsemble, default_member_names
-from .ensemble import CombinerConfig
 from .registry import register_plugin
 from .reward_model import TextInputConfig, TextScorer
 
@@ -169,13 +168,14 @@ def indexed_model(peft_model, folder: str | Path, pad_token_id: int) -> IndexedL
                 raise MemberFileError(f"{folder}: {name}: only plain LoRA on linear layers can be scored in one pass")
             if any(n not in module.lora_A for n in names) or len({module.r[n] for n in names}) != 1:
                 raise MemberFileError(f"{folder}: {name}: every adapter must adapt the same modules with the same rank")
-            a = torch.stack([module.lora_A[n].weight.detach().clone() for n in names])
-            b = torch.stack([module.lora_B[n].weight.detach() * module.scaling[n] for n in names])
+            dtype = module.get_base_layer().weight.dtype  # peft keeps adapters in float32 on a bf16 base
+            a = torch.stack([module.lora_A[n].weight.detach().to(dtype) for n in names])
+            b = torch.stack([(module.lora_B[n].weight.detach().float() * module.scaling[n]).to(dtype) for n in names])
             deltas[name.removeprefix(prefix)] = (a, b)
         elif isinstance(module, ModulesToSaveWrapper):
             if heads is not None or any(n not in module.modules_to_save for n in names):
                 raise MemberFileError(f"{folder}: each adapter must train exactly one score head (modules_to_save)")
-            heads = torch.cat([module.modules_to_save[n].weight.detach().clone() for n in names])
+            heads = torch.cat([module.modules_to_save[n].weight.detach().float() for n in names])
     if heads is None or heads.shape[0] != len(names):
         raise MemberFileError(f"{folder}: the adapters carry no trained one-output score head (modules_to_save)")
     if not deltas:

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from safetensors import SafetensorError, safe_open
@@ -23,13 +22,12 @@ from safetensors.torch import save as safetensors_bytes
 from transformers import AutoConfig, AutoModel
 
 from .batching import last_token_index, position_ids_from_mask
-from .ensemble import CombinerConfig, MemberEnsemble
+from .ensemble import CombinerConfig, OneModelEnsemble, default_member_names
 from .io import atomic_open
 from .member_info import MemberFileError, MemberInfo, check_member_count
 from .modeling import require_safetensors
 from .registry import register_plugin
 from .reward_model import TextInputConfig, TextScorer
-from .types import Sample
 
 HEADS_FILE = "heads.safetensors"
 HEADS_FORMAT = "reward_plugins.multihead/1"
@@ -113,13 +111,6 @@ def new_heads(hidden_size: int, seeds: Sequence[int], std: float, dtype: torch.d
     return heads
 
 
-def default_member_names(data: Any, count_key: str, prefix: str) -> Any:
-    """Fill `member_names` with prefix0..prefix{k-1} from the config's member count, when not given."""
-    if isinstance(data, dict) and "member_names" not in data and isinstance(data.get(count_key), int):
-        return {**data, "member_names": [f"{prefix}{i}" for i in range(data[count_key])]}
-    return data
-
-
 class MultiHeadConfig(TextInputConfig, CombinerConfig):
     """A multi-head RM folder scored like a `reward_model` (same text settings), combined like an `ensemble`.
     `heads` is the k this reward expects; a folder holding another number of heads is refused."""
@@ -155,19 +146,6 @@ class MultiHeadScorer(TextScorer):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask)
-
-
-class OneModelEnsemble(MemberEnsemble):
-    """An ensemble whose k members live in one model: one formatting, one tokenisation, one pass per batch."""
-
-    scorer: TextScorer
-
-    @property
-    def allows_empty_response(self) -> bool:
-        return self.config.allow_empty_response
-
-    def member_scores(self, samples: Sequence[Sample]) -> np.ndarray:
-        return self.scorer.member_scores_texts([self.scorer.format_sample(s) for s in samples])[0]
 
 
 @register_plugin("multihead_ensemble")

@@ -316,3 +316,17 @@ def test_one_pass_models_run_on_the_meta_device():
     heads = LastTokenHeads(_StandInBackbone(), torch.nn.Linear(6, 5, bias=False), pad_token_id=0).to("meta")
     out = heads(input_ids, torch.ones(3, 5, dtype=torch.long, device="meta"))
     assert out.device.type == "meta" and out.shape == (3, 5)
+
+
+@pytest.mark.parametrize("kind", ["multihead", "lora_indexed", "lora_peft_mixed"])
+def test_bfloat16_scores_follow_float32(multihead_dir, lora_dir, kind):
+    """On a GPU the models load in bf16 while peft keeps adapters in float32: every tensor must meet in one dtype."""
+    def scores(dtype):
+        config = TextInputConfig(path=str(multihead_dir if kind == "multihead" else lora_dir), device="cpu", dtype=dtype)
+        scorer = (MultiHeadScorer(config) if kind == "multihead"
+                  else LoraEnsembleScorer(config, forward=kind.removeprefix("lora_")))
+        return scorer.member_scores_texts(TEXTS)[0]
+
+    full, half = scores("float32"), scores("bfloat16")
+    np.testing.assert_allclose(half, full, rtol=0.1, atol=0.1 * np.abs(full).max())
+    assert np.corrcoef(half.ravel(), full.ravel())[0, 1] > 0.99

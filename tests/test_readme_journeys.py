@@ -30,6 +30,9 @@ EXPECTED = {
     "llm_on_ray": ["data/ray/sft.jsonl", "models/ray/sft/final/config.json", "models/ray/rm_seed1/config.json",
                    "runs/grpo_ray/final/config.json"],
     "openrlhf": [],
+    "cheap": ["models/rm_multihead_seed1/heads.safetensors", "models/rm_lora_seed1/lora_ensemble.json",
+              "runs/bon_multihead/head4/bon_sampled_results.json", "runs/bon_multihead/ensemble_UWO-0.5/bon_sampled_results.json",
+              "scored_multihead.jsonl", "scored_lora.jsonl"],
 }
 
 
