@@ -14,7 +14,7 @@ Where the members come from is the plugin's business: k reward models here, one 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -24,7 +24,7 @@ from .config import ExistingPath, Placement, PluginSpec
 from .io import DataError, iter_jsonl
 from .placement import PlacedMember, Placer, warn_unplaced
 from .registry import PluginConfig, RewardPlugin, register_plugin
-from .reward_model import RewardModelConfig, RewardModelScorer, TextScorer
+from .reward_model import RewardModelConfig, RewardModelScorer, TextInputConfig, TextScorer
 from .types import RewardResult, Sample
 
 Objective = Literal["mean", "wco", "uwo"]
@@ -242,11 +242,24 @@ class EnsemblePlugin(MemberEnsemble):
         return np.array(rows, dtype=np.float64)
 
 
-def default_member_names(data: Any, count_key: str, prefix: str) -> Any:
-    """Fill `member_names` with prefix0..prefix{k-1} from the config's member count, when not given."""
-    if isinstance(data, dict) and "member_names" not in data and isinstance(data.get(count_key), int):
-        return {**data, "member_names": [f"{prefix}{i}" for i in range(data[count_key])]}
-    return data
+class OneModelConfig(TextInputConfig, CombinerConfig):
+    """k members in one model folder, read like a `reward_model` (same text settings), combined like an `ensemble`.
+    The count field (`COUNT_KEY`) is the k this reward expects; a folder holding another number is refused, and
+    the members are named `MEMBER_PREFIX`0.. unless `member_names` says otherwise."""
+
+    COUNT_KEY: ClassVar[str]
+    MEMBER_PREFIX: ClassVar[str]
+
+    @property
+    def member_count(self) -> int:
+        return getattr(self, self.COUNT_KEY)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "member_names" not in data and isinstance(data.get(cls.COUNT_KEY), int):
+            return {**data, "member_names": [f"{cls.MEMBER_PREFIX}{i}" for i in range(data[cls.COUNT_KEY])]}
+        return data
 
 
 class OneModelEnsemble(MemberEnsemble):

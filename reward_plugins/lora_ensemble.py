@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import AutoModelForSequenceClassification
 
 from .batching import last_token_index, position_ids_from_mask
-from .ensemble import CombinerConfig, OneModelEnsemble, default_member_names
+from .ensemble import OneModelConfig, OneModelEnsemble
 from .io import write_json
 from .member_info import MemberFileError, MemberInfo, check_member_count
 from .modeling import require_safetensors
@@ -196,21 +196,14 @@ def indexed_model(peft_model, folder: str | Path, pad_token_id: int) -> IndexedL
     return IndexedLoraModel(backbone, layers, first, heads, pad_token_id)
 
 
-class LoraEnsembleConfig(TextInputConfig, CombinerConfig):
-    """A LoRA ensemble folder scored like a `reward_model` (same text settings), combined like an `ensemble`.
-    `adapters` is the k this reward expects; a folder holding another number of adapters is refused."""
+class LoraEnsembleConfig(OneModelConfig):
+    """A LoRA ensemble folder; `adapters` is the k it must hold, `forward` how the adapters share a pass."""
+
+    COUNT_KEY: ClassVar[str] = "adapters"
+    MEMBER_PREFIX: ClassVar[str] = "adapter"
 
     adapters: int = Field(ge=1)
     forward: LoraForward = "indexed"
-
-    @property
-    def member_count(self) -> int:
-        return self.adapters
-
-    @model_validator(mode="before")
-    @classmethod
-    def _names(cls, data: Any) -> Any:
-        return default_member_names(data, "adapters", "adapter")
 
 
 class LoraEnsembleScorer(TextScorer):

@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from transformers import AutoConfig, AutoModel
 
 from .batching import last_token_index, position_ids_from_mask
-from .ensemble import CombinerConfig, OneModelEnsemble, default_member_names
+from .ensemble import OneModelConfig, OneModelEnsemble
 from .io import atomic_open
 from .member_info import MemberFileError, MemberInfo, check_member_count
 from .modeling import require_safetensors
@@ -111,20 +111,13 @@ def new_heads(hidden_size: int, seeds: Sequence[int], std: float, dtype: torch.d
     return heads
 
 
-class MultiHeadConfig(TextInputConfig, CombinerConfig):
-    """A multi-head RM folder scored like a `reward_model` (same text settings), combined like an `ensemble`.
-    `heads` is the k this reward expects; a folder holding another number of heads is refused."""
+class MultiHeadConfig(OneModelConfig):
+    """A multi-head RM folder; `heads` is the k it must hold."""
+
+    COUNT_KEY: ClassVar[str] = "heads"
+    MEMBER_PREFIX: ClassVar[str] = "head"
 
     heads: int = Field(ge=1)
-
-    @property
-    def member_count(self) -> int:
-        return self.heads
-
-    @model_validator(mode="before")
-    @classmethod
-    def _names(cls, data: Any) -> Any:
-        return default_member_names(data, "heads", "head")
 
 
 class MultiHeadScorer(TextScorer):
