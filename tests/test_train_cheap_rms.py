@@ -134,3 +134,14 @@ def test_settings_that_cannot_apply_are_refused(data, lm_dir, tmp_path):
         _config(data, lm_dir, tmp_path, "heads=2", "trl={max_length: 64}")
     with pytest.raises(ConfigError, match=r"lora.adapters"):
         _config(data, lm_dir, tmp_path, "lora={r: 4}")
+
+
+def test_multihead_loss_runs_on_the_meta_device():
+    """The bootstrap counts start on the CPU; the loss must move them to the scores' device (meta here, CUDA in use)."""
+    trainer = rm_members.MultiHeadTrainer.__new__(rm_members.MultiHeadTrainer)
+    trainer.weights, trainer.center = rm_members.bootstrap_weights(10, [1, 2, 3]), 0.01
+    inputs = {"input_ids": torch.zeros(4, 5, dtype=torch.long, device="meta"),
+              "attention_mask": torch.ones(4, 5, dtype=torch.long, device="meta"),
+              "pair_index": torch.tensor([3, 7], device="meta")}
+    loss = trainer.compute_loss(lambda ids, mask: torch.zeros(ids.shape[0], 3, device=ids.device), inputs)
+    assert loss.device.type == "meta" and loss.shape == ()

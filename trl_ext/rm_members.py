@@ -85,7 +85,10 @@ class MultiHeadTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scores = model(inputs["input_ids"], inputs["attention_mask"])
-        weights = None if self.weights is None else self.weights[inputs["pair_index"].cpu()].to(scores)
+        weights = None
+        if self.weights is not None:
+            self.weights = self.weights.to(scores.device)  # once: the counts live where the scores are
+            weights = self.weights[inputs["pair_index"].to(scores.device)].to(scores.dtype)
         loss = multihead_loss(scores, weights, self.center)
         return (loss, scores) if return_outputs else loss
 
