@@ -13,6 +13,7 @@ Where the members come from is the plugin's business: k reward models here, one 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -158,12 +159,12 @@ class MemberEnsemble(RewardPlugin):
         return (*self.config.member_names, "variance", "combined")
 
     @property
-    def allows_empty_response(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def allows_empty_response(self) -> bool: ...
 
+    @abstractmethod
     def member_scores(self, samples: Sequence[Sample]) -> np.ndarray:
         """Raw (k, B) scores of every member on the same batch."""
-        raise NotImplementedError
 
     def load_reference_statistics(self) -> None:
         """Per-member mean and std for `standardize` (call once the members can score)."""
