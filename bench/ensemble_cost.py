@@ -7,9 +7,9 @@
 Every variant scores the same samples through its reward plugin (template, one tokenisation, length-sorted
 batches, forward, UWO combiner) on a backbone of the same size: `reward_model` (one RM), `ensemble` of k copies
 of that RM (k separate RMs), `multihead_ensemble` with k heads, `lora_ensemble` with k adapters on the top
-quarter of the layers, timed both ways (indexed, peft_mixed). For each k the variants are timed in interleaved
-rounds next to one RM, so a busy machine slows all of them alike; the median round gives samples/s and the
-ratio to one RM measured in the same rounds. Parameter memory counts each variant's weights (shared tensors
+quarter of the layers, timed both ways (indexed, peft_mixed). For each k, every round times each variant right
+after one RM (the order alternating between rounds), so the two timings of a pair see the same machine load;
+samples/s is the median over rounds and the ratio to one RM the median of the paired ratios. Parameter memory counts each variant's weights (shared tensors
 once); peak memory is what loading the variant and scoring the samples once adds to the resident set of a fresh
 child process, sampled every 2 ms (on a GPU: the peak allocated while loading and scoring). The
 last line prints the k=5 ratios against the targets: multi-head >= 0.9x one RM's samples/s and <= 1.1x its
@@ -198,17 +198,22 @@ def measure_size(size: str, ks: list[int], args: argparse.Namespace, root: Path)
                 plugins[variant].score(samples)
                 peaks[variant] = torch.cuda.max_memory_allocated() / 2**20
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for round_index in range(args.rounds):
-            order = VARIANTS if round_index % 2 == 0 else tuple(reversed(VARIANTS))
-            for variant in order:
-                times[variant].append(timed_score(plugins[variant], samples))
+            others = VARIANTS[1:] if round_index % 2 == 0 else tuple(reversed(VARIANTS[1:]))
+            for variant in others:  # each variant right after one RM: the ratio of a pair sees the same load
+                one = timed_score(plugins["one RM"], samples)
+                seconds = timed_score(plugins[variant], samples)
+                times["one RM"].append(one)
+                times[variant].append(seconds)
+                ratios[variant].append(one / seconds)
+        ratios["one RM"] = [1.0]
         if args.peak and not args.gpu:
             peaks = {v: child_peak(configs[v], count) for v in VARIANTS}
-        one = statistics.median(times["one RM"])
         for variant in VARIANTS:
             seconds = statistics.median(times[variant])
             rows.append({"size": size, "k": k, "variant": variant, "samples_per_s": count / seconds,
-                         "speed_ratio": one / seconds, "param_mib": params[variant],
+                         "speed_ratio": statistics.median(ratios[variant]), "param_mib": params[variant],
                          "param_ratio": params[variant] / params["one RM"], "peak_mib": peaks.get(variant),
                          "tflops": None})
             if args.gpu:
