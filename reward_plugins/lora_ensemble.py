@@ -111,10 +111,11 @@ class IndexedLoraModel(torch.nn.Module):
     """The backbone with k adapters folded into indexed linears; (B, k) scores, one pass per batch."""
 
     def __init__(self, backbone: torch.nn.Module, layers: torch.nn.ModuleList, first: int, heads: torch.Tensor,
-                 pad_token_id: int):
+                 bias: torch.Tensor, pad_token_id: int):
         super().__init__()
         self.backbone = backbone
         self.heads = torch.nn.Parameter(heads, requires_grad=False)  # (k, hidden)
+        self.bias = torch.nn.Parameter(bias, requires_grad=False)  # (k,): zeros for bias-free score heads
         self.pad_token_id = pad_token_id
         self.batch = 0
         for layer in list(layers)[first:]:
@@ -139,7 +140,7 @@ class IndexedLoraModel(torch.nn.Module):
         blocks = hidden.reshape(k, self.batch, *hidden.shape[1:])
         rows = torch.arange(self.batch, device=hidden.device)
         last = blocks[:, rows, last_token_index(input_ids, self.pad_token_id)]  # (k, B, hidden)
-        return torch.einsum("kbh,kh->bk", last, self.heads.to(last.dtype))
+        return torch.einsum("kbh,kh->bk", last, self.heads.to(last.dtype)) + self.bias.to(last.dtype)
 
 
 def _decoder_layers(backbone: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -173,10 +174,14 @@ def indexed_model(peft_model, folder: str | Path, pad_token_id: int) -> IndexedL
             b = torch.stack([(module.lora_B[n].weight.detach().float() * module.scaling[n]).to(dtype) for n in names])
             deltas[name.removeprefix(prefix)] = (a, b)
         elif isinstance(module, ModulesToSaveWrapper):
-            if heads is not None or any(n not in module.modules_to_save for n in names):
-                raise MemberFileError(f"{folder}: each adapter must train exactly one score head (modules_to_save)")
-            heads = torch.cat([module.modules_to_save[n].weight.detach().float() for n in names])
-    if heads is None or heads.shape[0] != len(names):
+            trained = [module.modules_to_save[n] if n in module.modules_to_save else None for n in names]
+            if heads is not None or any(t is None or getattr(t, "weight", None) is None or t.weight.shape[0] != 1
+                                        for t in trained):
+                raise MemberFileError(f"{folder}: each adapter must train exactly one one-output score head "
+                                      "(modules_to_save)")
+            heads = torch.cat([t.weight.detach().float() for t in trained])
+            bias = torch.cat([t.bias.detach().float() if t.bias is not None else torch.zeros(1) for t in trained])
+    if heads is None:
         raise MemberFileError(f"{folder}: the adapters carry no trained one-output score head (modules_to_save)")
     if not deltas:
         raise MemberFileError(f"{folder}: the adapters adapt no layer")
@@ -193,7 +198,7 @@ def indexed_model(peft_model, folder: str | Path, pad_token_id: int) -> IndexedL
         first = min(first, int(inner[len(layer_path) + 1 :].split(".", 1)[0]))
         parent = backbone.get_submodule(parent_name)
         setattr(parent, attribute, IndexedLoraLinear(getattr(parent, attribute), a, b))
-    return IndexedLoraModel(backbone, layers, first, heads, pad_token_id)
+    return IndexedLoraModel(backbone, layers, first, heads, bias, pad_token_id)
 
 
 class LoraEnsembleConfig(OneModelConfig):

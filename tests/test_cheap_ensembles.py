@@ -291,7 +291,7 @@ def _indexed_stand_in(k: int, device: str, seed: int = 0):
     plain = copy.deepcopy(backbone)
     a, b, heads = torch.randn(k, 2, 6), torch.randn(k, 6, 2), torch.randn(k, 6)
     backbone.layers[1].proj = IndexedLoraLinear(backbone.layers[1].proj, a, b)
-    model = IndexedLoraModel(backbone, backbone.layers, 1, heads, pad_token_id=0).to(device)
+    model = IndexedLoraModel(backbone, backbone.layers, 1, heads, torch.arange(k) * 0.5, pad_token_id=0).to(device)
     return model, (a, b, heads, plain)
 
 
@@ -305,7 +305,7 @@ def test_indexed_lora_blocks_match_each_adapter_computed_alone():
         with torch.no_grad():
             plain.layers[1].proj.weight.copy_(weight + b[j] @ a[j])  # adapter j merged, the batch run alone
             hidden = plain(input_ids, mask, mask.cumsum(-1) - 1).last_hidden_state
-        torch.testing.assert_close(got[:, j], hidden[[0, 1], [2, 1]] @ heads[j], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[:, j], hidden[[0, 1], [2, 1]] @ heads[j] + 0.5 * j, rtol=1e-5, atol=1e-5)
 
 
 def test_one_pass_models_run_on_the_meta_device():
