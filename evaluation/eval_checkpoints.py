@@ -22,11 +22,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.eval_checkpoints", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="Hugging Face checkpoint folders")
+    parser.add_argument("--initial-policy", required=True)
+    parser.add_argument("--prompts", required=True, help="held-out prompts, JSONL or Parquet")
+    parser.add_argument("--reward-config", required=True, help="reward pipeline YAML (configs/rewards/*.yaml)")
+    parser.add_argument("-o", "--output-dir", required=True)
+    parser.add_argument("--tokenizer", default=None, help="default: the initial policy's")
+    parser.add_argument("--samples-per-prompt", type=int, default=1)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=4096, help="prompt + answer tokens for the log-probs")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-initial", action="store_true", help="do not evaluate the initial policy as step 0")
+    parser.add_argument("--overwrite", action="store_true", help="redo steps that already have an eval file")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 
 from reward_plugins.io import DataError, iter_jsonl
 from reward_plugins.types import Sample
+from trl_ext.generation import completion_ids, generate_following, sampling_config
 
 from .eval_files import EvalFile, eval_file_path, read_eval_file, rows_from_scores, write_eval_file
 from .rm_text import prompt_text
@@ -85,8 +116,9 @@ def render_prompt(tokenizer, prompt: Any) -> str:
 
 @torch.inference_mode()
 def sample_answers(model, tokenizer, prompt_ids: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
-    """One sampled continuation per prompt (token ids up to and including the first EOS), in batches."""
-    eos = tokenizer.eos_token_id
+    """One sampled continuation per prompt (token ids up to and including the first EOS), in batches, drawn
+    with exactly the sampling settings given (the checkpoint's own generation config never applies)."""
+    config = sampling_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), args.batch_size):
         batch = prompt_ids[start : start + args.batch_size]
@@ -96,13 +128,8 @@ def sample_answers(model, tokenizer, prompt_ids: list[list[int]], args: argparse
         for row, ids in enumerate(batch):  # left padding, so every continuation starts at `width`
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-        )[:, width:].tolist()
-        for ids in generated:
-            out.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
+        generated = generate_following(model, input_ids.to(model.device), mask.to(model.device), config)
+        out.extend(completion_ids(ids, tokenizer.eos_token_id) for ids in generated[:, width:].tolist())
     return out
 
 
@@ -111,30 +138,6 @@ def sequence_kls(policy, initial, contexts: list[list[int]], answers: list[list[
     mine = policy.continuation_logprobs(contexts, answers)
     theirs = initial.continuation_logprobs(contexts, answers)
     return np.array([float(np.sum(a - b)) for a, b in zip(mine, theirs)])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.eval_checkpoints", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="Hugging Face checkpoint folders")
-    parser.add_argument("--initial-policy", required=True)
-    parser.add_argument("--prompts", required=True, help="held-out prompts, JSONL or Parquet")
-    parser.add_argument("--reward-config", required=True, help="reward pipeline YAML (configs/rewards/*.yaml)")
-    parser.add_argument("-o", "--output-dir", required=True)
-    parser.add_argument("--tokenizer", default=None, help="default: the initial policy's")
-    parser.add_argument("--samples-per-prompt", type=int, default=1)
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=4096, help="prompt + answer tokens for the log-probs")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-initial", action="store_true", help="do not evaluate the initial policy as step 0")
-    parser.add_argument("--overwrite", action="store_true", help="redo steps that already have an eval file")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -150,8 +153,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = [row for row in load_prompts(args.prompts, args.max_prompts) for _ in range(args.samples_per_prompt)]
     from reward_plugins.cli import check_model_dir
 
-    for index, path in enumerate([args.initial_policy, *args.checkpoints]):
-        check_model_dir(path, "--initial-policy" if index == 0 else "--checkpoints", causal_lm=True)
+    args.initial_policy = check_model_dir(args.initial_policy, "--initial-policy", causal_lm=True)
+    for path in args.checkpoints:
+        check_model_dir(path, "--checkpoints", causal_lm=True)
     steps = checkpoint_steps(args.checkpoints)
     if not args.no_initial:
         if steps[0][0] == 0:

@@ -29,20 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from reward_plugins.cli import help_first
 
-from reward_plugins.ensemble import OBJECTIVES
-from reward_plugins.cli import run_cli
-from reward_plugins.io import DataError, write_json
-from reward_plugins.member_info import MemberInfo
-
-from .bon import DEFAULT_NS, bon_curve
-from .bon_analysis import ensemble_run_name, ensemble_scores
-from .gold_gens import GoldGens, load_gold_gens
-from .rm_text import OA_TEMPLATE, check_template, rm_text
-from .score_cache import cache_key, cached_member_scores, cached_scores, model_signature
-
-logger = logging.getLogger(__name__)
+from .bon import DEFAULT_NS
+from .rm_text import OA_TEMPLATE, check_template
 
 
 def _int_list(text: str) -> list[int]:
@@ -66,6 +56,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def _objectives(text: str) -> list[str]:
+    from reward_plugins.ensemble import OBJECTIVES
+
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in OBJECTIVES]
     if unknown or not values:
@@ -80,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default 1,2,3,4,5; not with a multi-head or LoRA ensemble folder (its members are the RMs)")
     parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=False,
                         help="also evaluate ensembles of the seeds' RMs (--no-ensembles: only single RMs)")
-    parser.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="mean,wco,uwo")
+    parser.add_argument("--objectives", type=_objectives, default=None, help="some of mean,wco,uwo (default: all)")
     parser.add_argument("--uwo-weights", type=_float_list, default=[0.5], help="lambda values for UWO (0 allowed)")
     parser.add_argument("--ddof", type=int, default=0, help="UWO variance ddof (0: the paper's population variance)")
     parser.add_argument("-ns", "--sample-ns", type=_int_list, default=list(DEFAULT_NS))
@@ -91,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first prompts (unbiased subsample)")
     parser.add_argument("-o", "--output-dir", default=None, help="default: runs/bon_<RM folder name without {seed}>")
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
-                        help="RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not the RM's own ({seed} allowed)")
     parser.add_argument("--max-length", type=int, default=776, help="RM input tokens (the published 520 + 256)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -101,6 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-answers", type=int, default=8192, help="answers scored between cache checkpoints")
     parser.add_argument("--save-sorted", action="store_true", help="also write proxy_labelled_sorted.json per run")
     return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
+import numpy as np
+
+from reward_plugins.ensemble import OBJECTIVES
+from reward_plugins.cli import run_cli
+from reward_plugins.io import DataError, write_json
+from reward_plugins.member_info import MemberInfo
+
+from .bon import bon_curve
+from .bon_analysis import ensemble_run_name, ensemble_scores
+from .gold_gens import GoldGens, load_gold_gens
+from .rm_text import rm_text
+from .score_cache import cache_key, cached_member_scores, cached_scores, model_signature
+
+logger = logging.getLogger(__name__)
 
 
 def score_with_rm(args: argparse.Namespace, seed: int, gens: GoldGens, fingerprint: str) -> list[np.ndarray]:
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if args.ensembles:
         ensemble_meta = {"proxy_rm": args.proxy_rm_path, **({"seeds": seeds} if kind is None else
                                                             {"kind": kind, "members": list(members)})}
-        for objective in args.objectives:
+        for objective in args.objectives or OBJECTIVES:
             for weight in args.uwo_weights if objective == "uwo" else [None]:
                 name = ensemble_run_name(objective, weight)
                 combined = ensemble_scores(list(members.values()), objective, 0.0 if weight is None else weight, args.ddof)

@@ -19,6 +19,13 @@ trainer's loggers and, with the samples, to an eval file under `<eval dir>/heldo
 
 Labels whose VR-CLI baselines were computed with other settings (`baseline_fingerprint`) stop the run at
 the first batch that carries them.
+
+With a monitor (`--monitor-config`, `reward_plugins.monitor`), every batch feeds it after the base class has the
+KL: member scores from the trainer-side pipeline, a shadow ensemble or the rollout side's `reward/<member>` info
+keys; its `monitor/*` values go into every micro-batch's info (the same keys every step, so OpenRLHF's logs
+carry them); eval files get gold and the monitor's values. `adapt_kl` multiplies the KL controller's value, which
+both the reward's KL penalty and the KL loss read; `checkpoint` and `stop` are carried out by the trainer's
+`save_logs_and_checkpoints` (`openrlhf_ext.hooks`).
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import torch
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
+from reward_plugins.logprobs import dtype_name
+from reward_plugins.monitor import Alarm, MonitorError
+from reward_plugins.monitor_session import MonitorSession, load_monitor_config
 from reward_plugins.pipeline import RewardError, RewardPipeline, ScoredBatch
 from reward_plugins.registry import check_baselines
-from reward_plugins.types import Sample
+from reward_plugins.types import RewardResult, Sample
 from reward_plugins.vrcli import eval_metrics, has_vrcli, model_id
 
 from .placement import RayPlacer
@@ -68,6 +78,15 @@ class PluginExperienceMaker(RemoteExperienceMaker):
             raise RewardError("on_error: skip cannot be used in the experience maker: every sample needs a reward")
         if self.external:
             self._attach_reference_scorers()
+        self.monitor = self._build_monitor() if self.settings.monitor_config else None
+        self.monitor_request: Alarm | None = None  # checkpoint / stop, for the trainer to carry out
+
+    def _build_monitor(self) -> MonitorSession:
+        if self.initial_model_group is None:
+            raise MonitorError("the monitor needs the KL to the reference model; pass --algo.kl.init_coef > 0")
+        return MonitorSession(load_monitor_config(self.settings.monitor_config), self.pipeline, self.args.ckpt.output_dir,
+                              build=lambda path: RewardPipeline.from_yaml(path, RayPlacer()),
+                              source_name="the rollout-side reward" if self.pipeline is None else self.settings.reward_config)
 
     def _attach_reference_scorers(self) -> None:
         a = self.args
@@ -89,6 +108,8 @@ class PluginExperienceMaker(RemoteExperienceMaker):
                 )
             )
             plugin.scorer.model_id = reference_name
+            plugin.scorer.dtype = dtype_name(a.ds.param_dtype)  # what the baselines must have been computed with
+            plugin.scorer.attn_implementation = a.ds.attn_implementation
 
     @torch.no_grad()
     def make_experience(self, samples_list):
@@ -101,10 +122,34 @@ class PluginExperienceMaker(RemoteExperienceMaker):
             scored = self.score_samples(samples)
             assign_rewards(samples_list, scored)
         experiences = super().make_experience(samples_list)
+        if self.monitor is not None:
+            self.watch(step, experiences, samples, scored)
         every = self.settings.eval_every
         if every is not None and step % every == 0:
             self.record(step, experiences, samples, scored)
         return experiences
+
+    def watch(self, step: int, experiences, samples: list[Sample], scored: ScoredBatch | None) -> None:
+        """Feed the monitor one step; its values go into every micro-batch's info; `adapt_kl` acts on the controller."""
+        rewards = [float(v) for e in experiences for v in torch.as_tensor(e.info["reward"]).flatten().tolist()]
+        if scored is None:  # rollout-side rewards: members from the `reward/<member>` info keys
+            components = [c for e in experiences for c in info_components(e.info, len(e.sequences))]
+            scored = ScoredBatch([RewardResult.ok(r, c) for r, c in zip(rewards, components)], rewards, {}, ())
+        self.monitor.observe_scored(samples, ScoredBatch(scored.results, rewards, scored.logs, scored.log_keys))
+        kls = [k for e in experiences for k in (sequence_kl(e, True) or [])]
+        if len(kls) != len(rewards):
+            raise MonitorError("the monitor needs every sample's KL to the reference model, which this batch lacks")
+        alarm = self.monitor.step(step, float(np.mean(kls)), self.monitor.take_batch())
+        for experience in experiences:
+            size = len(experience.sequences)
+            for key, value in self.monitor.logs().items():
+                experience.info[key] = torch.full((size,), value, dtype=torch.float32)
+        if alarm is None:
+            return
+        if alarm.action == "adapt_kl":
+            self.kl_ctl.value *= self.monitor.apply_kl(step)
+        elif alarm.action in ("checkpoint", "stop"):
+            self.monitor_request = alarm
 
     def score_samples(self, samples: list[Sample]) -> ScoredBatch:
         """One pipeline call for the whole batch; a sample left without a reward stops the run, loudly."""
@@ -141,6 +186,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         if self.settings.eval_dir:
             answers = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
             rows = rows_from_scores([s.prompt for s in samples], answers, scored.rewards, components)
+            self._add_monitor(step, rows, samples, answers, observe=True)
             meta = {**self._meta(), "split": "heldout", "metrics": metrics}
             path = write_eval_file(os.path.join(self.settings.eval_dir, "heldout"), EvalFile(step=step, rows=rows, meta=meta))
             logger.info("wrote held-out eval file %s (%d rows)", path, len(rows))
@@ -162,6 +208,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         answers = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         rows = rows_from_scores([s.prompt for s in samples], answers, rewards, components, kls,
                                 scored.results if scored is not None else None)
+        self._add_monitor(step, rows, samples, answers, observe=not self.args.eval.dataset)
         kl = float(np.mean(kls)) if kls else None
         history = self._history_before(step)
         if kl is not None:
@@ -171,6 +218,14 @@ class PluginExperienceMaker(RemoteExperienceMaker):
             self.settings.eval_dir, EvalFile(step=step, rows=rows, kl=kl, kl_history=list(history), meta=self._meta())
         )
         logger.info("wrote eval file %s (%d rows)", path, len(rows))
+
+    def _add_monitor(self, step: int, rows, samples: list[Sample], answers: list[str], observe: bool) -> None:
+        """Gold on every row (observed by the monitor for one kind of eval file only: held-out when there is one)."""
+        if self.monitor is None:
+            return
+        plain = [Sample(prompt=s.prompt, response=a, label=s.label) for s, a in zip(samples, answers)]
+        for row, value in zip(rows, self.monitor.score_gold(step, plain, observe) or []):
+            row.gold_score = value
 
     def _history_before(self, step: int) -> list[float]:
         if self._kl_history is not None:
@@ -190,6 +245,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
             "rollout_temperature": a.rollout.temperature,
             "n_samples_per_prompt": a.rollout.n_samples_per_prompt,
             "policy": a.actor.model_name_or_path,
+            **(self.monitor.eval_meta() if self.monitor is not None else {}),
         }
 
 
@@ -220,6 +276,9 @@ def plugin_evaluate(evaluate):
     @functools.wraps(evaluate)
     def wrapped(self, global_step, **generate_kwargs):
         maker = getattr(self, "experience_maker", None)
+        settings = getattr(maker, "settings", None)
+        if settings is not None:
+            generate_kwargs.update(settings.eval_sampling())  # the launcher's --eval-top-p / --eval-top-k
         if getattr(maker, "pipeline", None) is None:
             return evaluate(self, global_step, **generate_kwargs)
         generator = self.samples_generator
@@ -242,5 +301,22 @@ def plugin_evaluate(evaluate):
                 tracker.log_eval(global_step, metrics)
         logger.info("held-out reward metrics at step %s: %s", global_step, metrics)
         return {**(logs or {}), **metrics}
+
+    return wrapped
+
+
+def evaluate_before_training(fit):
+    """Wrap `PPOTrainer.fit(global_step)`: with `eval_at_start`, evaluate the initial policy once (step 0) on a
+    fresh run, with the eval settings OpenRLHF uses at later steps."""
+
+    @functools.wraps(fit)
+    def wrapped(self, global_step: int = 0):
+        settings = getattr(getattr(self, "experience_maker", None), "settings", None)
+        if settings is not None and settings.eval_at_start and self.eval_dataloader and global_step == 0 \
+                and self.init_checkpoint_states()["global_step"] == 0:
+            kwargs = {**self.generate_kwargs, "temperature": self.args.eval.temperature,
+                      "n_samples_per_prompt": self.args.eval.n_samples_per_prompt}
+            self.evaluate(0, **kwargs)
+        return fit(self, global_step)
 
     return wrapped

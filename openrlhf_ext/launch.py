@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "passed to the rollout workers as REWARD_PLUGINS_CONFIG",
     )
     parser.add_argument("--eval-dir", help="where eval files go (default: <--ckpt.output_dir>/eval)")
+    parser.add_argument("--monitor-config", help="over-optimisation monitor settings (a YAML file with the fields of a "
+                        "train YAML's monitor: section); files go to <--ckpt.output_dir>/monitor")
     parser.add_argument("--eval-every", type=int, help="record an eval file every N steps (default: --eval.steps)")
+    parser.add_argument("--eval-top-p", type=float, help="top-p for held-out eval sampling (default: --rollout.top_p)")
+    parser.add_argument("--eval-top-k", type=int, help="top-k for held-out eval sampling (default: --rollout.top_k)")
+    parser.add_argument("--eval-before-training", action="store_true",
+                        help="run the held-out evaluation once before the first step, as the VR-CLI authors' fork did")
     parser.add_argument("--dry-run", action="store_true", help="check and parse everything, print the plan, start nothing")
     parser.add_argument("--server-wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to this long for HTTP reward servers to answer /health (one just started)")
@@ -168,6 +174,27 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
     return notes
 
 
+def preflight_monitor(args: SimpleNamespace, reward_config: str | None, monitor_config: str) -> list[str]:
+    """Refuse a monitor that cannot see what it needs: the KL (a reference model), member scores, models on a GPU."""
+    from reward_plugins.config import load_pipeline_config
+    from reward_plugins.monitor_session import load_monitor_config
+
+    config = load_monitor_config(monitor_config)
+    if not args.algo.kl.init_coef > 0:
+        raise LaunchError(f"{monitor_config}: the monitor needs the KL to the reference model, which train_ppo_ray loads "
+                          "only with --algo.kl.init_coef > 0")
+    if config.shadow is None and reward_config is None and not config.members:
+        raise LaunchError(f"{monitor_config}: rewards come from the rollout side, so name the member components the "
+                          "monitor reads (members: [seed1, seed2, ...]) or a shadow ensemble (shadow: FILE)")
+    for path in (config.shadow, config.gold.reward_config if config.gold else None):
+        if path is not None:
+            refuse_unplaced_models(path, load_pipeline_config(path, check_paths=False).reward)
+    notes = [f"monitor: {monitor_config} (files in {Path(args.ckpt.output_dir, 'monitor')})"]
+    if config.action == "adapt_kl" and not args.algo.kl.use_loss:
+        notes.append("monitor adapt_kl: the raised KL coefficient enters the rewards from the batch after the alarm")
+    return notes
+
+
 def refuse_unplaced_models(reward_config: str, spec: Any) -> None:
     """Refuse a reward that would load models in the trainer actor, which holds no GPU (they would run on its CPU)."""
     from reward_plugins.placement import unplaced_models
@@ -235,9 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reward_config = str(Path(ours.reward_config).resolve()) if ours.reward_config else None
     args = parse_openrlhf_args(rest)
     notes = preflight(args, reward_config)
+    monitor_config = str(Path(ours.monitor_config).resolve()) if ours.monitor_config else None
+    if monitor_config:
+        notes += preflight_monitor(args, reward_config, monitor_config)
     eval_dir = str(Path(ours.eval_dir).resolve()) if ours.eval_dir else None
     settings = HookSettings(
-        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every
+        reward_config, eval_dir or str(Path(args.ckpt.output_dir, "eval").resolve()), ours.eval_every,
+        ours.eval_top_p, ours.eval_top_k, ours.eval_before_training, monitor_config=monitor_config,
     )
     shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
     env = runtime_env(settings, shim_config=shim_config)

@@ -13,6 +13,19 @@ import os
 import time
 from pathlib import Path
 
+from .cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reward_plugins.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo_rewards")
+    parser.add_argument("--configs", default="configs/rewards")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 from rich.console import Console
 from rich.table import Table
 
@@ -70,10 +83,7 @@ def build_rollouts(path: Path, vrcli_config: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo_rewards")
-    parser.add_argument("--configs", default="configs/rewards")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
     models_dir = out / "models"

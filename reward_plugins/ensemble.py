@@ -89,8 +89,8 @@ class CombinerConfig(PluginConfig):
         k = self.member_count
         if len(set(self.member_names)) != len(self.member_names) or len(self.member_names) != k:
             raise ValueError(f"member_names must be unique, one per member ({k}): {self.member_names}")
-        if self.objective == "uwo" and k - self.ddof <= 0:
-            raise ValueError(f"uwo with ddof={self.ddof} needs more than {self.ddof} members")
+        if k <= self.ddof:
+            raise ValueError(f"ddof={self.ddof} needs more than {self.ddof} member(s) for a variance; this ensemble has {k}")
         if self.standardize == "reference_stats" and (self.reference_stats is None or len(self.reference_stats) != k):
             raise ValueError("standardize: reference_stats needs one {mean, std} per member")
         if self.standardize == "reference_set" and self.reference_set is None:

@@ -31,6 +31,14 @@ class LogProbScorer(Protocol):
     ) -> list[np.ndarray]: ...
 
 
+def dtype_name(value) -> str | None:
+    """One spelling for a dtype: `bf16`, `torch.bfloat16` and `bfloat16` are all `bfloat16` (None stays None)."""
+    if value is None:
+        return None
+    text = str(value).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(text, text)
+
+
 def perplexity(token_logprobs: np.ndarray) -> float:
     """exp of the mean negative log-likelihood over the scored tokens."""
     if len(token_logprobs) == 0:
@@ -74,11 +82,13 @@ class HFLogProbScorer:
         max_length: int = 4096,
         temperature: float = 1.0,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ):
         require_safetensors(model_path)
         target = resolve_device(device)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code
+            model_path, dtype=resolve_dtype(dtype, target), trust_remote_code=trust_remote_code, **extra
         ).to(target).eval()
         tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         self._attach(model, tokenizer, batch_size, max_tokens_per_batch, max_length, temperature)
@@ -112,6 +122,16 @@ class HFLogProbScorer:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.truncated_contexts = 0
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype name (`bfloat16`, ...), as baseline fingerprints record it."""
+        return dtype_name(next(self.model.parameters()).dtype)
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """The attention kernel the model runs (`sdpa`, `flash_attention_2`, `eager`), as fingerprints record it."""
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+
     @torch.inference_mode()
     def continuation_logprobs(
         self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
@@ -143,11 +163,23 @@ class HFLogProbScorer:
             position_ids=position_ids_from_mask(attention_mask),
             **kwargs,
         ).logits[:, -keep:]
-        logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        offset = width - keep
-        rows = []
-        for row, (sequence, start) in enumerate(zip(sequences, starts)):
-            positions = torch.arange(start - 1, len(sequence) - 1, device=logprobs.device) - offset
-            targets = input_ids[row, start : len(sequence)]
-            rows.append(logprobs[row, positions, targets].double().cpu().numpy())
-        return rows
+        rows = continuation_token_logprobs(logits, input_ids, starts, [len(s) for s in sequences], self.temperature)
+        return [row.double().cpu().numpy() for row in rows]
+
+
+def continuation_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, starts: Sequence[int],
+                                lengths: Sequence[int], temperature: float) -> list[torch.Tensor]:
+    """Log-probs of tokens `starts[i]:lengths[i]` of each row under `log_softmax(logits / temperature)`.
+
+    `logits` covers the last `logits.shape[1]` positions of `input_ids` (logits at position p predict token
+    p + 1). Only the scored positions are upcast and normalised (not the whole batch's vocabulary rows), and
+    everything stays on the logits' device.
+    """
+    offset = input_ids.shape[1] - logits.shape[1]
+    rows = []
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        positions = torch.arange(start - 1, length - 1, device=logits.device) - offset
+        targets = input_ids[row, start:length].to(logits.device)
+        scaled = logits[row, positions].float() / temperature
+        rows.append(scaled.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    return rows

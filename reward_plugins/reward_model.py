@@ -27,9 +27,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .batching import length_sorted_batches, position_ids_from_mask, right_pad, truncate
-from .config import ExistingPath, Placement
+from .config import Placement
+from .model_ref import ModelRef
 from .modeling import DTypeName, load_tokenizer, require_safetensors, resolve_device, resolve_dtype
 from .registry import PluginConfig, RewardPlugin, register_plugin
+from .templates import current_names
 from .types import RewardResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,8 @@ TEMPLATE_FIELDS = ("prompt", "response", "query", "label")
 class TextInputConfig(PluginConfig):
     """How a model-backed scorer builds, tokenises and batches its texts: shared by one RM and by k-member RMs."""
 
-    path: ExistingPath
-    tokenizer: ExistingPath | None = None
+    path: ModelRef
+    tokenizer: ModelRef | None = None
     template: str = "{prompt}{response}"
     chat_template: bool = False
     add_special_tokens: bool = True
@@ -58,6 +60,7 @@ class TextInputConfig(PluginConfig):
     @field_validator("template")
     @classmethod
     def _known_fields(cls, template: str) -> str:
+        template = current_names(template, "template")
         for _, field_name, _, _ in string.Formatter().parse(template):
             if field_name is None:
                 continue
@@ -91,7 +94,7 @@ class _ValueHeadModel(torch.nn.Module):
             input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
         ).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
-        values = self.head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+        values = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
         return (values - self.mean) / self.std
 
 

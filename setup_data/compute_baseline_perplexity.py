@@ -4,8 +4,10 @@ The prompt construction (`VRCLIPrompt.scored_input`, which cuts a long story con
 will), the scorer settings (temperature, max_length, dtype, batch size) and the perplexity come from the same
 reward YAML the `vrcli` plugin is built from (`--reward_config`, default `configs/rewards/vrcli_reference.yaml`,
 the one the training scripts use); `--model_name` replaces the YAML's scorer model. Each label records the
-fingerprint the reward checks (`baseline_fingerprint`: scorer model name, temperature, max_length and a hash
-of the prompt settings), so a reward configured differently refuses these baselines instead of using them.
+fingerprint the reward checks (`baseline_fingerprint`: scorer model name, temperature, max_length, a hash of
+the prompt settings, the weights' dtype and the attention implementation), so a reward configured differently
+refuses these baselines instead of using them. `--torch_dtype` and `--attn_implementation` set the numerics to
+the reward side's: bfloat16 and flash_attention_2 for OpenRLHF's reference model (`scripts/train_7b.sh`).
 
 For each split in `--data_dir` (`{train,test,val}.jsonl` from `setup_rl_data.py`) it writes, atomically, to
 `--out_dir` (default `<data_dir>_with_baseline`; never the input folder, so no input row is lost):
@@ -31,6 +33,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+from setup_data.validation import reject_share_arg
+
+SPLITS = ("train", "test", "val")
+DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli_reference.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compute_baseline_perplexity.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name", required=True, help="the frozen reference model (local path, safetensors)")
+    parser.add_argument("--nice_model_name", required=True, help="short name recorded in labels and file names")
+    parser.add_argument("--data_dir", default="rl_data/", help="holds {split}.jsonl from setup_rl_data.py")
+    parser.add_argument("--out_dir", default=None, help="where to write (default: <data_dir>_with_baseline; never --data_dir)")
+    parser.add_argument("--reward_config", default=DEFAULT_REWARD_CONFIG, help="reward YAML with the vrcli plugin")
+    parser.add_argument("--reward_name", default=None, help="which vrcli plugin, if the YAML has several")
+    parser.add_argument("--tokenizer_name", default=None, help="default: the YAML's scorer.tokenizer, else the model's own")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS))
+    parser.add_argument("--batch_size", type=int, default=None, help="override the YAML's scorer.batch_size")
+    parser.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
+                        choices=("auto", "float32", "bfloat16", "float16"),
+                        help="override the YAML's scorer.dtype; the reward side's (bfloat16 on the OpenRLHF path)")
+    parser.add_argument("--attn_implementation", default=None,
+                        choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3"),
+                        help="override the YAML's scorer.attn_implementation; the reward side's (flash_attention_2 "
+                        "on the OpenRLHF path, --ds.attn_implementation)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="override; must then match the reward's")
+    parser.add_argument("--max_length", type=int, default=None)
+    parser.add_argument("--chunk_size", type=int, default=64, help="rows per resumable chunk")
+    parser.add_argument("--table_format", choices=("jsonl", "parquet"), default="jsonl",
+                        help="the id-keyed table: JSONL, or JSONL plus Parquet")
+    reject_share_arg(parser)
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 from tqdm import tqdm
 
 from reward_plugins.cli import UsageError, check_model_dir, check_tokenizer_dir, loading, run_cli
@@ -38,10 +80,7 @@ from reward_plugins.config import ConfigError, PluginSpec, load_pipeline_config
 from reward_plugins.io import DataError, atomic_open, write_jsonl
 from reward_plugins.logprobs import LogProbScorer, perplexity
 from reward_plugins.vrcli import FINGERPRINT_KEY, VRCLIConfig, VRCLIPlugin, VRCLIPrompt
-from setup_data.validation import RejectLog, RowError, iter_json_lines
-
-SPLITS = ("train", "test", "val")
-DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli_reference.yaml")
+from setup_data.validation import RejectLog, RowError, iter_json_lines, reject_share_arg
 
 
 @dataclass
@@ -192,8 +231,9 @@ def write_table(path: Path, rows: list[dict[str, Any]], table_format: str) -> li
 def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[str, Any]:
     """Score every split (resuming from the cache), then write the labelled splits and the table."""
     config = load_vrcli_config(args.reward_config, args.reward_name)
-    overrides = {"model": args.model_name, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
-    for key in ("batch_size", "dtype", "device", "temperature", "max_length"):
+    model = check_model_dir(args.model_name, "--model_name", causal_lm=True) if scorer is None else args.model_name
+    overrides = {"model": model, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
+    for key in ("batch_size", "dtype", "device", "temperature", "max_length", "attn_implementation"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     scorer_config = config.scorer.model_copy(update=overrides)
@@ -206,12 +246,12 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     if absent:
         raise UsageError(f"split file(s) not found: {', '.join(absent)} (choose --splits)")
     if scorer is None:
-        check_model_dir(args.model_name, "--model_name", causal_lm=True)
         if scorer_config.tokenizer:
-            check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            tokenizer = check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            scorer_config = scorer_config.model_copy(update={"tokenizer": tokenizer})
         with loading("--model_name", args.model_name):
             scorer = scorer_config.build()
-    dtype = str(getattr(getattr(scorer, "model", None), "dtype", scorer_config.dtype))
+    dtype = getattr(scorer, "dtype", None) or scorer_config.dtype
     # the reward's own fingerprint, computed by the plugin that will check it
     stamp = VRCLIPlugin(config.model_copy(update={"scorer": scorer_config}), "baseline", scorer).fingerprint()
     settings = {
@@ -220,6 +260,7 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
         "temperature": scorer.temperature,
         "max_length": scorer_config.max_length,
         "dtype": dtype,
+        "attn_implementation": getattr(scorer, "attn_implementation", None),
         "batch_size": scorer_config.batch_size,
         "max_tokens_per_batch": scorer_config.max_tokens_per_batch,
         "chunk_size": args.chunk_size,
@@ -228,10 +269,14 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = ScoreCache(out_dir / f"baseline_ppl_{args.nice_model_name}.cache.jsonl", settings)
     rejects, seen = RejectLog(strict=args.strict), {}
-    items = {
-        split: read_split(path, split, config.prompt, scorer.tokenizer, scorer_config.max_length, rejects, seen)
-        for split, path in paths.items()
-    }
+    items, counts = {}, {}
+    for split, path in paths.items():
+        snapshot = rejects.counts.copy()
+        items[split] = read_split(path, split, config.prompt, scorer.tokenizer, scorer_config.max_length, rejects, seen)
+        counts[split] = rejects.counts - snapshot
+    rejects_path = rejects.write(out_dir / f"baseline_rejects_{args.nice_model_name}.jsonl")
+    for split, split_items in items.items():  # before any scoring: a split with nothing to score is refused now
+        rejects.check_kept(str(paths[split]), len(split_items), counts[split], args.max_reject_share, rejects_path)
     summary = {}
     for split, split_items in items.items():
         chunks = plan_chunks([it.length for it in split_items], args.chunk_size)
@@ -256,7 +301,7 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
 def finish(args: argparse.Namespace, out_dir: Path, items: dict[str, list[Item]], cache: ScoreCache,
            rejects: RejectLog, summary: dict[str, Any], stamp: dict[str, Any]) -> dict[str, Any]:
     """Write labelled splits, the id-keyed table and the rejects file; print counts per split."""
-    table = []
+    table, labelled = [], {}
     for split, split_items in items.items():
         rows, bad = [], 0
         for it in split_items:
@@ -271,39 +316,26 @@ def finish(args: argparse.Namespace, out_dir: Path, items: dict[str, list[Item]]
                      FINGERPRINT_KEY: stamp}
             rows.append({**it.row, "label": label})
             table.append(entry)
-        write_jsonl(out_dir / f"{split}.jsonl", rows)
+        labelled[split] = rows
         truncated = sum(cache.scores[it.id]["truncated"] for it in split_items)
         summary[split].update(written=len(rows), truncated_context=truncated)
         print(f"{split}: {len(rows)} rows with baseline_ppl ({summary[split]['cached']} from cache, "
               f"{truncated} with the story context cut to fit max_length); {bad} non-finite")
+    rejects_path = rejects.write(out_dir / f"baseline_rejects_{args.nice_model_name}.jsonl")
+    for split, rows in labelled.items():
+        if not rows:
+            rejects.check_kept(f"{split} split", 0, rejects_path=rejects_path)
+    for split, rows in labelled.items():
+        write_jsonl(out_dir / f"{split}.jsonl", rows)
     written = write_table(out_dir / f"baseline_ppl_{args.nice_model_name}", table, args.table_format)
     print(f"table: {', '.join(map(str, written))}")
-    rejects_path = rejects.write(out_dir / f"baseline_rejects_{args.nice_model_name}.jsonl")
     print(rejects.summary() + (f"; see {rejects_path}" if rejects_path else ""))
     summary["rejected"] = dict(rejects.counts)
     return summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_name", required=True, help="the frozen reference model (local path, safetensors)")
-    parser.add_argument("--nice_model_name", required=True, help="short name recorded in labels and file names")
-    parser.add_argument("--data_dir", default="rl_data/", help="holds {split}.jsonl from setup_rl_data.py")
-    parser.add_argument("--out_dir", default=None, help="where to write (default: <data_dir>_with_baseline; never --data_dir)")
-    parser.add_argument("--reward_config", default=DEFAULT_REWARD_CONFIG, help="reward YAML with the vrcli plugin")
-    parser.add_argument("--reward_name", default=None, help="which vrcli plugin, if the YAML has several")
-    parser.add_argument("--tokenizer_name", default=None, help="default: the YAML's scorer.tokenizer, else the model's own")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS))
-    parser.add_argument("--batch_size", type=int, default=None, help="override the YAML's scorer.batch_size")
-    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="override; must then match the reward's")
-    parser.add_argument("--max_length", type=int, default=None)
-    parser.add_argument("--chunk_size", type=int, default=64, help="rows per resumable chunk")
-    parser.add_argument("--table_format", choices=("jsonl", "parquet"), default="jsonl",
-                        help="the id-keyed table: JSONL, or JSONL plus Parquet")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")

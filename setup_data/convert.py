@@ -42,7 +42,15 @@ from typing import Any
 
 from reward_plugins.cli import check_tokenizer_dir, run_cli
 from reward_plugins.io import DataError, write_jsonl
-from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, require_text, stable_id
+from setup_data.validation import (
+    RejectLog,
+    RowError,
+    check_messages,
+    iter_json_lines,
+    reject_share_arg,
+    require_text,
+    stable_id,
+)
 
 Messages = list[dict[str, str]]
 
@@ -250,8 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"--input {args.input}: no such file")
     rejects = RejectLog(strict=args.strict)
     rows = convert_file(Path(args.input), args.source, args.target, args.style, args.template, rejects, tokenizer)
-    write_jsonl(args.output, rows)
     rejects_path = rejects.write(args.rejects or f"{args.output}.rejects.jsonl")
+    rejects.check_kept(args.input, len(rows), max_share=args.max_reject_share, rejects_path=rejects_path)
+    write_jsonl(args.output, rows)
     print(f"{args.input} ({args.source}) -> {args.output} ({args.target}, {args.style}): wrote {len(rows)}, "
           f"{rejects.summary()}" + (f"; see {rejects_path}" if rejects_path else ""))
     return {"written": len(rows), "rejected": dict(rejects.counts)}
@@ -271,6 +280,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="tokenizer whose chat template renders --template chat")
     parser.add_argument("--rejects", default=None, help="default: {output}.rejects.jsonl")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
+    reject_share_arg(parser)
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     if args.target not in TARGETS[args.source]:

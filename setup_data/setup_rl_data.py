@@ -2,21 +2,29 @@
 
 Input: `{input_dir}/{dataset_name}_{split}.jsonl`, each line `{"messages": [...]}` (or a bare message list):
 an optional system turn, one user turn (the story context) and the assistant's gold answer last; or a story
-record in the VR-CLI paper's format (converted by `setup_data.story_format`, with the paper's filters).
+record in the VR-CLI paper's format (converted by `setup_data.story_format`). By default
+(`--messages_layout paper`) a chat line's user turn is read as the paper's sections (`### Previous Chapter:
+###`, `### Next Chapter Synopsis: ###`, `### Next Chapter Header: ###`, ...; a trailing `### Instructions: ###`
+block is dropped) and rebuilt into the paper's prompt, exactly as a story record is: both get the plan-asking
+policy prompt of `generate_reasoning_from_story_messages` and labels for the `vrcli` reward's `layout:
+paper`. The paper's filters (chapter and prompt lengths, chapter index) apply to story records, the paper's
+raw datapoints; chat lines are taken as prepared (`story_format.py` writes them after filtering).
+`--messages_layout as_is` keeps other chat data as written.
 Output: `{data_dir}/{split}.jsonl`, one row per kept line:
 
     {"prompt": <message list without the gold, or the chat-template-rendered string>,
-     "label": {"id": <content hash>, "gold": <assistant text>, "context": <user text>, "system": <text|null>,
+     "label": {"id": <content hash>, "gold": <assistant text>, "context": <story part>, "system": <text|null>,
                "baseline_ppl": null, "baseline_temperature": null, "baseline_model": null,
-               [story rows: "instruction", "plan_instruction", "prompt_layout": "paper"], ...--label_fields}}
+               [paper rows: "instruction", "plan_instruction", "prompt_layout": "paper"], ...--label_fields}}
 
 OpenRLHF reads it with `--data.input_key prompt --data.label_key label [--data.apply_chat_template]`, TRL
 as a JSON dataset. `context` is what the `vrcli` prompt templates reference as `{context}`; the baseline
 fields are filled in by `compute_baseline_perplexity.py`. The policy's user turn is `--user_template`
-rendered over `{context}` and the label fields; by default story rows get the paper's prompt asking for
-`<citation>...</citation>, therefore <reasoning>...</reasoning>` pairs and an "In summary: " plan, other rows
-their user text as is. `label.context` keeps the raw user text the baseline is scored on. Bad lines are
-skipped, counted per reason and written to `{data_dir}/rejects.jsonl` (`--strict`: fail on the first).
+rendered over `{context}` and the label fields; by default paper rows get the paper's prompt asking for
+`<citation>...</citation>, therefore <reasoning>...</reasoning>` pairs and an "In summary: " plan, as_is rows
+their user text as is. `label.context` keeps the story part the baseline is scored on. Bad lines are
+skipped, counted per reason and written to `{data_dir}/rejects.jsonl` (`--strict`: fail on the first); a
+split left with no rows is an error, and more than `--max_reject_share` (default half) rejected a warning.
 """
 
 from __future__ import annotations
@@ -30,8 +38,18 @@ from typing import Any
 
 from reward_plugins.cli import check_tokenizer_dir, run_cli
 from reward_plugins.io import DataError, write_json, write_jsonl
-from setup_data.story_format import LAYOUT_FIELDS, PAPER_POLICY_TEMPLATE, StoryFilters, filter_args, filters_from, story_messages
-from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, stable_id
+from setup_data.story_format import (
+    LAYOUT_FIELDS,
+    NO_FILTERS,
+    PAPER_POLICY_TEMPLATE,
+    SYSTEM,
+    StoryFilters,
+    filter_args,
+    filters_from,
+    record_from_messages,
+    story_messages,
+)
+from setup_data.validation import RejectLog, RowError, check_messages, iter_json_lines, reject_share_arg, stable_id
 
 SPLITS = ("train", "test", "val")
 BASELINE_FIELDS = ("baseline_ppl", "baseline_temperature", "baseline_model")
@@ -47,6 +65,7 @@ class PromptOptions:
     label_fields: tuple[str, ...] = ()
     user_template: str | None = None  # None: the paper's plan-asking prompt for story rows, `{context}` otherwise
     story_filters: StoryFilters = StoryFilters()
+    messages_layout: str = "paper"  # paper: chat lines are read as the paper's sections; as_is: kept as written
 
     def template_for(self, record: Mapping[str, Any]) -> str:
         """The policy's user-turn template for one input record."""
@@ -77,6 +96,12 @@ def build_row(value: Any, options: PromptOptions, tokenizer=None) -> tuple[dict[
     if "messages" not in record:
         raise RowError("missing_key", "missing key 'messages'")
     messages = check_messages(record["messages"], final_role="assistant")
+    if options.messages_layout == "paper" and "prompt_layout" not in record:  # a chat line with the paper's sections
+        system = messages[0]["content"] if messages[0]["role"] == "system" else SYSTEM
+        line = {key: value for key, value in record.items() if key != "messages"}
+        story = record_from_messages(messages, line)
+        record = {**line, **story_messages(story, system, NO_FILTERS, options.user_template or PAPER_POLICY_TEMPLATE)}
+        messages = record["messages"]
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if len(turns) != 2:
         raise RowError("multi_turn", f"expected one user turn and the gold answer, got {len(turns)} turns")
@@ -167,6 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         label_fields=tuple(args.label_fields),
         user_template=args.user_template,
         story_filters=filters_from(args),
+        messages_layout=args.messages_layout,
     )
     tokenizer = load_chat_tokenizer(args.tokenizer_name, args.merge_system, args.trust_remote_code)
     input_dir, data_dir = Path(args.input_dir), Path(args.data_dir)
@@ -175,19 +201,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if absent:
         raise DataError(f"input file(s) not found: {', '.join(absent)}")
     rejects, seen, summary = RejectLog(strict=args.strict), {}, {}
-    prepared = {}
+    prepared, per_split = {}, {}
     for split, path in paths.items():
         snapshot = rejects.counts.copy()
         prepared[split] = prepare_split(path, split, options, rejects, seen, tokenizer)
-        per_reason = dict(rejects.counts - snapshot)
+        per_split[split] = rejects.counts - snapshot
+        per_reason = dict(per_split[split])
         summary[split] = {"kept": len(prepared[split]), "rejected": sum(per_reason.values()), "reasons": per_reason}
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(per_reason.items())) or "none"
         print(f"{split}: kept {len(prepared[split])}, rejected {sum(per_reason.values())} ({reasons}) from {path}")
-    for split, rows in prepared.items():
-        write_jsonl(data_dir / f"{split}.jsonl", rows)
     rejects_path = rejects.write(data_dir / "rejects.jsonl")
     if rejects_path:
         print(f"rejected lines written to {rejects_path}")
+    for split, rows in prepared.items():
+        rejects.check_kept(str(paths[split]), len(rows), per_split[split], args.max_reject_share, rejects_path)
+    for split, rows in prepared.items():
+        write_jsonl(data_dir / f"{split}.jsonl", rows)
     write_json(data_dir / "setup_summary.json", {"args": vars(args), "splits": summary})
     return summary
 
@@ -208,7 +237,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="policy user turn as a str.format template over {context} and --label_fields; default: "
                         "the paper's prompt asking for a plan for story rows, the user text as is otherwise. "
                         "The label's context stays the raw user text")
+    parser.add_argument("--messages_layout", choices=("paper", "as_is"), default="paper",
+                        help="paper (default): a `messages` line's user turn holds the paper's '### Section: ###' parts "
+                        "and gets the paper's plan-asking prompt and layout labels, as story records do; as_is: the "
+                        "prompt and label context are the user turn as written (other chat data, layout: append)")
     filter_args(parser)
+    reject_share_arg(parser)
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)

@@ -19,13 +19,15 @@ words are counted as the paper does (splitting on single spaces).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reward_plugins.io import DataError, write_jsonl
-from setup_data.validation import RejectLog, RowError, iter_json_lines, require_text
+from reward_plugins.cli import run_cli
+from reward_plugins.io import write_jsonl
+from setup_data.validation import RejectLog, RowError, iter_json_lines, reject_share_arg, require_text
 
 SYSTEM = "You are a helpful and expert writing assistant."
 INSTRUCTION = (
@@ -136,8 +138,6 @@ def story_context(record: Mapping[str, Any]) -> str:
     prior = optional_text(record, "prior_plot_summary")
     sheets = character_sheets_text(record.get("character_sheets"))
     synopsis = optional_text(record, "next_chapter_synopsis")
-    if synopsis is not None and "###" in synopsis:
-        raise RowError("bad_value", "'next_chapter_synopsis' contains '###', which marks sections")
     header = require_text(record, "next_chapter_header").strip()
     parts = [text for present, text in (
         (high_level is not None, "a high-level plan of the entire story"),
@@ -153,6 +153,55 @@ def story_context(record: Mapping[str, Any]) -> str:
     ]).strip()
     synopsis_text = f"\n### Next Chapter Synopsis: ###\n{synopsis}\n" if synopsis is not None else ""
     return f"{preamble(last_n, parts)}\n\n{information}\n\n{synopsis_text}\n\n### Next Chapter Header: ###\n{header}\n"
+
+
+SECTIONS = {  # the paper's section headings (and the sample data's shorter summary one) -> story record fields
+    "High-Level Story Summary/Plan": "high_level_plot_summary",
+    "High-Level Summary": "high_level_plot_summary",
+    "Summary of Already Written Chapters": "prior_plot_summary",
+    "Character Sheets": "character_sheets",
+    "Next Chapter Synopsis": "next_chapter_synopsis",
+    "Next Chapter Header": "next_chapter_header",
+}
+STORY_HEADING = re.compile(r"Previous Chapter|Previous (\d+) Chapters|Prior Story")
+HEADING = re.compile(r"^### (.+?): ###[ \t]*$", re.MULTILINE)
+SHEET = re.compile(r"^## Character Sheet \((.+?)\): ##[ \t]*$", re.MULTILINE)
+
+
+def record_from_messages(messages: Sequence[Mapping[str, str]], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A story record from a chat line whose user turn holds the paper's sections (`### Previous Chapter: ###`,
+    `### Next Chapter Synopsis: ###`, `### Next Chapter Header: ###`, ...) and whose last turn is the gold chapter.
+
+    A leading "Instructions: ..." preamble and an `### Instructions: ###` block are dropped: the paper's prompt
+    is rebuilt from the sections (`story_context`), so the policy gets the reasoning prompt and the label the
+    `paper` layout's parts. `extra`: the line's other keys (story_id, chapter_index, ...), carried along.
+    """
+    user, gold = messages[-2]["content"], messages[-1]["content"]
+    parts = HEADING.split(user)
+    lead = parts[0].strip()
+    if len(parts) < 3 or (lead and not lead.startswith("Instructions:")):
+        raise RowError("not_story_sections", "the user turn does not hold the paper's '### Section: ###' parts "
+                                             "(use --messages_layout as_is for other chat data)")
+    record: dict[str, Any] = {key: None for key in CARRIED} | dict(extra) | {"next_chapter": gold}
+    for heading, body in zip(parts[1::2], parts[2::2]):
+        body = body.strip()
+        story = STORY_HEADING.fullmatch(heading)
+        if story:
+            count = story.group(1)
+            record["story_text"] = body
+            record["last_n_chapters"] = int(count) if count else 1 if heading == "Previous Chapter" else -1
+        elif heading == "Character Sheets":
+            pieces = SHEET.split(body)
+            record["character_sheets"] = {name: sheet.strip() for name, sheet in zip(pieces[1::2], pieces[2::2])}
+        elif heading in SECTIONS:
+            record[SECTIONS[heading]] = body
+        elif heading != "Instructions":
+            raise RowError("unknown_section", f"unknown section '### {heading}: ###' in the user turn")
+    for key, heading in (("story_text", "Previous Chapter"), ("next_chapter_header", "Next Chapter Header")):
+        if not record.get(key):
+            raise RowError("missing_section", f"the user turn has no '### {heading}: ###' section"
+                                              + (" (or Previous N Chapters / Prior Story)" if key == "story_text" else ""))
+    return record
 
 
 def check_filters(record: Mapping[str, Any], gold: str, policy_turns: Sequence[str], filters: StoryFilters) -> None:
@@ -210,32 +259,34 @@ def filters_from(args: argparse.Namespace) -> StoryFilters:
                            for k, v in values.items()})
 
 
+def run(args: argparse.Namespace) -> int:
+    filters = filters_from(args)
+    rejects, rows = RejectLog(strict=args.strict), []
+    for line, raw, value in iter_json_lines(args.input):
+        try:
+            if isinstance(value, RowError):
+                raise value
+            rows.append(story_messages(value, args.system, filters))
+        except RowError as error:
+            rejects.reject(args.input, line, error, raw)
+    rejects_path = rejects.write(f"{args.output}.rejects.jsonl")
+    rejects.check_kept(args.input, len(rows), max_share=args.max_reject_share, rejects_path=rejects_path)
+    write_jsonl(args.output, rows)
+    print(f"{args.input} -> {args.output}: wrote {len(rows)}, {rejects.summary()}"
+          + (f"; see {rejects_path}" if rejects_path else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: bad input (an empty or unreadable file, no row left) exits 2 with one message; --debug re-raises."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="story JSONL")
     parser.add_argument("--output", required=True, help="messages JSONL for setup_rl_data.py (written atomically)")
     parser.add_argument("--system", default=SYSTEM)
     parser.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     filter_args(parser)
-    args = parser.parse_args(argv)
-    filters = filters_from(args)
-    rejects, rows = RejectLog(strict=args.strict), []
-    try:
-        for line, raw, value in iter_json_lines(args.input):
-            try:
-                if isinstance(value, RowError):
-                    raise value
-                rows.append(story_messages(value, args.system, filters))
-            except RowError as error:
-                rejects.reject(args.input, line, error, raw)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    write_jsonl(args.output, rows)
-    rejects_path = rejects.write(f"{args.output}.rejects.jsonl")
-    print(f"{args.input} -> {args.output}: wrote {len(rows)}, {rejects.summary()}"
-          + (f"; see {rejects_path}" if rejects_path else ""))
-    return 0
+    reject_share_arg(parser)
+    return run_cli(lambda args: run(parser.parse_args(args)), "story_format", argv)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ file, and counted per reason, so nothing is dropped silently.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +20,13 @@ from typing import Any
 from reward_plugins.io import DataError, not_utf8, write_jsonl
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_REJECT_SHARE = 0.5
+
+
+def reject_share_arg(parser: argparse.ArgumentParser) -> None:
+    """`--max_reject_share`: the share of rejected input rows above which a data command warns (one line)."""
+    parser.add_argument("--max_reject_share", type=float, default=DEFAULT_MAX_REJECT_SHARE,
+                        help="warn in one line when more than this share of the input rows is rejected (default 0.5)")
 
 
 class RowError(ValueError):
@@ -121,6 +130,26 @@ class RejectLog:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def main_reason(self, counts: Counter | None = None) -> str:
+        """`reason (count)` of the commonest reject reason."""
+        reason, count = (counts if counts is not None else self.counts).most_common(1)[0]
+        return f"{reason} ({count})"
+
+    def check_kept(self, where: str, kept: int, counts: Counter | None = None, max_share: float = DEFAULT_MAX_REJECT_SHARE,
+                   rejects_path: str | os.PathLike | None = None) -> None:
+        """Refuse an output of 0 rows (`DataError`, one line) and warn in one line when more than `max_share` of
+        the rows were rejected; `counts`: the rejects behind `where` (default: all of them)."""
+        counts = self.counts if counts is None else counts
+        rejected = sum(counts.values())
+        total = kept + rejected
+        see = f"; see {rejects_path}" if rejects_path else ""
+        if kept == 0:
+            reasons = f", mostly {self.main_reason(counts)}" if rejected else ""
+            raise DataError(f"{where}: 0 rows to write ({rejected} of {total} rejected{reasons}){see}")
+        if rejected / total > max_share:
+            print(f"warning: {where}: {rejected} of {total} rows rejected ({100 * rejected / total:.0f}%), mostly "
+                  f"{self.main_reason(counts)}{see}", file=sys.stderr)
 
     def summary(self) -> str:
         if not self.counts:

@@ -90,12 +90,13 @@ def test_baseline_is_the_gold_perplexity_under_the_reward_prompt(full_run, rl_da
     assert len(labels) == 6
     assert read_jsonl(rl_data / "val.jsonl")[0]["label"]["baseline_ppl"] is None  # the input is left alone
     for label in labels[:4]:
-        # The paper's no-plan prompt, written out from the label's parts, through the chat template by hand.
+        # The paper's no-plan prompt, written out from the label's parts, through the chat template by hand, with
+        # the gold chapter as the assistant turn: one string, tokenized once; scored from the gold to the end.
         user = label["context"] + "\n### Instructions: ###\n" + label["instruction"]
-        text = f"<|system|>{label['system']}<eos><|user|>{user}<eos><|assistant|>"
-        context = tokenizer(text, add_special_tokens=False)["input_ids"]
-        gold = tokenizer(label["gold"], add_special_tokens=False)["input_ids"]
-        assert label["baseline_ppl"] == pytest.approx(loss_perplexity(model, context, gold), rel=1e-4)
+        prefix = f"<|system|>{label['system']}<eos><|user|>{user}<eos><|assistant|>"
+        whole = tokenizer(prefix + label["gold"] + "<eos>", add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        assert label["baseline_ppl"] == pytest.approx(loss_perplexity(model, whole[:start], whole[start:]), rel=1e-4)
         assert label["baseline_temperature"] == 1.0 and label["baseline_model"] == "tiny"
         stamp = label["baseline_fingerprint"]
         assert stamp["model"] == "ref_lm" and stamp["max_length"] == 4096 and stamp["temperature"] == 1.0
@@ -218,7 +219,7 @@ def test_prompt_matches_vrcli_token_ids(rl_data, lm_dir):
     text = tokenizer.decode(context)
     assert text.startswith("<|system|>" + VRCLIPrompt().system) and text.endswith("<|assistant|>")
     assert label["context"] + "\n### Instructions: ###\n" + label["instruction"] in text
-    assert tokenizer.decode(gold) == label["gold"]
+    assert tokenizer.decode(gold) == label["gold"] + "<eos>"  # the gold turn with its end-of-turn token
 
 
 def test_the_other_configs_baselines_are_refused(rl_data, lm_dir, tmp_path, models_env):

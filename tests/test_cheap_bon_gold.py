@@ -90,5 +90,5 @@ def test_eval_files_keep_the_heads_and_gold_evaluation_adds_gold(models_env, lm_
         heads = [row.components[f"head{h}"] for h in range(5)]
         assert row.ensemble_variance == pytest.approx(np.var(heads))
         assert row.proxy_score == pytest.approx(np.mean(heads) - 0.1 * np.var(heads))
-    run_ppo_gold_eval.main([str(out), str(rm_dirs[5]), "--template", "{prompt}{answer}"])
+    run_ppo_gold_eval.main([str(out), str(rm_dirs[5]), "--template", "{prompt}{response}"])
     assert all(row.gold_score is not None for row in read_eval_file(only).rows)

@@ -241,7 +241,7 @@ def test_config_checks_need_no_model(tmp_path):
     base = {"type": "multihead_ensemble", "path": str(tmp_path), "heads": 2}
     from reward_plugins import ConfigError
 
-    with pytest.raises(ConfigError, match="uwo with ddof=2 needs more than 2 members"):
+    with pytest.raises(ConfigError, match="ddof=2 needs more than 2 member\\(s\\) for a variance; this ensemble has 2"):
         parse_pipeline_config({"reward": {**base, "objective": "uwo", "ddof": 2}})
     with pytest.raises(ConfigError, match="one {mean, std} per member"):
         parse_pipeline_config({"reward": {**base, "standardize": "reference_stats", "reference_stats": [{"mean": 0, "std": 1}]}})

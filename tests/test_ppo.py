@@ -102,8 +102,8 @@ def test_adaptive_kl_controller_and_whitening():
     fixed.update(100.0, 10)
     assert fixed.value == 0.1
     x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    whitened = ppo.masked_whiten(x, mask)
-    assert torch.allclose(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]) * (1.5**0.5), atol=1e-4)
+    whitened = ppo.masked_whiten(x, mask)  # mean 2, unbiased variance ((-1)^2 + 0 + 1^2) / (3 - 1) = 1, as TRL
+    assert torch.allclose(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
 
 
 def test_prompt_order_is_a_permutation_per_pass_split_by_rank():

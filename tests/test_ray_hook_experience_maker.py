@@ -9,6 +9,7 @@ test shows the Ray setup hook swapping the class inside a worker process.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("openrlhf")
@@ -346,10 +348,11 @@ def test_mismatched_baselines_stop_the_first_batch(ray_session, models, vrcli, t
     from reward_plugins.vrcli import BaselineMismatchError
 
     maker = make_maker(models, grpo_args(models, tmp_path), HookSettings(vrcli.external, None, None))
-    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash()}
+    stamp = {"model": "policy_lm", "temperature": 1.0, "max_length": 512, "prompt_hash": VRCLIPrompt().settings_hash(),
+             "dtype": "bfloat16", "attn_implementation": "flash_attention_2"}  # OpenRLHF's --ds.param_dtype / attn defaults
     matching = [dict(label, baseline_fingerprint=stamp) for label in vrcli.labels]
     assert len(maker.make_experience_batch(rollouts(models, matching))) == 2
-    for change in ({"max_length": 4096}, {"model": "ref_lm"}):
+    for change in ({"max_length": 4096}, {"model": "ref_lm"}, {"dtype": "float32"}, {"attn_implementation": "sdpa"}):
         labels = [dict(label, baseline_fingerprint={**stamp, **change}) for label in vrcli.labels]
         with pytest.raises(BaselineMismatchError, match=next(iter(change))):
             maker.make_experience_batch(rollouts(models, labels))
@@ -426,6 +429,123 @@ def test_patch_wraps_the_plain_trainer_class_evaluate():
     assert Trainer.evaluate.__wrapped__.__name__ == "evaluate"
     fake = SimpleNamespace(experience_maker=None)
     assert Trainer.evaluate(fake, 3) == {"plain": 1.0}  # no trainer-side pipeline: the original runs unchanged
+
+
+# ---------------------------------------------------------------- the over-optimisation monitor in the hook
+
+ALWAYS = {"divergence": -1000.0, "disagreement_rise": None}  # over it from the first full window (step 1 with window 2)
+
+
+def monitor_settings(tmp_path, action, **extra):
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump({"window": 2, "patience": 1, "thresholds": ALWAYS, "action": action, **extra}))
+    config = str(Path(__file__).parents[1] / "configs" / "rewards" / "ensemble_uwo5.yaml")
+    return HookSettings(config, str(tmp_path / "eval"), 1, monitor_config=str(path))
+
+
+class FakeSaver:
+    """An actor group whose `save_checkpoint` records its arguments and makes the tag's folder, as DeepSpeed would."""
+
+    def __init__(self, root):
+        self.root, self.saved = Path(root), []
+
+    def async_run_method(self, method_name, **kwargs):
+        assert method_name == "save_checkpoint"
+        self.saved.append(kwargs)
+        (self.root / "_actor" / kwargs["tag"]).mkdir(parents=True, exist_ok=True)
+        return [ray.put(None)]
+
+
+def fake_trainer(maker, args):
+    return SimpleNamespace(experience_maker=maker, args=args, actor_model_group=FakeSaver(args.ckpt.path),
+                           critic_model_group=None, wandb_logger=None, tensorboard_logger=None,
+                           samples_generator=SimpleNamespace(generate_samples=lambda **kwargs: "real rollouts"),
+                           best_eval_metric_key="", best_eval_metric_value=float("-inf"), _latest_eval_metric_value=None)
+
+
+def test_monitor_logs_every_step_and_adapt_kl_raises_the_controller(ray_session, models, models_env, tmp_path):
+    from reward_plugins.monitor import monitor_keys
+
+    args = grpo_args(models, tmp_path, "--algo.kl.init_coef", "0.01")  # the KL in the loss: kl_ctl.value weighs it
+    maker = make_maker(models, args, monitor_settings(tmp_path, "adapt_kl", kl_factor=3.0))
+    controller = maker.kl_ctl  # the object PPOTrainer shares: it passes `kl_ctl.value` to the actors' fit (KL loss)
+    keys = []
+    for step in range(3):
+        experiences = maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}]))
+        keys += [tuple(k for k in e.info if k.startswith("monitor/")) for e in experiences]
+        assert maker.kl_ctl.value == pytest.approx(0.01 if step == 0 else 0.03)  # the alarm fires at step 1
+    assert controller is maker.kl_ctl and len(set(keys)) == 1 and set(keys[0]) == set(monitor_keys(False))
+    assert float(experiences[0].info["monitor/kl_scale"][0]) == 3.0 and float(experiences[0].info["monitor/alarm"][0]) == 1.0
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "monitor" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    manual_kl = np.mean([k for e in experiences for k in ((e.action_log_probs - e.base_action_log_probs) * e.action_mask).sum(-1).tolist()])
+    assert steps[-1]["kl"] == pytest.approx(manual_kl, rel=1e-5)
+    written = read_eval_file(list_eval_files(tmp_path / "eval")[-1])
+    assert set(written.meta["monitor"]) == set(monitor_keys(False))
+
+
+def test_monitor_stop_saves_keeps_and_resumes_through_the_trainer(ray_session, models, models_env, tmp_path):
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    from openrlhf_ext import hooks
+
+    args = openrlhf_args(models, tmp_path, "--algo.advantage.estimator", "reinforce_baseline",
+                         "--ckpt.save_steps", "3", "--ckpt.path", str(tmp_path / "ds"))
+    maker = make_maker(models, args, monitor_settings(tmp_path, "stop"))
+    trainer = fake_trainer(maker, args)
+    save = hooks.monitor_checkpoints(BasePPOTrainer.save_logs_and_checkpoints)
+    for step in range(2):  # OpenRLHF: train_step(rollouts, global_step) then save_logs_and_checkpoints(global_step + 1)
+        maker.global_step = step
+        maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}]))
+        save(trainer, step + 1, {}, {"global_step": step + 1, "episode": 0})
+    # the alarm fired at step 1; step 2 is not a save step (3), so the hook saved one at the alarm, with the monitor state
+    (saved,) = trainer.actor_model_group.saved
+    assert saved["tag"] == "global_step2" and saved["client_states"]["global_step"] == 2
+    assert saved["client_states"][hooks.MONITOR_STATE_KEY]["series"]["steps"] == [0, 1]
+    assert (tmp_path / "ds" / "_actor" / "latest").read_text() == "global_step2"
+    stop = json.loads((tmp_path / "ckpt" / "monitor" / "stop.json").read_text())
+    assert stop["kept_step"] == 2 and stop["alarm"]["step"] == 1
+    assert trainer.samples_generator.generate_samples() == ([], 0.0, 0, True)  # fit's loop ends
+
+    # Resume (--ckpt.load_enable): the actors return the kept checkpoint's client states; the monitor continues.
+    resumed = make_maker(models, args, monitor_settings(tmp_path, "warn"))
+    trainer = fake_trainer(resumed, args)
+    restore = hooks.monitor_resume(lambda self: saved["client_states"])
+    assert restore(trainer)["global_step"] == 2
+    assert resumed.monitor.monitor.series.steps == [0, 1] and resumed.monitor.monitor.alarm.step == 1  # fired before
+    resumed.global_step = 2
+    resumed.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}]))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ckpt" / "monitor" / "steps.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+
+
+def test_launcher_refuses_a_monitor_without_reference_model(tmp_path, models):
+    from openrlhf_ext.launch import LaunchError, preflight_monitor
+
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump({"action": "warn"}))
+    args = openrlhf_args(models, tmp_path, "--algo.kl.init_coef", "0")
+    with pytest.raises(LaunchError, match="needs the KL to the reference model"):
+        preflight_monitor(args, "reward.yaml", str(path))
+    with pytest.raises(LaunchError, match="name the member components"):
+        preflight_monitor(openrlhf_args(models, tmp_path), None, str(path))
+
+
+def test_monitor_reads_members_from_the_rollout_side(ray_session, models, tmp_path):
+    """With our reward server the members arrive as `reward/<member>` logs; `members` names them."""
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump({"members": ["seed1", "seed2"], "window": 2}))
+    args = grpo_args(models, tmp_path, "--algo.kl.init_coef", "0.01")
+    maker = make_maker(models, args, HookSettings(None, str(tmp_path / "eval"), 1, monitor_config=str(path)))
+    rewards = [0.5, -0.25, 1.0, 0.125]
+    logs = [{"reward/mean": r, "reward/seed1": r + 0.1 * i, "reward/seed2": r - 0.2 * i} for i, r in enumerate(rewards)]
+    maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}], rewards, logs))
+    (record,) = [json.loads(line) for line in (tmp_path / "ckpt" / "monitor" / "steps.jsonl").read_text().splitlines()]
+    # standardised by their own step-0 mean and std, the members differ by the 0.1 i and -0.2 i offsets
+    members = np.array([[r + 0.1 * i for i, r in enumerate(rewards)], [r - 0.2 * i for i, r in enumerate(rewards)]])
+    z = (members - members.mean(axis=1, keepdims=True)) / members.std(axis=1, keepdims=True)
+    assert record["disagreement"] == pytest.approx(np.mean(np.abs(z[0] - z[1]) / 2))  # std of two values: half the gap
+    assert record["disagreement"] > 0 and record["proxy"] == 0.0
 
 
 @pytest.mark.parametrize("config, members", [("multihead_uwo5.yaml", "head"), ("lora_uwo5.yaml", "adapter")])

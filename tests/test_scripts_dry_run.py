@@ -40,7 +40,8 @@ def test_scripts_resolve_paper_settings():
     assert args.algo.advantage.estimator == "group_norm" and args.algo.kl.use_loss and args.algo.kl.estimator == "k3"
     assert args.actor.adam.lr == 5e-7 and args.algo.kl.init_coef == 1e-6 and ours.reward_config.endswith("vrcli_reference.yaml")
     assert args.actor.loss_agg_mode == "seq-mean-token-mean"  # the paper: mean per sequence, then across sequences
-    assert args.eval.dataset == args.data.prompt_dataset and args.eval.split == "validation" and args.eval.steps == 8
+    assert args.eval.dataset == args.data.prompt_dataset and args.eval.split == "test" and args.eval.steps == 8
+    assert args.eval.temperature == 0.7 and (ours.eval_top_p, ours.eval_top_k, ours.eval_before_training) == (0.8, 20, True)
     _, rest = launch.split_argv(dry_run("train_7b.sh")[3:])
     assert launch.parse_openrlhf_args(rest).rollout.n_samples_per_prompt == 8
     _, rest = launch.split_argv(dry_run("train_ppo_ensemble.sh")[3:])

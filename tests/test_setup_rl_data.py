@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from reward_plugins.io import DataError, read_jsonl
 from reward_plugins.vrcli import VRCLIPrompt
 from setup_data import setup_rl_data
+from setup_data.story_format import NO_FILTERS, REASONING_INSTRUCTION, story_messages
 
 SAMPLE = Path(__file__).resolve().parents[1] / "setup_data" / "sample_data"
 SYSTEM = {"role": "system", "content": "Be helpful."}
@@ -33,7 +34,30 @@ def run(tokenizer_dir, input_dir, data_dir, *extra) -> int:
     return setup_rl_data.main(argv)
 
 
+# The original's prompt for the first sample row (ReasoningNCP prompt_utils.generate_reasoning_from_story_messages:
+# preamble, story information, synopsis, header, then the reasoning instruction), written out by hand.
+S000_PROMPT = (
+    "Instructions: You will be given the most recent chapter of the story, a high-level plan of the entire story and "
+    "a brief synopsis of what should happen in the next chapter. You will also be given a chapter header for the next "
+    "chapter, containing the chapter's title and any other epigraph-type text. You will first reason about the given "
+    "story and about what should come next. Next, you will write the next chapter of the story.\n\n"
+    "### High-Level Story Summary/Plan: ###\nA story about Sable, Ada and a brass key.\n\n"
+    "### Previous Chapter: ###\nSable and Ada searched the night market for a brass key. On the last evening a storm "
+    "rolled in, and Ada admitted a secret about the family.\n\n\n"
+    "### Next Chapter Synopsis: ###\nSable follows the clue to the orchard, where a brass key reveals who betrayed Ada.\n\n\n"
+    "### Next Chapter Header: ###\nChapter 3: Orchard\n\n"
+    "### Instructions: ###\nInstructions: Based on the next chapter's synopsis and header, please reason step by step "
+    "to come up with a more detailed plan for the next chapter. Format your reasoning with \"<citation>source A says "
+    "X</citation>, therefore <reasoning>reasoning</reasoning>\" pairs, where the sources can be the character sheets, "
+    "the high-level story plan, the previous-chapters summary, the next chapter synopsis, and the previous few chapters. "
+    "Add and modify your conclusions as you remember more information. End your response with a detailed paragraph "
+    "explaining your reasoning as to how next chapter will unfold (including plot and character points), beginning "
+    "this paragraph with \"In summary: \"."
+)
+
+
 def test_sample_data_round_trip(tokenizer_dir, tmp_path):
+    """Chat lines with the paper's sections get the paper's reasoning prompt and labels the paper layout scores."""
     out = tmp_path / "rl_data"
     assert run(tokenizer_dir, SAMPLE, out, "--label_fields", "story_id", "chapter_index") == 0
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -43,20 +67,68 @@ def test_sample_data_round_trip(tokenizer_dir, tmp_path):
         rows = read_jsonl(out / f"{split}.jsonl")
         assert len(rows) == len(source)
         for src, row in zip(source, rows):
-            assert row["prompt"] == src["messages"][:-1]
+            system, user = row["prompt"]
+            assert system == src["messages"][0] and user["role"] == "user"
+            assert user["content"].endswith('beginning this paragraph with "In summary: ".')
             label = row["label"]
+            assert user["content"] == label["context"] + "\n### Instructions: ###\n" + REASONING_INSTRUCTION
             assert label["gold"] == src["messages"][-1]["content"]
-            assert label["context"] == src["messages"][1]["content"]
-            assert label["story_id"] == src["story_id"]
+            assert label["story_id"] == src["story_id"] and label["prompt_layout"] == "paper"
             assert label["baseline_ppl"] is None
-            context, gold = VRCLIPrompt().token_ids(tokenizer, label, None)
-            assert gold == tokenizer(label["gold"], add_special_tokens=False)["input_ids"] and context
+            context, gold = VRCLIPrompt(layout="paper").token_ids(tokenizer, label, None)
+            assert context and gold[-1] == tokenizer.eos_token_id
             ids.add(label["id"])
+    assert read_jsonl(out / "train.jsonl")[0]["prompt"][1]["content"] == S000_PROMPT
     assert len(ids) == sum(len(read_jsonl(out / f"{s}.jsonl")) for s in ("train", "test", "val"))
     first = read_jsonl(out / "train.jsonl")
     assert run(tokenizer_dir, SAMPLE, tmp_path / "again", "--label_fields", "story_id", "chapter_index") == 0
     assert [r["label"]["id"] for r in read_jsonl(tmp_path / "again" / "train.jsonl")] == [r["label"]["id"] for r in first]
     assert not (out / "rejects.jsonl").exists()
+
+
+def test_a_story_record_and_its_chat_line_give_the_same_row(tokenizer_dir, tmp_path):
+    """The messages path reads the paper's sections back: a story record and the chat line a user would hold for
+    it (the baseline prompt as the user turn, the chapter as the assistant turn) give the same prompt and label."""
+    record = {"story_id": "s9", "chapter_index": 4, "story_text": "The fox slept.\n\nThe owl watched.",
+              "last_n_chapters": 2, "next_chapter": "Chapter 4: Dawn\n\nThe fox woke.",
+              "next_chapter_synopsis": "The fox wakes ### early.", "next_chapter_header": "Chapter 4: Dawn",
+              "high_level_plot_summary": "A fox and an owl.", "prior_plot_summary": "They met.",
+              "character_sheets": {"Fox": "Quick.", "Owl": "Wise."}}
+    story = story_messages(record, filters=NO_FILTERS)
+    user = story["messages"][1]["content"] + "\n### Instructions: ###\n" + story["instruction"]
+    line = {"story_id": "s9", "chapter_index": 4,
+            "messages": [story["messages"][0], {"role": "user", "content": user}, story["messages"][2]]}
+    write_lines(tmp_path / "a" / "story_dataset_val.jsonl", [record])
+    write_lines(tmp_path / "b" / "story_dataset_val.jsonl", [line])
+    for name in ("a", "b"):
+        assert run(tokenizer_dir, tmp_path / name, tmp_path / f"out_{name}", "--splits", "val", "--no_filters",
+                   "--label_fields", "story_id", "chapter_index") == 0
+    from_record, from_line = (read_jsonl(tmp_path / f"out_{n}" / "val.jsonl")[0] for n in ("a", "b"))
+    assert from_line == from_record
+    assert "### Previous 2 Chapters: ###" in from_line["prompt"][1]["content"]
+
+
+def test_chat_lines_without_the_papers_sections(tokenizer_dir, tmp_path, capsys):
+    """Other chat data is refused under the default layout, naming the option that keeps it as written."""
+    write_lines(tmp_path / "in" / "story_dataset_val.jsonl", [chat("Tell the story of the fox.", "The fox jumps.")])
+    assert run(tokenizer_dir, tmp_path / "in", tmp_path / "out", "--splits", "val") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "0 rows to write" in err and "not_story_sections (1)" in err
+    assert not (tmp_path / "out" / "val.jsonl").exists()
+    assert run(tokenizer_dir, tmp_path / "in", tmp_path / "out", "--splits", "val", "--messages_layout", "as_is") == 0
+    assert read_jsonl(tmp_path / "out" / "val.jsonl")[0]["label"]["context"] == "Tell the story of the fox."
+
+
+def test_a_high_reject_share_warns_in_one_line(tokenizer_dir, tmp_path, capsys):
+    good = chat("Prompt one.", "Gold one.")
+    lines = [good, chat("Prompt two.", "  "), chat("Prompt three.", " "), "{broken"]
+    write_lines(tmp_path / "in" / "story_dataset_val.jsonl", lines)
+    argv = ["--splits", "val", "--messages_layout", "as_is"]
+    assert run(tokenizer_dir, tmp_path / "in", tmp_path / "out", *argv) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warning) == 1 and "3 of 4 rows rejected (75%), mostly empty_gold (2)" in warning[0]
+    assert run(tokenizer_dir, tmp_path / "in", tmp_path / "out", *argv, "--max_reject_share", "0.8") == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_hf_datasets_reads_the_splits(tokenizer_dir, tmp_path):
@@ -91,7 +163,7 @@ def bad_input(root: Path) -> Path:
 def test_bad_lines_are_counted_and_written_to_rejects(tokenizer_dir, tmp_path, capsys):
     source = bad_input(tmp_path / "in")
     out = tmp_path / "rl_data"
-    assert run(tokenizer_dir, source, out) == 0
+    assert run(tokenizer_dir, source, out, "--messages_layout", "as_is") == 0
     assert len(read_jsonl(out / "train.jsonl")) == 2
     assert len(read_jsonl(out / "test.jsonl")) == 1
     assert len(read_jsonl(out / "val.jsonl")) == 1
@@ -111,12 +183,13 @@ def test_bad_lines_are_counted_and_written_to_rejects(tokenizer_dir, tmp_path, c
 
 def test_strict_fails_on_first_bad_line_naming_file_and_line(tokenizer_dir, tmp_path, capsys):
     source = bad_input(tmp_path / "in")
-    assert run(tokenizer_dir, source, tmp_path / "out", "--strict") == 2
+    assert run(tokenizer_dir, source, tmp_path / "out", "--strict", "--messages_layout", "as_is") == 2
     assert "story_dataset_train.jsonl:2: malformed_json" in capsys.readouterr().err
     assert not (tmp_path / "out" / "train.jsonl").exists()
     with pytest.raises(DataError, match=r"story_dataset_train.jsonl:2"):
         setup_rl_data.run(setup_rl_data.parse_args(
-            ["--tokenizer_name", str(tokenizer_dir), "--input_dir", str(source), "--data_dir", str(tmp_path), "--strict"]))
+            ["--tokenizer_name", str(tokenizer_dir), "--input_dir", str(source), "--data_dir", str(tmp_path), "--strict",
+             "--messages_layout", "as_is"]))
 
 
 def test_max_prompt_tokens_skips_exactly_the_long_prompts(tokenizer_dir, tmp_path):
@@ -126,7 +199,8 @@ def test_max_prompt_tokens_skips_exactly_the_long_prompts(tokenizer_dir, tmp_pat
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     limit = sorted(lengths)[len(lengths) // 2]
     out = tmp_path / "rl_data"
-    assert run(tokenizer_dir, SAMPLE, out, "--splits", "train", "--max_prompt_tokens", str(limit)) == 0
+    assert run(tokenizer_dir, SAMPLE, out, "--splits", "train", "--max_prompt_tokens", str(limit),
+               "--messages_layout", "as_is") == 0
     kept = read_jsonl(out / "train.jsonl")
     assert len(kept) == sum(n <= limit for n in lengths) and 0 < len(kept) < len(rows)
     rejects = read_jsonl(out / "rejects.jsonl")
@@ -137,7 +211,8 @@ def test_max_prompt_tokens_skips_exactly_the_long_prompts(tokenizer_dir, tmp_pat
 def test_text_prompts_and_merged_system(tokenizer_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = tmp_path / "rl_data"
-    assert run(tokenizer_dir, SAMPLE, out, "--splits", "val", "--prompt_format", "text", "--merge_system") == 0
+    assert run(tokenizer_dir, SAMPLE, out, "--splits", "val", "--prompt_format", "text", "--merge_system",
+               "--messages_layout", "as_is") == 0
     source = read_jsonl(SAMPLE / "story_dataset_val.jsonl")[0]["messages"]
     row = read_jsonl(out / "val.jsonl")[0]
     merged = [{"role": "user", "content": source[0]["content"] + "\n\n" + source[1]["content"]}]

@@ -142,13 +142,14 @@ def test_main_counts_rejects_per_reason(tmp_path, capsys):
     source.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     out = tmp_path / "story_dataset_val.jsonl"
     assert story_format.main(["--input", str(source), "--output", str(out)]) == 0
-    assert len(read_jsonl(out)) == 1
+    kept = read_jsonl(out)
+    assert [r["next_chapter_synopsis"] for r in kept] == [RECORD["next_chapter_synopsis"], "### oops"]  # no '###' filter
     rejects = read_jsonl(f"{out}.rejects.jsonl")
     assert [(r["line"], r["reason"]) for r in rejects] == [
-        (2, "chapter_index_too_low"), (3, "chapter_too_short"), (4, "malformed_json"), (5, "bad_value"), (6, "missing_key")]
+        (2, "chapter_index_too_low"), (3, "chapter_too_short"), (4, "malformed_json"), (6, "missing_key")]
     assert "chapter_index_too_low=1" in capsys.readouterr().out
     assert story_format.main(["--input", str(source), "--output", str(out), "--no_filters"]) == 0
-    assert len(read_jsonl(out)) == 3
+    assert len(read_jsonl(out)) == 4
 
 
 def test_setup_rl_data_asks_for_a_plan_and_keeps_the_layout_parts(tokenizer_dir, tmp_path):

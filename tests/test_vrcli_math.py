@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reward_plugins.vrcli import extract_plan, find_plan, improvement, shape, strip_special_suffix
+from reward_plugins.vrcli import extract_plan, find_plan, improvement, shape, strip_special_tokens
 
 
 def test_improvement_formula_vectorised():
@@ -76,7 +76,10 @@ def test_plan_missing_or_empty():
         extract_plan("   ")
 
 
-def test_strip_special_suffix():
-    assert strip_special_suffix("go north.<|im_end|>\n<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]) == "go north."
-    assert strip_special_suffix("keep <|im_end|> inside", ["<|im_end|>"]) == "keep <|im_end|> inside"
-    assert strip_special_suffix("<eos>", ["<eos>"]) == ""
+def test_strip_special_tokens():
+    """Anywhere in the response, as the original's decode(skip_special_tokens=True).strip()."""
+    assert strip_special_tokens("go north.<|im_end|>\n<|endoftext|>", ["<|im_end|>", "<|endoftext|>"]) == "go north."
+    assert strip_special_tokens("keep <|im_end|> inside", ["<|im_end|>"]) == "keep  inside"
+    assert strip_special_tokens("<|im_start|>In summary: go<|im_end|>", ["<|im_end|>", "<|im_start|>"]) == "In summary: go"
+    assert strip_special_tokens("<eos>", ["<eos>"]) == ""
+    assert strip_special_tokens("a<|im_end|>b", ["<|im_end|>", "<|im_end"]) == "ab"  # the longest match first

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from reward_plugins import Sample, Status
 from reward_plugins.logprobs import HFLogProbScorer, perplexity
-from reward_plugins.vrcli import VRCLIConfig, VRCLIPlugin, VRCLIPrompt, baseline_perplexities, improvement, shape
+from reward_plugins.vrcli import VRCLIConfig, VRCLIPlugin, VRCLIPrompt, baseline_perplexities
+from vrcli_reference import messages_for, whole_string_ppl
 
 LABELS = [
     {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea."},
@@ -62,20 +63,33 @@ def plugin_for(lm_dir, **overrides) -> VRCLIPlugin:
     return VRCLIPlugin(config, "vrcli")
 
 
-def test_reward_end_to_end(lm_dir, scorer):
+def stepped(improvement: float) -> float:
+    """The paper's shaping, written out: 0 / 0.5 / 0.9 / 1.0 from 0.05 / 1 / 2 percent."""
+    return 1.0 if improvement >= 2 else 0.9 if improvement >= 1 else 0.5 if improvement >= 0.05 else 0.0
+
+
+def test_reward_end_to_end(lm_dir):
+    """Rewards from the plugin against the original's whole-string computation with transformers' own loss."""
     plugin = plugin_for(lm_dir)
-    baselines = baseline_perplexities(plugin.scorer, plugin.config.prompt, LABELS)
-    labels = [{**label, "baseline_ppl": float(b), "baseline_temperature": 1.0} for label, b in zip(LABELS, baselines)]
-    samples = [Sample(prompt="p", response=f"thinking. In summary: plan number {i}<eos>", label=label) for i, label in enumerate(labels)]
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    tokenizer = plugin.scorer.tokenizer
+    system = plugin.config.prompt.system
+    plans = ["the hero leaves", "a storm. then calm", "the fox runs to the sea"]
+    baselines = [whole_string_ppl(model, tokenizer, messages_for(system, label["context"]), label["gold"]) for label in LABELS]
+    labels = [{**label, "baseline_ppl": b, "baseline_temperature": 1.0} for label, b in zip(LABELS, baselines)]
+    samples = [Sample(prompt="p", response=f"thinking. In summary: {plan}<eos>", label=label)
+               for plan, label in zip(plans, labels)]
     results = plugin.score(samples)
     assert all(r.status is Status.OK for r in results)
-    for sample, result, baseline in zip(samples, results, baselines):
-        ctx, gold = plugin.config.prompt.token_ids(scorer.tokenizer, sample.label, sample.response.split("In summary:")[-1].removesuffix("<eos>").strip())
-        ppl = perplexity(scorer.continuation_logprobs([ctx], [gold])[0])
-        expected = improvement([baseline], [ppl])[0]
-        assert result.components["improvement"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
-        assert result.reward == shape([expected], "stepped")[0]
+    for plan, label, result, baseline in zip(plans, LABELS, results, baselines):
+        user = f"{label['context']}\n\n### Detailed Plan for the Next Chapter ###\n{plan}"
+        ppl = whole_string_ppl(model, tokenizer, messages_for(system, user), label["gold"])
+        expected = 100 * (baseline - ppl) / baseline
+        assert result.components["ppl"] == pytest.approx(ppl, rel=1e-5)
+        assert result.components["improvement"] == pytest.approx(expected, abs=1e-3)  # percent points; float32 model
+        assert result.reward == stepped(result.components["improvement"])
         assert result.components["baseline_ppl"] == pytest.approx(baseline)
+    assert baseline_perplexities(plugin.scorer, plugin.config.prompt, LABELS) == pytest.approx(baselines, rel=1e-5)
 
 
 def test_bad_samples_get_errors_and_batch_survives(lm_dir):
@@ -118,18 +132,31 @@ def test_no_plan_share_is_logged(lm_dir):
 
 
 def test_long_story_is_cut_identically_and_the_gold_never(scorer):
+    """Expected ids from transformers' whole-string chat tokenization: the gold (with the template's closing
+    tokens) is never cut, every input keeps the same newest story tokens, and a long plan keeps its start."""
     prompt = VRCLIPrompt(plan_token_reserve=8)
     story = " ".join(f"The fox walked to the river on day {i} ." for i in range(40))
     label = {"context": story, "gold": "She opened the door and smiled at the sea."}
     tok = scorer.tokenizer
-    gold = tok(label["gold"], add_special_tokens=False)["input_ids"]
+    system = prompt.system
+
+    def whole(user):
+        messages = messages_for(system, user)
+        ids = tok.apply_chat_template([*messages, {"role": "assistant", "content": label["gold"]}], tokenize=True)["input_ids"]
+        return list(ids), len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+    plan_text = lambda plan: f"{story}\n\n### Detailed Plan for the Next Chapter ###\n{plan}"  # noqa: E731
+    base_ids, base_prefix = whole(story)
+    empty_ids, _ = whole(plan_text(""))
+    gold = base_ids[base_prefix:]
     story_ids = tok(story, add_special_tokens=False)["input_ids"]
-    untouched = prompt.scored_input(tok, label, None, None)
-    fixed = len(untouched.context) - len(story_ids)
-    fixed_plan = len(prompt.scored_input(tok, label, "go", None).context) - len(story_ids) - len(tok("go", add_special_tokens=False)["input_ids"])
+    assert gold[-1] == tok.eos_token_id  # the template's end of turn is scored, as in the original
+    fixed = max(len(base_ids), len(empty_ids)) - len(story_ids) - len(gold)
     max_length = 120
-    budget = max_length - len(gold) - max(fixed, fixed_plan) - 8
+    budget = max_length - len(gold) - fixed - 8
     assert 0 < budget < len(story_ids)
+    untouched = prompt.scored_input(tok, label, None, None)
+    assert untouched.context + untouched.gold == base_ids and untouched.gold == gold
     base = prompt.scored_input(tok, label, None, max_length)
     short = prompt.scored_input(tok, label, "go to the sea", max_length)
     long_plan = " ".join(["the fox runs"] * 30)
@@ -138,10 +165,17 @@ def test_long_story_is_cut_identically_and_the_gold_never(scorer):
     for scored in (base, short, cut):
         assert scored.gold == gold and scored.story_cut
         assert len(scored.context) + len(scored.gold) <= max_length
-        window = [scored.context[i : i + budget] for i in range(len(scored.context) - budget + 1)]
-        assert kept in window  # the same story tokens, the newest ones, in every input
+        window = [scored.context[i : i + budget + 1] for i in range(len(scored.context) - budget)]
+        assert [story_ids[-budget - 1], *kept] not in window  # the older tokens are gone
+        assert any(w[1:] == kept for w in window)  # the same newest story tokens in every input
     assert len(base.context) + len(gold) < max_length and not short.plan_cut
     assert cut.plan_cut and len(cut.context) + len(gold) == max_length
+    plan_ids = tok(long_plan, add_special_tokens=False)["input_ids"]
+    full_cut_ids, _ = whole(plan_text(long_plan))
+    keep_plan = len(plan_ids) - (len(full_cut_ids) - (len(story_ids) - budget) - max_length)
+    closing = [tok.eos_token_id, tok.convert_tokens_to_ids("<|assistant|>")]  # end of the user turn, assistant header
+    assert cut.context[-len(closing):] == closing and 0 < keep_plan < len(plan_ids)
+    assert cut.context[-len(closing) - keep_plan : -len(closing)] == plan_ids[:keep_plan]  # the plan's start is kept
     assert prompt.scored_input(tok, label, None, 10_000).context == untouched.context
 
 
@@ -167,12 +201,13 @@ def test_fingerprint_mismatch_is_refused(lm_dir):
     plugin = plugin_for(lm_dir)
     own = plugin.fingerprint()
     assert own == {"model": "ref_lm", "temperature": 1.0, "max_length": 4096,
-                   "prompt_hash": VRCLIPrompt().settings_hash()}
+                   "prompt_hash": VRCLIPrompt().settings_hash(), "dtype": "float32", "attn_implementation": "sdpa"}
     assert VRCLIPrompt(layout="paper").settings_hash() != own["prompt_hash"]
     good = {**LABELS[0], "id": "a", "baseline_ppl": 50.0, "baseline_fingerprint": dict(own)}
     check_baselines(plugin, [good])
     assert plugin.score([Sample(prompt="p", response="In summary: x", label=good)])[0].is_ok
-    for change in ({"model": "other_lm"}, {"temperature": 0.7}, {"max_length": 16384}, {"prompt_hash": "0" * 16}):
+    for change in ({"model": "other_lm"}, {"temperature": 0.7}, {"max_length": 16384}, {"prompt_hash": "0" * 16},
+                   {"dtype": "bfloat16"}, {"attn_implementation": "flash_attention_2"}):
         bad = {**good, "id": "b", "baseline_fingerprint": {**own, **change}}
         key = next(iter(change))
         with pytest.raises(BaselineMismatchError, match=key):
@@ -185,8 +220,13 @@ def test_fingerprint_mismatch_is_refused(lm_dir):
     with pytest.raises(BaselineMismatchError, match="no 'baseline_fingerprint'"):
         check_baselines(strict, [unmarked])
     assert strict.score([Sample(prompt="p", response="In summary: x", label=unmarked)])[0].status is Status.ERROR
-    assert fingerprint("m", 1, 8, VRCLIPrompt()) == {"model": "m", "temperature": 1.0, "max_length": 8,
-                                                     "prompt_hash": VRCLIPrompt().settings_hash()}
+    assert fingerprint("m", 1, 8, VRCLIPrompt(), "bf16", "eager") == {
+        "model": "m", "temperature": 1.0, "max_length": 8, "prompt_hash": VRCLIPrompt().settings_hash(),
+        "dtype": "bfloat16", "attn_implementation": "eager"}
+    old_label = {**good, "id": "c", "baseline_fingerprint": {k: own[k] for k in ("model", "temperature", "max_length",
+                                                                               "prompt_hash")}}
+    with pytest.raises(BaselineMismatchError, match="dtype: baseline None, reward 'float32'"):
+        check_baselines(plugin, [old_label])  # baselines from before dtype was recorded: recompute
 
 
 def test_external_backend_needs_a_scorer(lm_dir, scorer):

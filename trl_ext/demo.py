@@ -30,6 +30,20 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
+from reward_plugins.cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. rl_steps=20")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 import yaml
@@ -407,11 +421,7 @@ def run_demo(cfg: DemoConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. rl_steps=20")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from evaluation.eval_files import EvalFile, list_eval_files, read_eval_file, rows_from_scores, write_eval_file
 from evaluation.eval_checkpoints import sequence_kls
 from reward_plugins.logprobs import HFLogProbScorer
+from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
 from reward_plugins.types import Sample
 from reward_plugins.vrcli import eval_metrics, has_vrcli
@@ -68,7 +69,7 @@ class EvalFileCallback(TrainerCallback):
 
     def __init__(self, eval_dir: str | Path, pipeline: RewardPipeline, policy_path: str, prompts: Sequence[str],
                  labels: Sequence[Any], every: int, max_new_tokens: int, temperature: float, meta: dict[str, Any],
-                 seed: int = 0, ref_model=None):
+                 seed: int = 0, ref_model=None, monitor: MonitorSession | None = None):
         self.eval_dir = Path(eval_dir)
         self.pipeline = pipeline
         self.policy_path = policy_path
@@ -78,6 +79,7 @@ class EvalFileCallback(TrainerCallback):
         self.meta = meta
         self.seed = seed
         self._ref = ref_model  # the frozen initial policy, when the caller already holds one
+        self.monitor = monitor  # gold on every eval row and the monitor's values in the meta, when configured
         self._done: set[int] = set()
         self._writer = None
         self.has_vrcli = has_vrcli(pipeline.root)
@@ -101,6 +103,8 @@ class EvalFileCallback(TrainerCallback):
         eval_file = evaluate_policy(model, tokenizer, self._ref_model(device), self.pipeline, self.prompts, self.labels,
                                     step, history, self.max_new_tokens, self.temperature, self.meta, self.seed)
         self._done.add(step)
+        if self.monitor is not None:
+            self.add_monitor(step, eval_file)
         if self.has_vrcli:
             metrics = eval_metrics([r.proxy_score for r in eval_file.rows], [r.components for r in eval_file.rows])
             eval_file.meta["metrics"] = metrics
@@ -112,6 +116,15 @@ class EvalFileCallback(TrainerCallback):
         logger.info("eval step %d: kl %.3f, mean proxy %.3f -> %s", step, eval_file.kl,
                     float(np.mean([r.proxy_score for r in eval_file.rows if r.proxy_score is not None] or [0.0])), path)
         return path
+
+    def add_monitor(self, step: int, eval_file: EvalFile) -> None:
+        """Gold for every row (when the monitor has gold) and the monitor's values, into the eval file."""
+        samples = [Sample(prompt=row.prompt, response=row.answer, label=label)
+                   for row, label in zip(eval_file.rows, self.labels, strict=True)]
+        gold = self.monitor.score_gold(step, samples)
+        for row, value in zip(eval_file.rows, gold or []):
+            row.gold_score = value
+        eval_file.meta.update(self.monitor.eval_meta())
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero:

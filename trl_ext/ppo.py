@@ -3,16 +3,25 @@
     python -m trl_ext.train --config configs/train/ppo_rm.yaml
     torchrun --nproc_per_node 2 -m trl_ext.train --config configs/train/ppo_rm.yaml   # or accelerate launch --multi_gpu --num_processes 2
 
-One step: sample one response per prompt with the policy's sampling settings, score it with the reward
-pipeline (any reward config, through `PipelineRewardFunc`), subtract `missing_eos_penalty` from responses
-without EOS, build per-token rewards `-beta * (log pi - log pi_ref)` with the score added at the last
-response token, GAE advantages (whitened) and returns, then `ppo_epochs` passes of shuffled mini-batches
-with clipped policy and value losses. The KL coefficient beta is fixed, or adaptive towards `kl_target`
-(Ziegler et al.). Metrics carry TRL PPOv2's names (`objective/kl`, `policy/clipfrac_avg`, ...) plus every
-reward component, go to TensorBoard (`OUT/runs/`) and `OUT/metrics.jsonl`; sample-completion tables are
-printed with rich and saved (`OUT/completions/`); eval files as GRPO writes them (`OUT/eval/`);
+One step: sample one response per prompt from exactly the policy's distribution (`generation.sample`: the
+checkpoint's own generation settings never apply), keep every sampled token (no EOS: the whole sampled row),
+score it with the reward pipeline (any reward config, through `PipelineRewardFunc`), subtract
+`missing_eos_penalty` from responses without EOS, build per-token rewards `-beta * (log pi - log pi_ref)` with
+the score added at the last response token, GAE advantages (whitened with the unbiased variance, as TRL) and
+returns, then `ppo_epochs` passes of shuffled mini-batches with clipped policy and value losses. The KL
+coefficient beta is fixed, or adaptive towards `kl_target` (Ziegler et al.). A sample the reward skips
+(`on_error: skip`) leaves its batch: its tokens get mask 0, so it is not trained on (not towards reward 0)
+and no metric counts it. Metrics carry TRL PPOv2's names (`objective/kl`, `policy/clipfrac_avg`, ...) plus
+every reward component, go to TensorBoard (`OUT/runs/`) and `OUT/metrics.jsonl`; sample-completion tables
+are printed with rich and saved (`OUT/completions/`); eval files as GRPO writes them (`OUT/eval/`);
 checkpoints `OUT/checkpoint-STEP/` (policy, value, optimizer in safetensors, state JSON) are resumed from.
 Models run with dropout off (eval mode) so old and new log-probs agree before the first update, as in PPOv2.
+
+Where our metrics mean something else than PPOv2's (TRL 0.11.4): `policy/approxkl_avg`, `val/ratio`,
+`policy/entropy_avg` and `objective/entropy` average (or sum) over real response tokens only, where PPOv2
+also counts padding positions (ratio 1, log-ratio 0, entropy of the padded logits; -1 per padded token in
+`objective/entropy`); `val/num_eos_tokens` counts EOS among real tokens (PPOv2 counts padding when pad == eos).
+Every tensor is made on its inputs' device; the maths is tested on the `meta` device (tests/test_meta_device.py).
 """
 
 from __future__ import annotations
@@ -34,9 +43,14 @@ from torch import nn
 from reward_plugins.batching import position_ids_from_mask
 from reward_plugins.config import ConfigError
 from reward_plugins.io import write_json
+from reward_plugins.monitor import Alarm
+from reward_plugins.monitor_session import STATE_FILE
 
+from .console import advance, close_bar, progress_bar
 from .data import as_text
 from .generation import sample
+from .run_dir import ResumeMode, open_run_dir, ppo_settings
+from .monitor_hooks import copy_folder, watch_step
 
 if TYPE_CHECKING:
     from .run_config import PPOSettings, RunInputs, TrainConfig
@@ -53,11 +67,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """`x` standardised over the masked positions (population variance); masked-out positions become 0."""
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of `x` over the masked positions (n / (n - 1) times the population one, as TRL's);
+    one position has variance 0, none has variance 0."""
+    n = mask.sum()
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`x` standardised over the masked positions (unbiased variance, as TRL); masked-out positions become 0."""
+    mean = masked_mean(x, mask)
+    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask
@@ -76,7 +97,7 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     non_score = -kl_coef * (logprobs - ref_logprobs) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards = non_score.clone()
-    rewards[torch.arange(len(scores)), last] += scores * (mask.sum(1) > 0)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores * (mask.sum(1) > 0)
     return rewards, non_score
 
 
@@ -85,7 +106,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Generalised advantage estimates and returns; the value after the last response token is 0."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    running = torch.zeros_like(rewards[:, 0])
     width = rewards.shape[1]
     for t in reversed(range(width)):
         next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
@@ -121,6 +142,59 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the softmax over the vocabulary."""
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def response_has_eos(response_tokens: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Whether each response emitted EOS among its real tokens (padding never counts, even when pad == eos)."""
+    return ((response_tokens == eos_id) & mask.bool()).any(1)
+
+
+@dataclass
+class Targets:
+    """What one rollout batch trains towards: the training mask (skipped samples zeroed), per-token rewards and
+    their KL part, whitened advantages and value targets."""
+
+    mask: torch.Tensor
+    rewards: torch.Tensor
+    non_score: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def training_targets(scores: torch.Tensor, valid: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                     values: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float, lam: float,
+                     whiten_rewards: bool = False) -> Targets:
+    """Rewards, GAE advantages (whitened over the batch's trained tokens) and returns for one rollout batch.
+
+    A sample the reward skipped (`valid` 0, `on_error: skip`) leaves the batch: its tokens get mask 0, so it
+    adds nothing to the losses, to the whitening statistics or to the metrics, and its placeholder score is
+    never used (it is not trained towards reward 0).
+    """
+    mask = mask * valid.to(mask.dtype).unsqueeze(1)
+    rewards, non_score = per_token_rewards(scores * valid.to(scores.dtype), logprobs, ref_logprobs, mask, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return Targets(mask, rewards, non_score, masked_whiten(advantages, mask), returns)
+
+
+MINIBATCH_STATS = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
+ROLLOUT_SUMS = ("kl", "neg_logprob", "non_score", "scores", "samples", "eos_tokens")
+
+
+def rollout_sums(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, non_score: torch.Tensor,
+                 mask: torch.Tensor, response_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """This process's sums for the rollout metrics (`ROLLOUT_SUMS`), over trained samples and their real tokens.
+
+    Summed across processes and divided by the sample count they give `objective/kl` (sequence KL),
+    `objective/entropy` (sequence -log pi), `objective/non_score_reward`, `objective/scores`; the EOS count is
+    `val/num_eos_tokens` (real tokens only: PPOv2 also counts padding when pad == eos).
+    """
+    trained = (mask.sum(1) > 0).to(scores.dtype)
+    return torch.stack([
+        ((logprobs - ref_logprobs) * mask).sum(), (-logprobs * mask).sum(), non_score.sum(),
+        (scores * trained).sum(), trained.sum(), ((response_tokens == eos_id) * mask).sum(),
+    ]).float()
 
 
 @dataclass
@@ -194,8 +268,9 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, no pickle)
 
 def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer) -> None:
-    """Policy and value in HF format, the optimizer's tensors in safetensors, the rest in JSON; written then renamed."""
+                    tokenizer, extra_json: dict[str, Any] | None = None) -> None:
+    """Policy and value in HF format, the optimizer's tensors in safetensors, the rest (and `extra_json`, file name ->
+    document) in JSON; written then renamed."""
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -206,11 +281,13 @@ def save_checkpoint(folder: Path, bundle: PolicyAndValue, optimizer: torch.optim
     for index, param_state in optimizer.state_dict()["state"].items():
         meta["state_keys"][str(index)] = sorted(param_state)
         for key, value in param_state.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta["param_groups"] = optimizer.state_dict()["param_groups"]
     save_file(tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", meta)
     write_json(tmp / "trainer_state.json", state)
+    for name, document in (extra_json or {}).items():
+        write_json(tmp / name, document)
     if folder.exists():
         import shutil
 
@@ -298,8 +375,9 @@ def print_samples(console, step: int, prompts: list[str], responses: list[str], 
     console.print(table)
 
 
-def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
-    """Train with PPO (resuming from the last checkpoint when `cfg.resume`); returns the final policy folder."""
+def train_ppo(cfg: TrainConfig, inputs: RunInputs, mode: ResumeMode = "auto") -> Path:
+    """Train with PPO (resuming from the last checkpoint of a run with the same settings, see `run_dir`); returns
+    the final policy folder."""
     from accelerate import Accelerator
     from rich.console import Console
     from torch.utils.tensorboard import SummaryWriter
@@ -311,7 +389,7 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer, reward_fn, rows = inputs.tokenizer, inputs.reward_fn, inputs.rows
     start_step, state = 0, {"step": 0, "episode": 0, "kl_coef": ppo.kl_coef}
-    checkpoint = last_checkpoint(out) if cfg.resume and out.is_dir() else None
+    checkpoint = open_run_dir(out, ppo_settings(cfg), mode, last_checkpoint)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -326,6 +404,9 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     bundle, optimizer = accelerator.prepare(bundle, optimizer)
     ref.to(accelerator.device)
     kl_ctl = KLController(float(state["kl_coef"]), ppo.kl_target, ppo.kl_horizon)
+    monitor = inputs.monitor
+    if monitor is not None and checkpoint is not None:
+        monitor.restore(checkpoint, start_step)
 
     pipeline = inputs.pipeline
     evaluator = None
@@ -336,6 +417,13 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     console = Console(stderr=True)
     unwrapped = accelerator.unwrap_model(bundle)
 
+    def save(step: int, state: dict[str, Any]) -> None:
+        """checkpoint-STEP: the policy that samples step STEP (after STEP updates), with the monitor's state."""
+        accelerator.wait_for_everyone()
+        extra = {STATE_FILE: monitor.checkpoint_state(step)} if monitor is not None else None
+        if main:
+            save_checkpoint(out / f"checkpoint-{step}", unwrapped, optimizer, state, tokenizer, extra)
+
     def evaluate(step: int) -> None:
         if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step in (0, ppo.max_steps)):
             evaluator.write(step, unwrapped.policy, tokenizer)
@@ -343,6 +431,8 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     if start_step == 0:
         evaluate(0)
     began, episodes_at_start = time.perf_counter(), int(state["episode"])
+    bar, record = progress_bar(ppo.max_steps, start_step), {}
+    stopped: Alarm | None = None
     for step in range(start_step, ppo.max_steps):
         batch_rows = [rows[i] for i in prompt_indices(step, rank, world, ppo.batch_size, len(rows), cfg.seed)]
         prompts = [as_text(r["prompt"], tokenizer) for r in batch_rows]
@@ -350,35 +440,43 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
             group["lr"] = learning_rate(ppo, step)
         gens = sample(unwrapped.policy, tokenizer, prompts, ppo.max_new_tokens, ppo.temperature,
                       batch_size=max(ppo.batch_size, 1), seed=cfg.seed * 1_000_003 + step * world + rank)
-        responses = [ids if ids else [tokenizer.eos_token_id] for ids in gens.completion_ids]
+        responses = gens.completion_ids  # exactly what was sampled: never empty, pads sampled as tokens kept
         metrics: dict[str, float] = {}
         rewards_out = reward_fn(prompts=prompts, completions=gens.texts, completion_ids=responses,
                                 **{cfg.label_key: [r[cfg.label_key] for r in batch_rows]},
                                 trainer_state=SimpleNamespace(global_step=step),
                                 log_metric=lambda key, value: metrics.__setitem__(key, value))
-        valid = torch.tensor([r is not None for r in rewards_out], dtype=torch.float32)
-        raw_scores = torch.tensor([r if r is not None else 0.0 for r in rewards_out], dtype=torch.float32)
-        ids, attention, mask, start = pack(gens.prompt_ids, responses, tokenizer.pad_token_id)
-        ids, attention, mask = ids.to(accelerator.device), attention.to(accelerator.device), mask.to(accelerator.device)
-        mask = mask * valid.to(mask.device).unsqueeze(1)
+        device = accelerator.device
+        valid = torch.tensor([r is not None for r in rewards_out], dtype=torch.float32, device=device)
+        raw_scores = torch.tensor([r if r is not None else 0.0 for r in rewards_out], dtype=torch.float32, device=device)
+        ids, attention, mask, start = (t.to(device) if torch.is_tensor(t) else t
+                                       for t in pack(gens.prompt_ids, responses, tokenizer.pad_token_id))
         response_tokens = ids[:, start:]
-        has_eos = (response_tokens == tokenizer.eos_token_id).any(1).cpu()
+        has_eos = response_has_eos(response_tokens, mask, tokenizer.eos_token_id)
         scores = apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
         with torch.no_grad():
             logits, old_values = bundle(ids, attention, start, ppo.temperature)
             old_logprobs = token_logprobs(logits, response_tokens)
             del logits
             old_ref = ref_logprobs(ref, ids, attention, start, ppo.temperature)
-            rewards, non_score = per_token_rewards(scores.to(mask.device), old_logprobs, old_ref, mask, kl_ctl.value)
-            if ppo.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
-            advantages = masked_whiten(advantages, mask)
-        stats: dict[str, list[float]] = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac",
-                                                          "entropy", "ratio")}
+            alarm = None
+            if monitor is not None:  # before the update: adapt_kl acts on this very batch, stop before it is learnt
+                alarm = watch_step(monitor, accelerator, step, ((old_logprobs - old_ref) * mask).sum(1), valid,
+                                   ppo.batch_size)
+                if alarm is not None and alarm.action == "adapt_kl":
+                    kl_ctl.value *= monitor.apply_kl(step)
+            targets = training_targets(scores, valid, old_logprobs, old_ref, old_values, mask, kl_coef=kl_ctl.value,
+                                       gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards)
+        if alarm is not None and alarm.action in ("checkpoint", "stop"):
+            save(step, state)
+            if alarm.action == "stop":
+                stopped = alarm
+                break
+        mask, advantages, returns = targets.mask, targets.advantages, targets.returns
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in MINIBATCH_STATS}
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         for _ in range(ppo.ppo_epochs):
-            order = torch.randperm(ppo.batch_size, generator=generator)
+            order = torch.randperm(ppo.batch_size, generator=generator).to(device)
             for first in range(0, ppo.batch_size, ppo.mini_batch_size):
                 mb = order[first : first + ppo.mini_batch_size]
                 logits, values = bundle(ids[mb], attention[mb], start, ppo.temperature)
@@ -392,36 +490,39 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
                 optimizer.zero_grad()
                 with torch.no_grad():
                     entropy = masked_mean(entropy_from_logits(logits), mask[mb])
-                for key, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]), ("pg_loss", pg),
-                               ("vf_loss", vf), ("vf_clipfrac", vf_clip), ("entropy", entropy),
-                               ("ratio", pg_stats["ratio"])):
-                    stats[key].append(float(v.detach()))
+                for key, v in zip(MINIBATCH_STATS, (pg_stats["approxkl"], pg_stats["clipfrac"], pg, vf, vf_clip,
+                                                    entropy, pg_stats["ratio"])):
+                    stats[key].append(v.detach())
 
-        seq_kl = ((old_logprobs - old_ref) * mask).sum(1)
-        local = torch.tensor([
-            float(seq_kl.sum()), float((-old_logprobs * mask).sum()), float(non_score.sum()),
-            float((scores * valid).sum()), float(valid.sum()), float((response_tokens == tokenizer.eos_token_id).sum()),
-            *(float(np.mean(stats[k])) for k in stats), float(np.var(stats["ratio"])),
-            *(float(metrics[k]) for k in pipeline.log_keys),
-        ], device=accelerator.device)
+        sums = rollout_sums(scores, old_logprobs, old_ref, targets.non_score, mask, response_tokens,
+                            tokenizer.eos_token_id)
+        ratios = torch.stack(stats["ratio"])
+        local = torch.cat([
+            sums, torch.stack([torch.stack(stats[k]).mean() for k in MINIBATCH_STATS]).float(),
+            ratios.var(unbiased=False).float().reshape(1),
+            torch.tensor([float(metrics[k]) for k in pipeline.log_keys], dtype=torch.float32, device=device),
+        ])
         total = accelerator.gather(local.unsqueeze(0))
-        sums, means = total[:, :6].sum(0), total[:, 6:].mean(0)
-        n = max(float(sums[4]), 1.0)
-        kl_mean = float(sums[0]) / n
+        width = len(ROLLOUT_SUMS)
+        sums, means = total[:, :width].sum(0).tolist(), total[:, width:].mean(0).tolist()
+        n = max(sums[4], 1.0)
+        kl_mean = sums[0] / n
         episode = int(state["episode"]) + ppo.batch_size * world
         state = {"step": step + 1, "episode": episode, "kl_coef": kl_ctl.value}
         record = {
             "step": step + 1, "episode": episode,
             "eps": (episode - episodes_at_start) / max(time.perf_counter() - began, 1e-9),
-            "objective/kl": kl_mean, "objective/entropy": float(sums[1]) / n,
-            "objective/non_score_reward": float(sums[2]) / n, "objective/scores": float(sums[3]) / n,
-            "objective/rlhf_reward": (float(sums[3]) + float(sums[2])) / n, "objective/kl_coef": kl_ctl.value,
-            "policy/approxkl_avg": float(means[0]), "policy/clipfrac_avg": float(means[1]),
-            "loss/policy_avg": float(means[2]), "loss/value_avg": float(means[3]), "val/clipfrac_avg": float(means[4]),
-            "policy/entropy_avg": float(means[5]), "val/ratio": float(means[6]), "val/ratio_var": float(means[7]),
-            "val/num_eos_tokens": float(sums[5]), "lr": optimizer.param_groups[0]["lr"],
+            "objective/kl": kl_mean, "objective/entropy": sums[1] / n,
+            "objective/non_score_reward": sums[2] / n, "objective/scores": sums[3] / n,
+            "objective/rlhf_reward": (sums[3] + sums[2]) / n, "objective/kl_coef": kl_ctl.value,
+            "policy/approxkl_avg": means[0], "policy/clipfrac_avg": means[1],
+            "loss/policy_avg": means[2], "loss/value_avg": means[3], "val/clipfrac_avg": means[4],
+            "policy/entropy_avg": means[5], "val/ratio": means[6], "val/ratio_var": means[7],
+            "val/num_eos_tokens": sums[5], "lr": optimizer.param_groups[0]["lr"],
         }
-        record.update({key: float(v) for key, v in zip(pipeline.log_keys, means[8:])})  # one gather per step
+        record.update(dict(zip(pipeline.log_keys, means[8:])))  # one gather per step
+        if monitor is not None:
+            record.update(monitor.logs())
         kl_ctl.update(kl_mean, ppo.batch_size * world)
         state["kl_coef"] = kl_ctl.value
         if main:
@@ -431,18 +532,21 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
                         writer.add_scalar(key, v, step + 1)
                 with open(out / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                logger.info("step %d: scores %.3f kl %.3f rlhf %.3f", step + 1, record["objective/scores"],
-                            record["objective/kl"], record["objective/rlhf_reward"])
             if cfg.table_every and step % cfg.table_every == 0 and ppo.sample_rows:
                 print_samples(console, step, prompts, gens.texts, scores.tolist(), ppo.sample_rows)
+        advance(bar, record)
         evaluate(step + 1)
         if (ppo.save_steps and (step + 1) % ppo.save_steps == 0) or step + 1 == ppo.max_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out / f"checkpoint-{step + 1}", unwrapped, optimizer, state, tokenizer)
+            save(step + 1, state)
     accelerator.wait_for_everyone()
     final = out / "final"
     if main:
+        close_bar(bar, record)
+    kept = monitor.keep_best(lambda s: out / f"checkpoint-{s}", stopped) if stopped is not None else None
+    if main and kept is not None:  # stop: the final model is the kept checkpoint's
+        copy_folder(kept / "policy", final)
+        copy_folder(kept / "value", out / "value")
+    elif main:
         unwrapped.policy.save_pretrained(final)
         tokenizer.save_pretrained(final)
         unwrapped.value.save_pretrained(out / "value")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reward_plugins.io import write_jsonl
-from reward_plugins.pipeline import RewardPipeline
+from reward_plugins.pipeline import RewardPipeline, ScoredBatch
 from reward_plugins.types import RewardResult, Sample, Status
 
 CONTROL_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
@@ -69,7 +69,8 @@ class PipelineRewardFunc:
 
     def __init__(self, pipeline: RewardPipeline, name: str = "pipeline", label_key: str = "label",
                  table_dir: str | Path | None = None, table_every: int = 0, table_rows: int = 8,
-                 stop_after: int = DEFAULT_STOP_AFTER, tokenizer=None):
+                 stop_after: int = DEFAULT_STOP_AFTER, tokenizer=None,
+                 observer: Callable[[list[Sample], ScoredBatch], Any] | None = None):
         self.pipeline = pipeline
         self.__name__ = name
         self.label_key = label_key
@@ -79,6 +80,7 @@ class PipelineRewardFunc:
         self.last = None
         self.streak = ErrorStreak(stop_after)
         self.tokenizer = tokenizer
+        self.observer = observer  # sees every scored batch (the over-optimisation monitor)
 
     def samples(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None,
                 columns: dict[str, Sequence[Any]]) -> list[Sample]:
@@ -103,8 +105,11 @@ class PipelineRewardFunc:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
                  **kwargs: Any) -> list[float | None]:
         control = {key: kwargs.pop(key, None) for key in CONTROL_KWARGS}
-        scored = self.pipeline.score(self.samples(prompts, completions, completion_ids, kwargs))
+        samples = self.samples(prompts, completions, completion_ids, kwargs)
+        scored = self.pipeline.score(samples)
         self.last = scored
+        if self.observer is not None:
+            self.observer(samples, scored)
         log_metric: Callable[[str, float], None] | None = control["log_metric"]
         if log_metric is not None:
             for key in self.pipeline.log_keys:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from reward_plugins.batching import truncate
 from reward_plugins.config import ConfigError
+from reward_plugins.model_ref import ModelRef
+from reward_plugins.templates import current_names
 
 from .config import CPU_DEFAULTS, ExistingPath, unknown_fields
 from .data import answer_text, as_text
@@ -45,8 +47,8 @@ class RMRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "RM"
 
-    base: ExistingPath
-    tokenizer: ExistingPath | None = None
+    base: ModelRef
+    tokenizer: ModelRef | None = None
     train_data: ExistingPath
     test_data: ExistingPath | None = None
     output_root: str = "models"
@@ -56,11 +58,16 @@ class RMRunConfig(BaseModel):
     backbone: Literal["train", "frozen"] = "train"
     head_data: Literal["bootstrap", "shared"] = "bootstrap"
     lora: LoraSettings | None = None
-    template: str = "{prompt}{response}"
+    template: str = "{prompt}{response}"  # the reward_model plugin's fields; {answer} is read as {response}, deprecated
     max_length: int = Field(default=1024, gt=1)
     truncation_side: Literal["left", "right"] = "left"
     torch_threads: int | None = Field(default=None, gt=0)
     trl: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _current_names(cls, template: str) -> str:
+        return current_names(template, "template")
 
     @model_validator(mode="after")
     def _one_kind(self) -> RMRunConfig:
@@ -119,13 +126,23 @@ def encode_pairs(rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, cfg: 
 
 
 def rm_args(cfg: RMRunConfig, output_dir: str | Path | None = None, seed: int | None = None, **fixed: Any):
-    """TRL's RewardConfig for this run (CPU defaults without a GPU), `fixed` values taking precedence over `trl:`."""
+    """TRL's RewardConfig for this run, from `rm_values`."""
     from trl import RewardConfig
 
     known = {f.name for f in dataclasses.fields(RewardConfig)}
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
         raise ConfigError([f"trl.{key}: unknown RewardConfig field" for key in unknown], "RM")
+    try:
+        return RewardConfig(**rm_values(cfg, output_dir, seed, **fixed))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "RM") from exc
+
+
+def rm_values(cfg: RMRunConfig, output_dir: str | Path | None = None, seed: int | None = None,
+              **fixed: Any) -> dict[str, Any]:
+    """What `rm_args` passes to RewardConfig: our defaults (CPU ones without a GPU), then the preset's `trl`
+    section, then `fixed` (what a multi-member run needs whatever the preset says); `seed` is a member's own."""
     seed = cfg.seed if seed is None else seed
     values: dict[str, Any] = {"output_dir": str(output_dir or cfg.output_dir), "report_to": ["tensorboard"],
                               "seed": seed, "data_seed": seed, "max_length": None, "save_strategy": "no",
@@ -134,7 +151,4 @@ def rm_args(cfg: RMRunConfig, output_dir: str | Path | None = None, seed: int | 
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
     values.update(fixed)
-    try:
-        return RewardConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "RM") from exc
+    return values

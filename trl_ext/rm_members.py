@@ -33,7 +33,9 @@ from reward_plugins.lora_ensemble import save_lora_index
 from reward_plugins.member_info import MemberInfo
 from reward_plugins.multihead import LastTokenHeads, new_heads, save_heads
 
+from .console import use_bar_and_table
 from .rm_config import RMRunConfig, encode_pairs, rm_args
+from .run_dir import stop_cleanly
 
 
 @dataclass
@@ -93,7 +95,8 @@ class MultiHeadTrainer(Trainer):
         return (loss, scores) if return_outputs else loss
 
 
-def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict]) -> float:
+def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
+                    resume_from: str | Path | None = None) -> float:
     """Train k heads (and the backbone unless frozen), save backbone + heads file; returns training seconds."""
     from datasets import Dataset
     from trl.trainer.utils import disable_dropout_in_model
@@ -114,10 +117,12 @@ def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: 
     trainer = MultiHeadTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data),
                                data_collator=PairCollator(tokenizer.pad_token_id), weights=weights,
                                center=args.center_rewards_coefficient)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    use_bar_and_table(trainer)
     out = cfg.output_dir
+    start = time.perf_counter()
+    with stop_cleanly(out, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
     backbone.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_heads(out, heads.weight, MemberInfo(seeds, training=_training_record(cfg)))
@@ -125,10 +130,12 @@ def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: 
 
 
 def train_lora(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict]) -> float:
-    """Train the k adapters one after another on the frozen base, save base + adapters + index; returns seconds."""
+    """Train the k adapters one after another on the frozen base, save base + adapters + index; returns seconds.
+    A rerun keeps the adapters already saved and resumes the next from its last checkpoint."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardTrainer
 
     settings = cfg.lora
@@ -143,6 +150,9 @@ def train_lora(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Seque
     dataset = Dataset.from_dict(encode_pairs(rows, tokenizer, cfg))
     names, seconds = [], 0.0
     for seed in cfg.member_seeds:
+        names.append(f"adapters/seed{seed}")
+        if (out / names[-1] / "adapter_config.json").is_file():
+            continue  # trained by an earlier run of these settings (the run folder checked them)
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(cfg.base, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -151,10 +161,11 @@ def train_lora(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Seque
         scratch = out / "adapters" / f".train_seed{seed}"
         trainer = RewardTrainer(model=model, args=rm_args(cfg, scratch, seed), train_dataset=dataset,
                                 processing_class=tokenizer, peft_config=lora)
+        use_bar_and_table(trainer)
         start = time.perf_counter()
-        trainer.train()
+        with stop_cleanly(out, lambda: trainer.state.global_step):
+            trainer.train(resume_from_checkpoint=get_last_checkpoint(str(scratch)) if scratch.is_dir() else None)
         seconds += time.perf_counter() - start
-        names.append(f"adapters/seed{seed}")
         trainer.model.save_pretrained(out / names[-1])
         shutil.rmtree(scratch, ignore_errors=True)
     save_lora_index(out, names, MemberInfo(cfg.member_seeds, training=_training_record(cfg)))

@@ -9,6 +9,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reward_plugins.model_ref import ModelRef, describe
+from reward_plugins.monitor import MonitorConfig
+from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
 
 from .config import ExistingPath, unknown_fields
@@ -49,7 +52,7 @@ class PPOSettings(BaseModel):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ExistingPath | None = None  # the reward model the value model starts from
+    value_model: ModelRef | None = None  # the reward model the value model starts from
     save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
     logging_steps: int = Field(default=1, gt=0)
     sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
@@ -62,6 +65,9 @@ class PPOSettings(BaseModel):
             raise ValueError("value_init: reward_model needs value_model (the reward model's folder)")
         if self.value_init == "policy" and self.value_model is not None:
             raise ValueError("value_model is only read with value_init: reward_model")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("kl_target adapts kl_coef by multiplying it, so kl_coef: 0 would stay 0; "
+                             "start from a positive kl_coef (e.g. 0.05) or drop kl_target")
         return self
 
 
@@ -72,8 +78,8 @@ class TrainConfig(BaseModel):
     CONFIG_KIND: ClassVar[str] = "train"
 
     algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
-    policy: ExistingPath
-    tokenizer: ExistingPath | None = None
+    policy: ModelRef
+    tokenizer: ModelRef | None = None
     reward_config: ExistingPath
     train_data: ExistingPath
     eval_data: ExistingPath | None = None
@@ -82,12 +88,13 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=10, ge=0)
     eval_max_new_tokens: int | None = Field(default=None, gt=0)
     table_every: int = Field(default=10, ge=0)
-    resume: bool = True
+    resume: bool = True  # false: every run starts fresh, an existing run folder moved aside (trl_ext.run_dir)
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
     trl: dict[str, Any] = Field(default_factory=dict)
     ppo: PPOSettings | None = None  # algorithm: ppo reads this section (trl_ext.ppo) instead of `trl`
+    monitor: MonitorConfig | None = None  # the over-optimisation monitor (reward_plugins.monitor)
 
     @model_validator(mode="after")
     def _one_section(self) -> TrainConfig:
@@ -99,11 +106,24 @@ class TrainConfig(BaseModel):
             raise ValueError(f"the `ppo` section is only read with algorithm: ppo (algorithm is {self.algorithm})")
         return self
 
+    def kl_coefficient(self) -> tuple[tuple[str, ...], float]:
+        """Where the KL coefficient the loss uses is set, and its value (TRL's own default when `trl` omits it)."""
+        if self.algorithm == "ppo":
+            return ("ppo", "kl_coef"), self.ppo.kl_coef
+        default = {field.name: field.default for field in dataclasses.fields(trl_classes(self.algorithm)[0])}["beta"]
+        return ("trl", "beta"), float(self.trl.get("beta", default))
+
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:
         """`trl` keys the algorithm's TRL config class does not have, located by the loader."""
-        if self.algorithm == "ppo":
-            return []  # the `ppo` section is a typed model; `trl` is refused with ppo
-        return unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+        problems = [] if self.algorithm == "ppo" else unknown_fields(trl_classes(self.algorithm)[0], self.trl)
+        if self.monitor is not None and not problems:
+            where, coefficient = self.kl_coefficient()
+            if self.algorithm != "ppo" and coefficient == 0:
+                problems.append((where, "the monitor needs the KL to the initial policy, which TRL computes only with "
+                                        "beta > 0; set trl.beta (e.g. 0.01)"))
+            elif self.monitor.action == "adapt_kl" and coefficient == 0:
+                problems.append((where, "monitor.action adapt_kl multiplies this coefficient, which is 0"))
+        return problems
 
 
 @dataclasses.dataclass
@@ -115,14 +135,15 @@ class RunInputs:
     reward_fn: PipelineRewardFunc
     rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
+    monitor: MonitorSession | None = None
 
     def eval_callback(self, cfg: TrainConfig, max_new_tokens: int, temperature: float, backend: str,
                       ref_model=None) -> EvalFileCallback:
         """Eval files on the rendered eval prompts, written like every algorithm writes them."""
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
-                "policy": str(cfg.policy), "backend": backend}
+                "policy": describe(cfg.policy), "backend": backend}
         return EvalFileCallback(
             Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
             [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],
-            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model,
+            cfg.eval_every, max_new_tokens, temperature, meta, cfg.seed, ref_model=ref_model, monitor=self.monitor,
         )

@@ -26,6 +26,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.train_rm", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/rm/*.yaml)")
+    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -33,15 +50,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.io import write_json
 from reward_plugins.member_info import held_out_stats, mean_off_diagonal
+from reward_plugins.model_ref import describe
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 from reward_plugins.types import Sample
 
 from .config import load_config, split_overrides
+from .console import is_main_process, setup_output, use_bar_and_table
 from .data import RM_FIELDS, read_rows
-from .rm_config import LoraSettings, RMRunConfig, encode_pairs, rm_args, text_rows
+from .rm_config import LoraSettings, RMRunConfig, encode_pairs, rm_args, rm_values, text_rows
 from .rm_members import record_held_out, train_lora, train_multihead
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
-__all__ = ["EVAL_FILE", "LoraSettings", "RMRunConfig", "encode_pairs", "rm_args", "text_rows", "train_rm"]
+__all__ = ["EVAL_FILE", "LoraSettings", "RMRunConfig", "encode_pairs", "rm_args", "rm_values", "text_rows", "train_rm"]
 
 logger = logging.getLogger(__name__)
 EVAL_FILE = "rm_eval.json"
@@ -70,17 +90,35 @@ def held_out_scores(scorer, rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarra
     return scores[:, : len(rows)], scores[:, len(rows) :]
 
 
+def run_settings(cfg: RMRunConfig) -> dict[str, Any]:
+    """What shapes this RM run, recorded in its run folder: TRL's settings, the data, and the member layout."""
+    from trl import RewardConfig
+
+    algorithm = {"single": "rm", "multihead": "rm_multihead", "lora": "rm_lora"}[cfg.kind]
+    settings = trainer_settings(RewardConfig, rm_values(cfg), algorithm=algorithm, base=describe(cfg.base),
+                                train_data=content_hash(cfg.train_data), template=cfg.template,
+                                max_length=cfg.max_length, truncation_side=cfg.truncation_side)
+    if cfg.kind == "multihead":
+        settings.update(heads=cfg.heads, backbone=cfg.backbone, head_data=cfg.head_data)
+    elif cfg.kind == "lora":
+        settings.update(lora=cfg.lora.model_dump())
+    return settings
+
+
 def preference_accuracy(scorer: RewardModelScorer, rows: Sequence[dict]) -> float:
     """Share of pairs where chosen outscores rejected (a tie counts one half)."""
     return held_out_stats(*held_out_scores(scorer, rows))[0][0]
 
 
-def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
-    """Train one seeded RM, multi-head RM or LoRA ensemble, save it, and return (and write) its held-out metrics."""
+def train_rm(cfg: RMRunConfig, mode: ResumeMode = "auto") -> dict[str, Any]:
+    """Train one seeded RM, multi-head RM or LoRA ensemble, save it, and return (and write) its held-out metrics.
+    Its folder is a run folder (`trl_ext.run_dir`): other settings than those it was trained with are refused."""
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardTrainer
 
-    args = rm_args(cfg)  # a bad trl key is refused before anything loads
+    last = open_run_dir(cfg.output_dir, run_settings(cfg), mode, lambda folder: get_last_checkpoint(str(folder)))
+    args = rm_args(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     check_model_dir(cfg.base, "base")
@@ -90,7 +128,7 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
     train_rows = text_rows(read_rows(cfg.train_data, RM_FIELDS), tokenizer)
     out = cfg.output_dir
     if cfg.kind == "multihead":
-        seconds = train_multihead(cfg, tokenizer, train_rows)
+        seconds = train_multihead(cfg, tokenizer, train_rows, last)
     elif cfg.kind == "lora":
         seconds = train_lora(cfg, tokenizer, train_rows)
     else:
@@ -100,8 +138,10 @@ def train_rm(cfg: RMRunConfig) -> dict[str, Any]:
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                                 train_dataset=Dataset.from_dict(encode_pairs(train_rows, tokenizer, cfg)))
+        use_bar_and_table(trainer)
         start = time.perf_counter()
-        trainer.train()
+        with stop_cleanly(out, lambda: trainer.state.global_step):
+            trainer.train(resume_from_checkpoint=last)
         seconds = time.perf_counter() - start
         trainer.save_model(str(out))
     report: dict[str, Any] = {"seed": cfg.seed, "path": str(out), "kind": cfg.kind, "train_pairs": len(train_rows),
@@ -134,17 +174,15 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--seed", type=int, nargs="+", help="one RM per seed (overrides the config's seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    setup_output()
     overrides = [*args.set, *split_overrides(extra)]
     seeds = [[f"seed={seed}"] for seed in args.seed] if args.seed else [[]]
     configs = [load_config(RMRunConfig, args.config, [*overrides, *seed]) for seed in seeds]
     for cfg in configs:
-        print(summary(train_rm(cfg)))
+        report = train_rm(cfg, resume_mode(args))
+        if is_main_process():
+            print(summary(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

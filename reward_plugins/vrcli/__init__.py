@@ -14,7 +14,7 @@ from .baselines import (
     model_id,
     valid_baseline,
 )
-from .plan import PAPER_MARKERS, extract_plan, find_plan, strip_special_suffix
+from .plan import PAPER_MARKERS, extract_plan, find_plan, strip_special_tokens
 from .plugin import (
     FingerprintPolicy,
     PlanConfig,
@@ -32,5 +32,5 @@ __all__ = [
     "PLAN_HEADING", "BaselineMismatchError", "FingerprintPolicy", "PlanConfig", "ScoredInput", "ScorerConfig",
     "Scheme", "ShapingConfig", "VRCLIConfig", "VRCLIPlugin", "VRCLIPrompt", "baseline_inputs",
     "baseline_perplexities", "eval_metrics", "extract_plan", "fingerprint", "fingerprint_differences",
-    "find_plan", "has_vrcli", "improvement", "model_id", "shape", "strip_special_suffix", "valid_baseline",
+    "find_plan", "has_vrcli", "improvement", "model_id", "shape", "strip_special_tokens", "valid_baseline",
 ]

@@ -1,7 +1,8 @@
 """VR-CLI baselines: perplexity without a plan, and the fingerprint that ties a baseline to the reward's settings.
 
 The baseline script records the reward's fingerprint (scorer model name, temperature, max_length,
-prompt-settings hash) in every label, and the reward refuses labels whose fingerprint differs.
+prompt-settings hash, dtype, attention implementation) in every label, and the reward refuses labels whose
+fingerprint differs.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..logprobs import LogProbScorer, perplexity
+from ..logprobs import LogProbScorer, dtype_name, perplexity
 from .prompts import ScoredInput, VRCLIPrompt
 
 FINGERPRINT_KEY = "baseline_fingerprint"
+OPTIONAL_KEYS = ("model", "dtype", "attn_implementation")  # compared when the reward side knows them
 
 
 def model_id(name_or_path: str | os.PathLike) -> str:
@@ -25,23 +27,30 @@ def model_id(name_or_path: str | os.PathLike) -> str:
     return PurePath(str(name_or_path).rstrip("/\\")).name or str(name_or_path)
 
 
-def fingerprint(model: str | None, temperature: float, max_length: int, prompt: VRCLIPrompt) -> dict[str, Any]:
-    """What must agree between a baseline and the reward that uses it: scorer model, temperature, max_length, prompt."""
-    return {"model": model, "temperature": float(temperature), "max_length": int(max_length),
-            "prompt_hash": prompt.settings_hash()}
+def fingerprint(model: str | None, temperature: float, max_length: int, prompt: VRCLIPrompt, dtype: str | None = None,
+                attn_implementation: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """What must agree between a baseline and the reward that uses it: scorer model (and its hub commit when it came
+    from a hub id), temperature, max_length, prompt settings, and the numerics (weights' dtype, attention kernel:
+    bf16 flash-attention and fp32 sdpa give perplexities that differ by more than the reward's first step)."""
+    out = {"model": model, "temperature": float(temperature), "max_length": int(max_length),
+           "prompt_hash": prompt.settings_hash(), "dtype": dtype_name(dtype), "attn_implementation": attn_implementation}
+    if revision is not None:
+        out["revision"] = revision
+    return out
 
 
 def fingerprint_differences(expected: Mapping[str, Any], found: Any) -> list[str]:
     """Human-readable differences between the reward's fingerprint and a label's (empty when they agree).
 
-    A `None` model on the reward side (an external scorer that did not say its name) is not compared.
+    A `None` model, dtype or attention implementation on the reward side (an external scorer that did not
+    say) is not compared.
     """
     if not isinstance(found, Mapping):
         return [f"{FINGERPRINT_KEY} is {found!r}, not an object"]
     out = []
     for key, value in expected.items():
         other = found.get(key)
-        if key == "model" and value is None:
+        if value is None and key in OPTIONAL_KEYS:
             continue
         same = (isinstance(other, (int, float)) and not isinstance(other, bool) and math.isclose(other, value)
                 if key == "temperature" else other == value)

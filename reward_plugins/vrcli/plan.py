@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 PAPER_MARKERS = ("In summary:", "In summary,", "Detailed Plan:")
@@ -33,10 +34,11 @@ def extract_plan(response: str, markers: Sequence[str] = PAPER_MARKERS, whole_re
     return plan
 
 
-def strip_special_suffix(text: str, special_tokens: Sequence[str]) -> str:
-    """Drop trailing special-token strings (an OpenRLHF response keeps its EOS text, e.g. `<|im_end|>`)."""
-    tokens = [t for t in special_tokens if t]
-    stripped = text.rstrip()
-    while tokens and (end := next((t for t in tokens if stripped.endswith(t)), None)):
-        stripped = stripped[: -len(end)].rstrip()
-    return stripped
+def strip_special_tokens(text: str, special_tokens: Sequence[str]) -> str:
+    """Remove every special-token string wherever it occurs, then surrounding whitespace, as the original's
+    `decode(..., skip_special_tokens=True).strip()` does (an OpenRLHF response keeps its EOS text, e.g.
+    `<|im_end|>`, and a policy may emit others mid-response)."""
+    tokens = sorted({t for t in special_tokens if t}, key=len, reverse=True)
+    if not tokens:
+        return text.strip()
+    return re.sub("|".join(map(re.escape, tokens)), "", text).strip()

@@ -16,13 +16,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import Field, field_validator, model_validator
 
-from ..config import ExistingPath, Placement
+from ..config import Placement
 from ..logprobs import HFLogProbScorer, LogProbScorer, perplexity
+from ..model_ref import ModelRef, repo_of, revision_of
 from ..modeling import DTypeName
 from ..registry import PluginConfig, RewardPlugin, plugin_tree, register_plugin
 from ..types import LabelError, RewardResult, Sample
 from .baselines import FINGERPRINT_KEY, BaselineMismatchError, fingerprint, fingerprint_differences, model_id, valid_baseline
-from .plan import PAPER_MARKERS, extract_plan, strip_special_suffix
+from .plan import PAPER_MARKERS, extract_plan, strip_special_tokens
 from .prompts import ScoredInput, VRCLIPrompt
 from .scoring import Scheme, improvement, shape
 
@@ -33,8 +34,8 @@ class ScorerConfig(PluginConfig):
     """`backend: hf` loads `model` here; `backend: external` expects `attach_scorer` (e.g. OpenRLHF's reference model)."""
 
     backend: Literal["hf", "external"] = "hf"
-    model: ExistingPath | None = None
-    tokenizer: ExistingPath | None = None
+    model: ModelRef | None = None
+    tokenizer: ModelRef | None = None
     dtype: DTypeName = "auto"
     device: str = "auto"
     batch_size: int = Field(default=8, gt=0)
@@ -42,6 +43,7 @@ class ScorerConfig(PluginConfig):
     max_length: int = Field(default=4096, gt=1)
     temperature: float = Field(default=1.0, gt=0)
     trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None  # None: transformers' default
     placement: Placement | None = None
     model_id: str | None = None  # the scorer's name in baseline fingerprints; default: the model folder's name
 
@@ -64,6 +66,7 @@ class ScorerConfig(PluginConfig):
             max_length=self.max_length,
             temperature=self.temperature,
             trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
         )
 
 
@@ -147,7 +150,7 @@ class VRCLIPlugin(RewardPlugin):
         attached = getattr(self.scorer, "model_id", None)
         if attached:
             return str(attached)
-        return model_id(self.config.scorer.model) if self.config.scorer.model is not None else None
+        return model_id(repo_of(self.config.scorer.model)) if self.config.scorer.model is not None else None
 
     @property
     def max_length(self) -> int:
@@ -158,7 +161,9 @@ class VRCLIPlugin(RewardPlugin):
         """This reward's fingerprint, as `compute_baseline_perplexity.py` records it in each label."""
         scorer = self.scorer
         temperature = scorer.temperature if scorer is not None else self.config.scorer.temperature
-        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt)
+        return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt,
+                           getattr(scorer, "dtype", None), getattr(scorer, "attn_implementation", None),
+                           revision_of(self.config.scorer.model))
 
     def check_labels(self, labels: Sequence[Any]) -> None:
         """Refuse (raise `BaselineMismatchError`) labels whose baseline fingerprint differs from this reward's."""
@@ -209,7 +214,7 @@ class VRCLIPlugin(RewardPlugin):
             differences = fingerprint_differences(expected, found)
             if differences:
                 raise LabelError("baseline fingerprint differs from this reward: " + "; ".join(differences))
-        response = strip_special_suffix(sample.response, self.scorer.tokenizer.all_special_tokens)
+        response = strip_special_tokens(sample.response, self.scorer.tokenizer.all_special_tokens)
         markers = self.config.plan.markers
         plan = extract_plan(response, markers, self.config.plan.whole_response_fallback)
         found_marker = any(marker in response for marker in markers)

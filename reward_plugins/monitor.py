@@ -1,0 +1,477 @@
+"""The over-optimisation monitor: signals from what the reward pipeline already computes, an alarm, and its action.
+
+Per training step the monitor reads a (k, B) matrix of ensemble member scores (the training reward's own
+ensemble, or a shadow ensemble scored beside it), the proxy reward the policy is trained on (B,), and the
+mean sequence KL to the initial policy. Without any gold it computes:
+
+- `disagreement`: the mean over samples of the standard deviation across members of each member's score,
+  standardised by that member's own mean and standard deviation over the reference steps (step 0 by default);
+  so members on different scales weigh alike, and 0 means the members agree up to their step-0 offsets.
+- `disagreement_rise`: its mean over the last `window` steps minus its mean over the reference steps.
+- `trend`: the slope of disagreement against KL over the last `window` steps (per nat): its least-squares slope
+  against the step over the KL's (one batch's KL is too noisy to regress on).
+- `proxy`: the mean proxy reward, in standard deviations of the proxy over the reference steps, from its mean there.
+- `divergence`: `divergence_weight * trend` minus the proxy's own slope against KL over the same window: positive
+  once the uncertainty-penalised reward `proxy - divergence_weight * disagreement` falls as KL grows, i.e. once the
+  proxy's gains are bought with disagreement. With k members whose errors are independent and a proxy that shares
+  one member's error, that penalised reward tracks the true reward for a weight of k / sqrt(k - 1) (2.1 for 3
+  members, 2.5 for 5): the default 2 is that estimate for small ensembles.
+- `score`: `proxy - divergence_weight * (disagreement - reference disagreement)`, averaged over the window (the
+  penalised reward's level); with gold, the last gold.
+
+Where gold exists (a gold RM or function), `gold` is its mean on the eval prompts at every eval. An alarm fires
+once, when a signal stays beyond its threshold for `patience` consecutive steps (gold: at one eval). Everything
+here is pure maths and state (no I/O); trainers adapt it (`reward_plugins.monitor_session`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .config import ExistingPath
+from .types import RewardResult, Status
+
+Action = Literal["warn", "checkpoint", "adapt_kl", "stop"]
+SIGNALS = ("gold_drop", "divergence", "trend", "disagreement_rise")  # reported in this order when several fire at once
+PREFIX = "monitor/"
+BASE_KEYS = ("kl", "disagreement", "disagreement_rise", "trend", "proxy", "proxy_trend", "divergence", "score",
+             "alarm", "kl_scale")
+
+
+class MonitorError(ValueError):
+    """The monitor cannot compute its signals from what it was given; the message says what to change."""
+
+
+class Thresholds(BaseModel):
+    """When each signal raises the alarm (null: never). Units: standardised member scores, per nat of KL, gold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    disagreement_rise: float | None = Field(default=0.05, gt=0)  # disagreement's level above its reference value
+    trend: float | None = Field(default=None, gt=0)  # disagreement's slope against KL above this
+    divergence: float | None = 1.0  # weighted disagreement's slope minus the proxy's, per nat, above this
+    gold_drop: float | None = Field(default=None, gt=0)  # gold below its best eval so far by this much (needs gold)
+
+
+class GoldSpec(BaseModel):
+    """A gold reward scored on the eval prompts at every eval: a reward YAML (a gold RM) or a Python function."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reward_config: ExistingPath | None = None  # any reward pipeline YAML; its reward is the gold score
+    function: str | None = None  # "module:callable", called as fn(responses, labels) -> one float per response
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GoldSpec:
+        if (self.reward_config is None) == (self.function is None):
+            raise ValueError("give exactly one of reward_config (a gold reward YAML) and function (module:callable)")
+        if self.function is not None and (":" not in self.function or not all(self.function.split(":", 1))):
+            raise ValueError(f"function must look like package.module:callable, got {self.function!r}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.function or str(self.reward_config)
+
+
+class MonitorConfig(BaseModel):
+    """The `monitor:` section: what to watch, when to raise the alarm and what to do then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shadow: ExistingPath | None = None  # reward YAML with member scores, scored beside the training reward, never trained on
+    members: list[str] | None = None  # component keys holding member scores; default: found in the reward's plugins
+    reference_steps: int = Field(default=1, ge=1)  # steps whose scores fix each member's location and scale
+    window: int = Field(default=20, ge=1)  # steps in each slope against KL and in the disagreement's level
+    min_kl_rise: float = Field(default=0.05, ge=0)  # no slope against KL while KL rose less than this over the window
+    patience: int = Field(default=5, ge=1)  # consecutive steps a signal must stay beyond its threshold
+    thresholds: Thresholds = Thresholds()
+    action: Action = "warn"
+    divergence_weight: float = Field(default=2.0, gt=0)  # disagreement's weight against the proxy (see above)
+    kl_factor: float = Field(default=2.0, gt=1)  # adapt_kl multiplies the KL coefficient by this
+    gold: GoldSpec | None = None
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, members: list[str] | None) -> list[str] | None:
+        if members is not None and (len(members) < 2 or len(set(members)) != len(members)):
+            raise ValueError("members must name at least 2 distinct component keys")
+        return members
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitorConfig:
+        if all(getattr(self.thresholds, name) is None for name in SIGNALS):
+            raise ValueError("thresholds: every signal is off (null); the alarm could never fire")
+        if self.thresholds.gold_drop is not None and self.gold is None:
+            raise ValueError("thresholds.gold_drop needs gold: (a gold reward_config or function)")
+        return self
+
+
+def monitor_keys(has_gold: bool) -> tuple[str, ...]:
+    """Every key the monitor logs, on every step of a run (OpenRLHF all-reduces logs key by key)."""
+    return tuple(PREFIX + key for key in (*BASE_KEYS, *(("gold",) if has_gold else ())))
+
+
+# ---------------------------------------------------------------- maths (pure functions)
+
+def member_reference(batches: Sequence[ArrayLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's mean and population std over the (k, B) batches of the reference steps, pooled."""
+    pooled = np.concatenate([np.asarray(b, dtype=np.float64) for b in batches], axis=1)
+    return pooled.mean(axis=1), pooled.std(axis=1)
+
+
+def disagreement(member_scores: ArrayLike, means: ArrayLike, stds: ArrayLike) -> float:
+    """Mean over samples of the std across members of the member scores standardised by (means, stds)."""
+    scores = np.asarray(member_scores, dtype=np.float64)
+    z = (scores - np.asarray(means, dtype=np.float64)[:, None]) / np.asarray(stds, dtype=np.float64)[:, None]
+    return float(z.std(axis=0).mean())
+
+
+def slope(x: ArrayLike, y: ArrayLike) -> float:
+    """Least-squares slope of y against x; 0 when x does not vary."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx = x - x.mean()
+    spread = float(dx @ dx)
+    if spread <= 1e-12 * max(1.0, float(x @ x)):
+        return 0.0
+    return float(dx @ (y - y.mean()) / spread)
+
+
+def per_kl(steps: ArrayLike, kl: ArrayLike, values: ArrayLike, min_kl_rise: float) -> float:
+    """Slope of `values` against KL over a window: the ratio of both least-squares slopes against the step (one
+    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window."""
+    steps = np.asarray(steps, dtype=np.float64)
+    kl_slope = slope(steps, kl)
+    if kl_slope * (steps[-1] - steps[0]) < min_kl_rise:
+        return 0.0
+    return slope(steps, values) / kl_slope
+
+
+def standardised(value: float, mean: float, std: float) -> float:
+    return (value - mean) / std
+
+
+# ---------------------------------------------------------------- what a trainer hands the monitor
+
+@dataclass
+class MemberBatch:
+    """One step's member scores (k, B), the proxy rewards (B,) of the same samples, and the member names."""
+
+    scores: np.ndarray
+    proxy: np.ndarray
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        self.proxy = np.asarray(self.proxy, dtype=np.float64)
+        if self.scores.ndim != 2 or self.scores.shape[0] < 2 or self.scores.shape[1] != self.proxy.shape[0]:
+            raise MonitorError(f"member scores must be (k >= 2, B) with B proxy rewards; got {self.scores.shape} and "
+                               f"{self.proxy.shape}")
+
+    @staticmethod
+    def concat(batches: Sequence[MemberBatch]) -> MemberBatch:
+        """Several batches of one step (gradient accumulation, ranks) as one."""
+        return MemberBatch(np.concatenate([b.scores for b in batches], axis=1),
+                           np.concatenate([b.proxy for b in batches]), batches[0].names)
+
+
+def member_batch(results: Sequence[RewardResult], proxy: Sequence[float | None], keys: Sequence[str]) -> MemberBatch:
+    """Member scores from the results' components (keys as the pipeline names them), for the samples that have every
+    member and a proxy reward; errored and skipped samples are left out (the pipeline counts them)."""
+    columns = [i for i, (r, p) in enumerate(zip(results, proxy, strict=True))
+               if p is not None and r.status is Status.OK and all(k in r.components for k in keys)]
+    scores = np.array([[results[i].components[k] for i in columns] for k in keys], dtype=np.float64).reshape(len(keys), -1)
+    return MemberBatch(scores, np.array([proxy[i] for i in columns], dtype=np.float64), tuple(keys))
+
+
+def member_keys(component_keys: Sequence[str], groups: Sequence[Sequence[str]], source: str) -> tuple[str, ...]:
+    """The pipeline's component keys of the first member group found, whether the plugin is the root (`seed1`) or
+    nested in a composite (`uwo/seed1`). `groups` are the member names of every plugin with members, root first."""
+    for names in groups:
+        for prefix in sorted({key[: len(key) - len(name)] for key in component_keys for name in names
+                              if key.endswith(name) and (key == name or key[: len(key) - len(name)].endswith("/"))}):
+            keys = tuple(prefix + name for name in names)
+            if all(key in component_keys for key in keys):
+                return keys
+    raise MonitorError(f"{source}: no plugin with member scores (an ensemble); name a shadow ensemble in "
+                       "monitor.shadow, or list the component keys in monitor.members")
+
+
+# ---------------------------------------------------------------- the stateful monitor
+
+@dataclass
+class Alarm:
+    """The first signal that stayed beyond its threshold: where, at what KL, how far."""
+
+    step: int
+    kl: float
+    signal: str
+    value: float
+    threshold: float
+    action: str
+
+    def line(self) -> str:
+        """The one line printed when the alarm fires."""
+        return (f"[monitor] ALARM at step {self.step}, KL {self.kl:.3f}: {self.signal} {self.value:.4g} > "
+                f"{self.threshold:.4g}; action: {self.action}")
+
+
+@dataclass
+class Series:
+    """Per-step signal inputs (what a replay needs) and the gold evals, in step order."""
+
+    steps: list[int] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    disagreement: list[float] = field(default_factory=list)
+    proxy: list[float] = field(default_factory=list)
+    gold_steps: list[int] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)
+
+
+class Monitor:
+    """Feeds on one batch per step (`observe`) and gold at evals (`observe_gold`); `logs()` has the same keys always.
+
+    `alarm` is set once, by the first signal over its threshold for `patience` steps; the trainer takes the action.
+    `observe_signals` takes precomputed (KL, disagreement, proxy) values, which is how logged runs are replayed."""
+
+    def __init__(self, config: MonitorConfig, has_gold: bool | None = None):
+        self.config = config
+        self.has_gold = config.gold is not None if has_gold is None else has_gold
+        self.keys = monitor_keys(self.has_gold)
+        self.series = Series()
+        self.means: np.ndarray | None = None
+        self.stds: np.ndarray | None = None
+        self.proxy_mean = self.proxy_std = 0.0
+        self.reference_disagreement = 0.0
+        self.streaks = dict.fromkeys(SIGNALS, 0)
+        self.alarm: Alarm | None = None
+        self.kl_scale = 1.0
+        self.kl_scalings: list[int] = []
+        self.checkpoints: dict[int, float] = {}  # saved checkpoint step -> its monitor score
+        self._reference: list[MemberBatch] = []
+        self._last: dict[str, float] = dict.fromkeys(self.keys, 0.0)
+        self._last[PREFIX + "kl_scale"] = 1.0
+
+    # ------------------------------------------------ feeding
+
+    def observe(self, step: int, kl: float, batch: MemberBatch) -> Alarm | None:
+        """One training step: its mean sequence KL and its member scores; returns the alarm if it fires now."""
+        if not math.isfinite(kl):
+            raise MonitorError(f"step {step}: the KL to the initial policy is {kl}; the monitor needs it every step")
+        if batch.scores.shape[1] == 0:
+            raise MonitorError(f"step {step}: no sample had every member score and a proxy reward")
+        if len(self._reference) < self.config.reference_steps:
+            self._reference.append(batch)
+            self._fix_reference(step)
+            if len(self._reference) < self.config.reference_steps:  # provisional values until the reference is complete
+                return self.observe_signals(step, kl, *self._signals_of(batch), provisional=True)
+            return self._rewrite_reference(step, kl, batch)
+        return self.observe_signals(step, kl, *self._signals_of(batch))
+
+    def _fix_reference(self, step: int) -> None:
+        self.means, self.stds = member_reference([b.scores for b in self._reference])
+        proxy = np.concatenate([b.proxy for b in self._reference])
+        self.proxy_mean, self.proxy_std = float(proxy.mean()), float(proxy.std())
+        flat = [name for name, std in zip(self._reference[0].names, self.stds) if not std > 0]
+        if flat or not self.proxy_std > 0:
+            what = f"member(s) {', '.join(flat)}" if flat else "the proxy reward"
+            raise MonitorError(f"step {step}: {what} gave every reference sample the same score, so there is no scale "
+                               "to standardise by; raise monitor.reference_steps or the batch size")
+
+    def _signals_of(self, batch: MemberBatch) -> tuple[float, float]:
+        return (disagreement(batch.scores, self.means, self.stds),
+                standardised(float(batch.proxy.mean()), self.proxy_mean, self.proxy_std))
+
+    def _rewrite_reference(self, step: int, kl: float, batch: MemberBatch) -> Alarm | None:
+        """The reference is complete: recompute the reference steps' values with it, then take this step."""
+        n = len(self._reference) - 1
+        for index, earlier in zip(range(len(self.series.steps) - n, len(self.series.steps)), self._reference[:-1]):
+            self.series.disagreement[index], self.series.proxy[index] = self._signals_of(earlier)
+        d, p = self._signals_of(batch)
+        self.reference_disagreement = float(np.mean([*self.series.disagreement[len(self.series.steps) - n:], d]))
+        return self.observe_signals(step, kl, d, p)
+
+    def observe_signals(self, step: int, kl: float, disagreement_value: float, proxy_value: float,
+                        provisional: bool = False) -> Alarm | None:
+        """One step from precomputed values (online after `observe`, or replaying a logged run)."""
+        s = self.series
+        if s.steps and step <= s.steps[-1]:
+            raise MonitorError(f"step {step} comes after step {s.steps[-1]}; steps must increase")
+        s.steps.append(step)
+        s.kl.append(float(kl))
+        s.disagreement.append(float(disagreement_value))
+        s.proxy.append(float(proxy_value))
+        if len(s.steps) == self.config.reference_steps and not self._reference:  # replay: the reference from the series
+            self.reference_disagreement = float(np.mean(s.disagreement))
+        values = self.signal_values()
+        if provisional or len(s.steps) < self.config.reference_steps:
+            return None
+        fired = self._update_streaks(values)
+        return self._fire(step, fired, values) if fired else None
+
+    def observe_gold(self, step: int, gold: float) -> Alarm | None:
+        """Gold's mean on the eval prompts at an eval step; can fire the `gold_drop` alarm at once."""
+        if not math.isfinite(gold):
+            raise MonitorError(f"step {step}: gold is {gold}")
+        self.series.gold_steps.append(step)
+        self.series.gold.append(float(gold))
+        self._last[PREFIX + "gold"] = float(gold)
+        self._last[PREFIX + "score"] = float(gold)  # with gold, the score is the latest gold
+        threshold = self.config.thresholds.gold_drop
+        drop = max(self.series.gold) - gold
+        if threshold is not None and self.alarm is None and drop > threshold:
+            kl = self.series.kl[-1] if self.series.kl else 0.0
+            return self._set_alarm(Alarm(step, kl, "gold_drop", drop, threshold, self.config.action))
+        return None
+
+    # ------------------------------------------------ signals
+
+    def signal_values(self) -> dict[str, float]:
+        """The signals at the latest step (slopes over the last `window` steps, 0 until the window is full)."""
+        s, w = self.series, self.config.window
+        d = s.disagreement[-1] if s.steps else 0.0
+        full = len(s.steps) >= max(w, self.config.reference_steps)
+        rise = self.config.min_kl_rise
+        trend = per_kl(s.steps[-w:], s.kl[-w:], s.disagreement[-w:], rise) if full else 0.0
+        proxy_trend = per_kl(s.steps[-w:], s.kl[-w:], s.proxy[-w:], rise) if full else 0.0
+        weight = self.config.divergence_weight
+        conservative = [p - weight * (x - self.reference_disagreement) for p, x in zip(s.proxy[-w:], s.disagreement[-w:])]
+        score = float(np.mean(conservative)) if conservative else 0.0
+        if self.has_gold and s.gold:
+            score = s.gold[-1]
+        values = {
+            "kl": s.kl[-1] if s.kl else 0.0, "disagreement": d,
+            "disagreement_rise": float(np.mean(s.disagreement[-w:])) - self.reference_disagreement if s.steps else 0.0,
+            "trend": trend, "proxy": s.proxy[-1] if s.proxy else 0.0, "proxy_trend": proxy_trend,
+            "divergence": weight * trend - proxy_trend if full else 0.0, "score": score,
+            "alarm": float(self.alarm is not None), "kl_scale": self.kl_scale,
+        }
+        self._last.update({PREFIX + key: float(value) for key, value in values.items()})
+        return values
+
+    def _update_streaks(self, values: Mapping[str, float]) -> list[str]:
+        thresholds = self.config.thresholds
+        full = len(self.series.steps) >= max(self.config.window, self.config.reference_steps)
+        fired = []
+        for name in SIGNALS[1:]:
+            threshold = getattr(thresholds, name)
+            needs_window = name != "disagreement_rise"
+            over = threshold is not None and (full or not needs_window) and values[name] > threshold
+            self.streaks[name] = self.streaks[name] + 1 if over else 0
+            if self.streaks[name] >= self.config.patience:
+                fired.append(name)
+        return fired
+
+    def _fire(self, step: int, fired: list[str], values: Mapping[str, float]) -> Alarm | None:
+        if self.alarm is not None:
+            return None
+        name = fired[0]
+        return self._set_alarm(Alarm(step, values["kl"], name, values[name], getattr(self.config.thresholds, name),
+                                     self.config.action))
+
+    def _set_alarm(self, alarm: Alarm) -> Alarm:
+        self.alarm = alarm
+        self._last[PREFIX + "alarm"] = 1.0
+        return alarm
+
+    # ------------------------------------------------ what trainers read
+
+    def logs(self) -> dict[str, float]:
+        """Every monitor key with its latest value (0 before there is one), the same keys on every call."""
+        return {key: self._last[key] for key in self.keys}
+
+    def scale_kl(self, step: int) -> float:
+        """Record that the KL coefficient was multiplied by `kl_factor` at `step`; returns the factor to apply."""
+        self.kl_scalings.append(step)
+        self.kl_scale *= self.config.kl_factor
+        self._last[PREFIX + "kl_scale"] = self.kl_scale
+        return self.config.kl_factor
+
+    @property
+    def score(self) -> float:
+        return self._last[PREFIX + "score"]
+
+    def note_checkpoint(self, step: int) -> None:
+        """A checkpoint of `step` was saved; remember its monitor score for `best_checkpoint`."""
+        self.checkpoints[step] = self.score
+
+    def best_checkpoint(self) -> int | None:
+        """The saved step with the best monitor score (the earliest among equals), or None before any save."""
+        return best_step(self.checkpoints)
+
+    # ------------------------------------------------ resume
+
+    def state_dict(self, before_step: int | None = None) -> dict[str, Any]:
+        """JSON-able state as of just before training step `before_step` observes (all of it when None): what a
+        checkpoint of that step holds, so that resuming there observes that step again. Gold evals of that step
+        (made before its batch) are kept."""
+        cut = math.inf if before_step is None else before_step
+        s = self.series
+        keep = [i for i, step in enumerate(s.steps) if step < cut]
+        gold = [i for i, step in enumerate(s.gold_steps) if step <= cut]
+        return {
+            "series": {"steps": [s.steps[i] for i in keep], "kl": [s.kl[i] for i in keep],
+                       "disagreement": [s.disagreement[i] for i in keep], "proxy": [s.proxy[i] for i in keep],
+                       "gold_steps": [s.gold_steps[i] for i in gold], "gold": [s.gold[i] for i in gold]},
+            "reference": [{"step": step, "scores": b.scores.tolist(), "proxy": b.proxy.tolist(), "names": list(b.names)}
+                          for step, b in zip(s.steps, self._reference) if step < cut],
+            "kl_scalings": [step for step in self.kl_scalings if step < cut],
+            "checkpoints": {str(k): v for k, v in self.checkpoints.items() if k <= cut},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict`'s output: the reference and every logged step are replayed, so streaks and the
+        alarm come back exactly as they were."""
+        fresh = Monitor(self.config, self.has_gold)
+        self.__dict__.update(fresh.__dict__)
+        reference = [MemberBatch(np.array(b["scores"]), np.array(b["proxy"]), tuple(b["names"])) for b in state["reference"]]
+        if reference:
+            self._reference = reference
+            self._fix_reference(int(state["reference"][-1]["step"]))
+        series = state["series"]
+        done = len(reference) >= self.config.reference_steps
+        if done:
+            n = self.config.reference_steps
+            self.reference_disagreement = float(np.mean(series["disagreement"][:n]))
+        gold = list(zip(series["gold_steps"], series["gold"]))
+        for i, step in enumerate(series["steps"]):
+            while gold and gold[0][0] <= step:
+                self.observe_gold(*gold.pop(0))
+            provisional = not done and i < len(reference)
+            self.observe_signals(step, series["kl"][i], series["disagreement"][i], series["proxy"][i], provisional)
+        for step, value in gold:
+            self.observe_gold(step, value)
+        self.kl_scalings = [int(step) for step in state["kl_scalings"]]
+        self.kl_scale = self.config.kl_factor ** len(self.kl_scalings)
+        self._last[PREFIX + "kl_scale"] = self.kl_scale
+        self.checkpoints = {int(k): float(v) for k, v in state["checkpoints"].items()}
+
+
+def best_step(scores: Mapping[int, float]) -> int | None:
+    """The step with the highest score (the earliest among equals)."""
+    if not scores:
+        return None
+    return min(scores, key=lambda step: (-scores[step], step))
+
+
+def replay(config: MonitorConfig, records: Sequence[Mapping[str, float]],
+           gold: Sequence[tuple[int, float]] = ()) -> Monitor:
+    """A monitor run over logged per-step records ({step, kl, disagreement, proxy}) and gold evals, with `config`'s
+    thresholds: re-evaluates a finished run without retraining. Gold of step s (an eval of the policy that samples
+    step s) is seen before step s's record, as in training."""
+    monitor = Monitor(config, has_gold=bool(gold))
+    pending = sorted(gold)
+    for record in records:
+        while pending and pending[0][0] <= record["step"]:
+            monitor.observe_gold(*pending.pop(0))
+        monitor.observe_signals(int(record["step"]), record["kl"], record["disagreement"], record["proxy"])
+    for step, value in pending:
+        monitor.observe_gold(step, value)
+    return monitor
