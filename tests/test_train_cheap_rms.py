@@ -145,3 +145,18 @@ def test_multihead_loss_runs_on_the_meta_device():
               "pair_index": torch.tensor([3, 7], device="meta")}
     loss = trainer.compute_loss(lambda ids, mask: torch.zeros(ids.shape[0], 3, device=ids.device), inputs)
     assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_lora_rerun_keeps_saved_adapters_and_trains_the_missing_one(data, lm_dir, tmp_path):
+    cfg = _config(data, lm_dir, tmp_path, "name=lora", "lora={adapters: 2, r: 4, top_layers: 1}")
+    train_rm.train_rm(cfg)
+    adapters, _ = read_lora_index(tmp_path / "lora_seed1")
+    first = adapters[0] / "adapter_model.safetensors"
+    stamp, weights = first.stat().st_mtime_ns, load_file(adapters[1] / "adapter_model.safetensors")
+    import shutil
+
+    shutil.rmtree(adapters[1])  # as if the run had stopped while training the second adapter
+    train_rm.train_rm(cfg)
+    assert first.stat().st_mtime_ns == stamp, "the finished adapter is kept, not retrained"
+    again = load_file(adapters[1] / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights), "the missing one is retrained from its own seed"
