@@ -40,8 +40,8 @@ TESTS_FOR = {
     "trl_ext/ppo.py": ["tests/test_ppo.py"],
     "reward_plugins/vrcli/scoring.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
     "reward_plugins/vrcli/plan.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
-    "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py"],
-    "openrlhf_ext/server_protocol.py": ["tests/test_serve.py"],
+    "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py", "tests/test_wire_faults.py"],
+    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_serve.py", "tests/test_wire_faults.py"],
     "reward_plugins/placement.py": ["tests/test_placement.py", "tests/test_placement_config.py"],
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
