@@ -52,7 +52,7 @@ class PPOSettings(BaseModel):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ModelRef | None = None  # the reward model the value model starts from
+    value_model: ModelRef | None = None  # the reward model the value model starts from (multi-head: the mean head)
     save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
     logging_steps: int = Field(default=1, gt=0)
     sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
