@@ -37,7 +37,8 @@ NOT_COPIED = {".git", ".venv", "runs", "mutants", "pyproject.toml", "models", "d
 TESTS_FOR = {
     "reward_plugins/config_loader.py": ["tests/test_config_loader.py", "tests/test_config.py"],
     "evaluation/bon.py": ["tests/test_bon_estimator.py", "tests/test_bon_edges.py", "tests/test_bon_analysis.py"],
-    "reward_plugins/ensemble.py": ["tests/test_ensemble_math.py", "tests/test_ensemble_plugin.py"],
+    "reward_plugins/ensemble.py": ["tests/test_ensemble_math.py", "tests/test_ensemble_plugin.py",
+                                   "tests/test_ensemble_members.py", "tests/test_cheap_ensembles.py"],
     "trl_ext/ppo.py": ["tests/test_ppo.py"],
     "reward_plugins/vrcli/scoring.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
     "reward_plugins/vrcli/plan.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
