@@ -64,3 +64,15 @@ def test_value_model_from_a_lora_ensemble_folder_is_refused(tmp_path, lm_dir, to
     with pytest.raises(ConfigError, match=r"ppo.value_model .*lora: a LoRA ensemble folder") as caught:
         ppo.load_models(cfg, cfg.ppo, AutoTokenizer.from_pretrained(lm_dir))
     assert len(str(caught.value).splitlines()) == 2  # "invalid train configuration:" and the one problem
+
+
+def test_heads_of_another_width_are_refused_naming_the_file(tmp_path, lm_dir, tokenizer_dir, prompt_file):
+    from reward_plugins.member_info import MemberFileError, MemberInfo
+    from reward_plugins.multihead import save_heads
+
+    folder = tiny_models.build_multihead_rm(tmp_path / "mh", tokenizer_dir, k=2, seed=1)
+    hidden = LlamaModel.from_pretrained(folder).config.hidden_size
+    save_heads(folder, torch.ones(2, hidden + 1), MemberInfo([1, 2]))
+    cfg = _cfg(tmp_path, lm_dir, folder, prompt_file)
+    with pytest.raises(MemberFileError, match=rf"heads.safetensors: the heads are {hidden + 1} wide but the backbone"):
+        ppo.load_models(cfg, cfg.ppo, AutoTokenizer.from_pretrained(lm_dir))
