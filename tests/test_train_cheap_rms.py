@@ -174,11 +174,11 @@ def _labelled(data, path):
 def test_labelled_rows_train_only_their_own_member(data, lm_dir, tmp_path, kind):
     train = _labelled(data, tmp_path / "labelled.jsonl")
     report = train_rm.train_rm(_config(data, lm_dir, tmp_path, "name=m", kind, "head_data=labelled",
-                                       f"train_data={train}", "trl.num_train_epochs=6"))
+                                       f"train_data={train}", "trl.num_train_epochs=12"))
     right, reversed_ = report["member_accuracy"]  # on the clean held-out pairs
     # trained on its own rows only: member 1 learns the reversed preference (all rows would leave both near 0.5,
     # member 0's rows alone both near member 0's accuracy)
-    assert right > 0.6 and reversed_ < 0.5 and right - reversed_ > 0.25, report["member_accuracy"]
+    assert right >= 0.6 and reversed_ <= 0.4, report["member_accuracy"]
 
 
 def test_labelled_rows_are_checked_against_k(data, lm_dir, tmp_path):
@@ -195,3 +195,17 @@ def test_labelled_rows_are_checked_against_k(data, lm_dir, tmp_path):
         rm_members.labelled_weights([{**rows[0], "member": 0}], 2, tmp_path / "gap.jsonl")
     with pytest.raises(ConfigError, match="head_data applies to a multi-head RM"):
         _config(data, lm_dir, tmp_path, "head_data=labelled")
+
+
+def test_labelled_pairs_are_merged_with_signed_weights_and_the_loss_follows_the_sign(tmp_path):
+    a = {"prompt": "p", "chosen": "x", "rejected": "y"}
+    rows = [{**a, "member": 0}, {**a, "chosen": "y", "rejected": "x", "member": 1},
+            {"prompt": "q", "chosen": "u", "rejected": "v", "member": 1}, {**a, "member": 2}]
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    merged, weights = rm_members.merge_labelled(rows, 3, tmp_path / "m.jsonl")
+    assert [(r["prompt"], r["chosen"]) for r in merged] == [("p", "x"), ("q", "u")]
+    assert weights.tolist() == [[1.0, -1.0, 1.0], [0.0, 1.0, 0.0]]
+    scores = torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])  # chosen rows first
+    softplus = lambda x: float(np.log1p(np.exp(-x)))  # -log sigmoid(x)
+    by_hand = softplus(1.0) / 2 + (softplus(-1.0) + softplus(-0.5)) / 2 + softplus(1.0) / 2  # per head: mean over pairs
+    assert rm_members.multihead_loss(scores, weights).item() == pytest.approx(by_hand, rel=1e-6)

@@ -60,7 +60,7 @@ def bootstrap_weights(pairs: int, seeds: Sequence[int]) -> torch.Tensor:
 
 
 def labelled_weights(rows: Sequence[dict], k: int, path: str | Path) -> torch.Tensor:
-    """(pairs, k) one-hot weights from each row's `member` (head_data: labelled); a missing or out-of-range
+    """(rows, k) one-hot weights from each row's `member` (head_data: labelled); a missing or out-of-range
     member, or a member with no rows, is refused naming the file (and line)."""
     members = []
     for (line, _), row in zip(iter_jsonl(path), rows):
@@ -75,13 +75,34 @@ def labelled_weights(rows: Sequence[dict], k: int, path: str | Path) -> torch.Te
     return F.one_hot(torch.tensor(members), k).to(torch.float32)
 
 
+def merge_labelled(rows: Sequence[dict], k: int, path: str | Path) -> tuple[list[dict], torch.Tensor]:
+    """The labelled rows with each pair once, and (pairs, k) signed weights: +1 where the member prefers the stored
+    chosen answer, -1 where it prefers the other, 0 where it did not label the pair. k annotators judging the same
+    pairs then cost one pass per pair, not k."""
+    onehot = labelled_weights(rows, k, path)
+    merged: list[dict] = []
+    weights: list[torch.Tensor] = []
+    where: dict[tuple, int] = {}
+    for row, member in zip(rows, onehot.argmax(1).tolist()):
+        key = (repr(row["prompt"]), *sorted((repr(row["chosen"]), repr(row["rejected"]))))
+        if key not in where:
+            where[key] = len(merged)
+            merged.append(row)
+            weights.append(torch.zeros(k))
+        first = merged[where[key]]
+        weights[where[key]][member] += 1.0 if row["chosen"] == first["chosen"] else -1.0
+    return merged, torch.stack(weights)
+
+
 def multihead_loss(scores: torch.Tensor, weights: torch.Tensor | None, center: float | None = None) -> torch.Tensor:
     """Sum over heads of each head's Bradley-Terry loss on (2B, k) scores (chosen rows first), each pair weighted
-    by that head's bootstrap count; plus TRL's reward-centring term per head when `center` is set."""
+    by that head's weight: a bootstrap count, or for labelled pairs +1 / -1 (the head prefers the chosen / the
+    rejected answer) and 0 (not its pair); plus TRL's reward-centring term per head when `center` is set."""
     chosen, rejected = scores.chunk(2)
-    per_pair = -F.logsigmoid(chosen - rejected)
-    if weights is not None:
-        per_pair = per_pair * weights
+    if weights is None:
+        per_pair = -F.logsigmoid(chosen - rejected)
+    else:
+        per_pair = -F.logsigmoid(weights.sign() * (chosen - rejected)) * weights.abs()
     loss = per_pair.mean(dim=0).sum()
     if center is not None:
         loss = loss + center * ((chosen + rejected) ** 2).mean(dim=0).sum()
@@ -130,9 +151,12 @@ def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: 
         backbone.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout_in_model(model)
+    weights = None
+    if cfg.head_data == "bootstrap":
+        weights = bootstrap_weights(len(rows), seeds)
+    elif cfg.head_data == "labelled":
+        rows, weights = merge_labelled(rows, len(seeds), cfg.train_data)
     data = {**encode_pairs(rows, tokenizer, cfg), "pair_index": list(range(len(rows)))}
-    weights = (bootstrap_weights(len(rows), seeds) if cfg.head_data == "bootstrap" else
-               labelled_weights(rows, len(seeds), cfg.train_data) if cfg.head_data == "labelled" else None)
     trainer = MultiHeadTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data),
                                data_collator=PairCollator(tokenizer.pad_token_id), weights=weights,
                                center=args.center_rewards_coefficient)
