@@ -64,7 +64,7 @@ def test_table_and_figures(runs, tmp_path, capsys):
     assert "hit rate (alarm <= gold peak + 10 % of the KL budget): 0 of 1 over-optimising runs = 0% (target >= 80%: missed)" in table
     assert "false alarms: 0 of 1 control runs = 0% (target <= 10%: met)" in table
     assert "lead time: KL at the alarm minus KL at the gold peak, median +1.300" in table
-    assert "gold kept by stop: 92% of the peak (target >= 95%: missed in 0 of 1)" in table
+    assert "gold kept by stop: 92% of the peak (target >= 95%: met in 0 of 1)" in table
     row = next(line for line in table.splitlines() if line.startswith(f"| {runs[0]} "))
     assert "over-optimises (drop 0.300" in row and "step 33 (disagreement_rise) at 3.300" in row and "| no |" in row
 
