@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench gpu-install clean
+.PHONY: demo test install bench mutation gpu-install clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m trl_ext.demo
 
+# -v undoes pyproject's -q: one line per test file with the share done, and the slowest tests at the end.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -v --durations=10
+
+# Mutation score of the core modules with mutmut (bench/mutation.py); minutes to hours, never part of `make test`.
+# Each entry is MODULE[:FUNC,...][=TEST,...]; e.g. make mutation MUTATION_MODULES=evaluation/bon.py
+MUTATION_MODULES ?= reward_plugins/config_loader.py evaluation/bon.py reward_plugins/ensemble.py trl_ext/ppo.py \
+	reward_plugins/vrcli/scoring.py reward_plugins/vrcli/plan.py openrlhf_ext/reward_client.py openrlhf_ext/server_protocol.py reward_plugins/placement.py
+mutation: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/mutation.py $(MUTATION_MODULES)
 
 bench: $(STAMP)
 	$(PY) bench/reward_throughput.py

@@ -22,6 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.eval_checkpoints", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="Hugging Face checkpoint folders")
+    parser.add_argument("--initial-policy", required=True)
+    parser.add_argument("--prompts", required=True, help="held-out prompts, JSONL or Parquet")
+    parser.add_argument("--reward-config", required=True, help="reward pipeline YAML (configs/rewards/*.yaml)")
+    parser.add_argument("-o", "--output-dir", required=True)
+    parser.add_argument("--tokenizer", default=None, help="default: the initial policy's")
+    parser.add_argument("--samples-per-prompt", type=int, default=1)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=4096, help="prompt + answer tokens for the log-probs")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-initial", action="store_true", help="do not evaluate the initial policy as step 0")
+    parser.add_argument("--overwrite", action="store_true", help="redo steps that already have an eval file")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 
@@ -110,30 +140,6 @@ def sequence_kls(policy, initial, contexts: list[list[int]], answers: list[list[
     return np.array([float(np.sum(a - b)) for a, b in zip(mine, theirs)])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.eval_checkpoints", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="Hugging Face checkpoint folders")
-    parser.add_argument("--initial-policy", required=True)
-    parser.add_argument("--prompts", required=True, help="held-out prompts, JSONL or Parquet")
-    parser.add_argument("--reward-config", required=True, help="reward pipeline YAML (configs/rewards/*.yaml)")
-    parser.add_argument("-o", "--output-dir", required=True)
-    parser.add_argument("--tokenizer", default=None, help="default: the initial policy's")
-    parser.add_argument("--samples-per-prompt", type=int, default=1)
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=4096, help="prompt + answer tokens for the log-probs")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-initial", action="store_true", help="do not evaluate the initial policy as step 0")
-    parser.add_argument("--overwrite", action="store_true", help="redo steps that already have an eval file")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> list[Path]:
     """Evaluate the checkpoints; returns the eval files written."""
     from reward_plugins.logprobs import HFLogProbScorer
@@ -147,8 +153,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = [row for row in load_prompts(args.prompts, args.max_prompts) for _ in range(args.samples_per_prompt)]
     from reward_plugins.cli import check_model_dir
 
-    for index, path in enumerate([args.initial_policy, *args.checkpoints]):
-        check_model_dir(path, "--initial-policy" if index == 0 else "--checkpoints", causal_lm=True)
+    args.initial_policy = check_model_dir(args.initial_policy, "--initial-policy", causal_lm=True)
+    for path in args.checkpoints:
+        check_model_dir(path, "--checkpoints", causal_lm=True)
     steps = checkpoint_steps(args.checkpoints)
     if not args.no_initial:
         if steps[0][0] == 0:

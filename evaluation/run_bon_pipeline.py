@@ -11,6 +11,12 @@ loaded through `datasets` (its cache, or the network when there is one).
 Each proxy RM scores every answer (batched, cached per RM under OUT/scores, resumable), then
 `OUT/seed{s}/bon_sampled_results.json` and `OUT/ensemble_<mean|WCO|UWO-w>/bon_sampled_results.json` get
 `[{n, proxy_score, gold_score, kl_bon}, ...]`, with a `bon_meta.json` beside each recording the settings.
+
+A multi-head RM or LoRA ensemble folder (no `{seed}`, no `--seeds`) gives its k members as k proxy RMs: one pass
+scores all of them, each member is cached like a separate RM, and the runs are `OUT/head{i}` (`OUT/adapter{i}`)
+next to the ensembles over the members:
+
+    python -m evaluation.run_bon_pipeline models/rm_multihead_seed1 --ensembles --gold-gens DATA -o runs/bon_mh
 """
 
 from __future__ import annotations
@@ -23,19 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from reward_plugins.cli import help_first
 
-from reward_plugins.ensemble import OBJECTIVES
-from reward_plugins.cli import run_cli
-from reward_plugins.io import DataError, write_json
-
-from .bon import DEFAULT_NS, bon_curve
-from .bon_analysis import ensemble_run_name, ensemble_scores
-from .gold_gens import GoldGens, load_gold_gens
-from .rm_text import OA_TEMPLATE, check_template, rm_text
-from .score_cache import cache_key, cached_scores, model_signature
-
-logger = logging.getLogger(__name__)
+from .bon import DEFAULT_NS
+from .rm_text import OA_TEMPLATE, check_template
 
 
 def _int_list(text: str) -> list[int]:
@@ -59,6 +56,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def _objectives(text: str) -> list[str]:
+    from reward_plugins.ensemble import OBJECTIVES
+
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in OBJECTIVES]
     if unknown or not values:
@@ -69,10 +68,11 @@ def _objectives(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluation.run_bon_pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("proxy_rm_path", help="proxy RM folder; {seed} is replaced by each seed")
-    parser.add_argument("--seeds", type=_int_list, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seeds", type=_int_list, default=None,
+                        help="default 1,2,3,4,5; not with a multi-head or LoRA ensemble folder (its members are the RMs)")
     parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=False,
                         help="also evaluate ensembles of the seeds' RMs (--no-ensembles: only single RMs)")
-    parser.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="mean,wco,uwo")
+    parser.add_argument("--objectives", type=_objectives, default=None, help="some of mean,wco,uwo (default: all)")
     parser.add_argument("--uwo-weights", type=_float_list, default=[0.5], help="lambda values for UWO (0 allowed)")
     parser.add_argument("--ddof", type=int, default=0, help="UWO variance ddof (0: the paper's population variance)")
     parser.add_argument("-ns", "--sample-ns", type=_int_list, default=list(DEFAULT_NS))
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first prompts (unbiased subsample)")
     parser.add_argument("-o", "--output-dir", default=None, help="default: runs/bon_<RM folder name without {seed}>")
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
-                        help="RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not the RM's own ({seed} allowed)")
     parser.add_argument("--max-length", type=int, default=776, help="RM input tokens (the published 520 + 256)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -93,6 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-answers", type=int, default=8192, help="answers scored between cache checkpoints")
     parser.add_argument("--save-sorted", action="store_true", help="also write proxy_labelled_sorted.json per run")
     return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
+import numpy as np
+
+from reward_plugins.ensemble import OBJECTIVES
+from reward_plugins.cli import run_cli
+from reward_plugins.io import DataError, write_json
+from reward_plugins.member_info import MemberInfo
+
+from .bon import bon_curve
+from .bon_analysis import ensemble_run_name, ensemble_scores
+from .gold_gens import GoldGens, load_gold_gens
+from .rm_text import rm_text
+from .score_cache import cache_key, cached_member_scores, cached_scores, model_signature
+
+logger = logging.getLogger(__name__)
 
 
 def score_with_rm(args: argparse.Namespace, seed: int, gens: GoldGens, fingerprint: str) -> list[np.ndarray]:
@@ -121,6 +140,49 @@ def score_with_rm(args: argparse.Namespace, seed: int, gens: GoldGens, fingerpri
     cache_root = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / "scores"
     return cached_scores(cache_root / f"seed{seed}-{cache_key(settings)}", settings, texts,
                          [len(a) for a in gens.answers], make_scorer, args.block_answers)
+
+
+def one_model_members(path: str) -> tuple[str, MemberInfo] | None:
+    """("multihead" | "lora", the members' record) for a one-model ensemble folder, None for a plain reward model."""
+    from reward_plugins.lora_ensemble import INDEX_FILE, read_lora_index
+    from reward_plugins.multihead import HEADS_FILE, read_member_info
+
+    folder = Path(path)
+    if (folder / HEADS_FILE).is_file():
+        return "multihead", read_member_info(folder)
+    if (folder / INDEX_FILE).is_file():
+        return "lora", read_lora_index(folder)[1]
+    return None
+
+
+def score_with_members(args: argparse.Namespace, kind: str, info: MemberInfo, gens: GoldGens,
+                       fingerprint: str) -> dict[str, list[np.ndarray]]:
+    """Every answer's score from each member of a multi-head RM or LoRA ensemble (one pass for all), cached per
+    member like separate RMs; keyed by member name (head0, ... / adapter0, ...)."""
+    from reward_plugins.lora_ensemble import LoraEnsembleScorer
+    from reward_plugins.multihead import MultiHeadScorer
+    from reward_plugins.reward_model import TextInputConfig
+
+    path = args.proxy_rm_path
+    names = [f"{'head' if kind == 'multihead' else 'adapter'}{i}" for i in range(info.k)]
+    base = {"rm": model_signature(path), "kind": kind, "tokenizer": args.tokenizer, "template": args.template,
+            "max_length": args.max_length, "dtype": args.dtype, "data": fingerprint}
+    settings = [{**base, "member": i, "member_seed": seed} for i, seed in enumerate(info.seeds)]
+
+    def make_scorer():
+        config = TextInputConfig(path=path, tokenizer=args.tokenizer, max_length=args.max_length,
+                                 batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+        scorer = MultiHeadScorer(config) if kind == "multihead" else LoraEnsembleScorer(config)
+        logger.info("scoring %d answers with the %d members of %s", sum(len(a) for a in gens.answers), info.k, path)
+        return lambda texts: scorer.member_scores_texts(texts)[0]
+
+    def texts(row: int) -> list[str]:
+        return [rm_text(gens.instructions[row], gens.inputs[row], a, args.template) for a in gens.answers[row]]
+
+    cache_root = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / "scores"
+    scores = cached_member_scores([cache_root / f"{n}-{cache_key(s)}" for n, s in zip(names, settings)], settings,
+                                  texts, [len(a) for a in gens.answers], make_scorer, args.block_answers)
+    return dict(zip(names, scores))
 
 
 def write_run(run_dir: Path, gens: GoldGens, scores: Sequence[np.ndarray], ns: Sequence[int], meta: dict[str, Any],
@@ -158,10 +220,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     args = parser.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = default_output_dir(args.proxy_rm_path)
-    if len(args.seeds) > 1 and "{seed}" not in args.proxy_rm_path:
+    kind, info = (None, None) if "{seed}" in args.proxy_rm_path else one_model_members(args.proxy_rm_path) or (None, None)
+    if kind is not None and args.seeds is not None:
+        parser.error(f"{args.proxy_rm_path} is a {kind} ensemble: its members are the RMs, so --seeds does not apply")
+    seeds = args.seeds or [1, 2, 3, 4, 5]
+    if kind is None and len(seeds) > 1 and "{seed}" not in args.proxy_rm_path:
         parser.error("proxy_rm_path must contain {seed} when several seeds are given")
-    if args.ensembles and len(args.seeds) < 2:
-        parser.error("--ensembles needs at least two seeds")
+    if args.ensembles and (info.k if kind else len(seeds)) < 2:
+        parser.error("--ensembles needs at least two seeds" if kind is None else
+                     f"--ensembles needs at least two members; {args.proxy_rm_path} holds one")
     if args.big_n < 1 or any(n < 1 for n in args.sample_ns):
         parser.error("--big-n and --sample-ns must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -171,19 +238,26 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     base_meta = {"data": gens.source, "prompts": len(gens), "answers_min": min(sizes), "answers_max": max(sizes),
                  "big_n": args.big_n, "template": args.template, "max_length": args.max_length}
     fingerprint = gens.fingerprint()
-    members: dict[int, list[np.ndarray]] = {}
-    curves = {}
-    for seed in args.seeds:
-        members[seed] = score_with_rm(args, seed, gens, fingerprint)
-        meta = {**base_meta, "proxy_rm": args.proxy_rm_path.replace("{seed}", str(seed)), "seed": seed}
-        curves[f"seed{seed}"] = write_run(out / f"seed{seed}", gens, members[seed], args.sample_ns, meta, args.save_sorted)
+    members: dict[str, list[np.ndarray]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    if kind is None:
+        for seed in seeds:
+            members[f"seed{seed}"] = score_with_rm(args, seed, gens, fingerprint)
+            metas[f"seed{seed}"] = {"proxy_rm": args.proxy_rm_path.replace("{seed}", str(seed)), "seed": seed}
+    else:
+        members = score_with_members(args, kind, info, gens, fingerprint)
+        metas = {name: {"proxy_rm": args.proxy_rm_path, "kind": kind, "member": name, "member_seed": seed}
+                 for name, seed in zip(members, info.seeds)}
+    curves = {name: write_run(out / name, gens, scores, args.sample_ns, {**base_meta, **metas[name]}, args.save_sorted)
+              for name, scores in members.items()}
     if args.ensembles:
-        for objective in args.objectives:
+        ensemble_meta = {"proxy_rm": args.proxy_rm_path, **({"seeds": seeds} if kind is None else
+                                                            {"kind": kind, "members": list(members)})}
+        for objective in args.objectives or OBJECTIVES:
             for weight in args.uwo_weights if objective == "uwo" else [None]:
                 name = ensemble_run_name(objective, weight)
                 combined = ensemble_scores(list(members.values()), objective, 0.0 if weight is None else weight, args.ddof)
-                meta = {**base_meta, "proxy_rm": args.proxy_rm_path, "seeds": args.seeds, "objective": objective,
-                        "uwo_weight": weight, "ddof": args.ddof}
+                meta = {**base_meta, **ensemble_meta, "objective": objective, "uwo_weight": weight, "ddof": args.ddof}
                 curves[name] = write_run(out / name, gens, combined, args.sample_ns, meta, args.save_sorted)
     for name, curve in curves.items():
         if curve:

@@ -4,7 +4,7 @@
 
 Idempotent and resumable: rows that already have a `gold_score` from this gold RM are kept, and each
 file is rewritten atomically after every `--checkpoint-rows` scored rows. The gold RM reads
-`<|prompter|>{prompt}<|endoftext|><|assistant|>{answer}<|endoftext|>` (Open-Assistant), AlpacaFarm's
+`<|prompter|>{prompt}<|endoftext|><|assistant|>{response}<|endoftext|>` (Open-Assistant), AlpacaFarm's
 format with `--is-alpacafarm-rm` (the row's prompt as the instruction, no input), or `--template`.
 """
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--is-alpacafarm-rm", action="store_true", help="format inputs the AlpacaFarm way")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--template", type=check_template, default=None,
-                        help="custom gold-RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="custom gold-RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -1,7 +1,7 @@
 """Gold-labelled generations for best-of-n: N sampled answers per prompt from a policy, each scored by a gold RM.
 
     python -m evaluation.sample_gold_gens --policy models/sft/final --prompts data/eval_prompts.jsonl --n 64 \
-        --gold-rm models/gold_seed0 --template '{prompt}{answer}' -o data/gold_gens.jsonl
+        --gold-rm models/gold_seed0 --template '{prompt}{response}' -o data/gold_gens.jsonl
 
 Writes JSONL rows with the columns of `tlc4418/gold_labelled_gens` (`instruction`, `input`, `answers`,
 `gold_scores`), which `evaluation.run_bon_pipeline --gold-gens` reads. Prompts are `{"prompt": text or chat
@@ -15,15 +15,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import torch
+from reward_plugins.cli import help_first
 
-from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
-from reward_plugins.io import DataError, write_jsonl
-
-from .eval_checkpoints import load_prompts, render_prompt
 from .rm_text import OA_TEMPLATE, check_template, rm_text
-
-logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--template", type=check_template, default=OA_TEMPLATE,
-                        help="gold-RM input; fields {prompt} {instruction} {input} {answer}")
+                        help="gold-RM input; fields {prompt} {instruction} {input} {response}")
     parser.add_argument("--max-length", type=int, default=1024, help="gold-RM input tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
+import torch
+
+from reward_plugins.cli import check_model_dir, check_tokenizer_dir, run_cli
+from reward_plugins.io import DataError, write_jsonl
+
+from .eval_checkpoints import load_prompts, render_prompt
+
+logger = logging.getLogger(__name__)
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -54,8 +61,8 @@ def _main(argv: Sequence[str]) -> None:
     from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
     from trl_ext.generation import sample
 
-    check_model_dir(args.policy, "--policy", causal_lm=True)
-    check_model_dir(args.gold_rm, "--gold-rm")
+    args.policy = check_model_dir(args.policy, "--policy", causal_lm=True)
+    args.gold_rm = check_model_dir(args.gold_rm, "--gold-rm")
     tokenizer = AutoTokenizer.from_pretrained(check_tokenizer_dir(args.policy, "--policy"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,5 +1,6 @@
 """Proxy-RM scores for every answer, cached on disk per RM (.npy, never pickle) and resumable block by block.
 
+The members of a one-model ensemble (heads, adapters) score together but are cached one folder each, like k RMs.
 Layout of one cache folder: `meta.json` (what was scored, with what), `part_<first row>.npy` for each
 finished block of prompts while scoring is under way, and `scores.npy` (all answers, flat, in dataset
 order) once complete. A rerun loads `scores.npy` without loading the model; an interrupted run
@@ -22,6 +23,7 @@ from reward_plugins.io import DataError, atomic_open, write_json
 logger = logging.getLogger(__name__)
 
 TextScorer = Callable[[Sequence[str]], np.ndarray]
+MemberScorer = Callable[[Sequence[str]], np.ndarray]  # texts -> (k, n) scores
 
 
 def model_signature(path: str | Path) -> dict[str, Any]:
@@ -70,36 +72,69 @@ def cached_scores(
     block_answers: int = 8192,
 ) -> list[np.ndarray]:
     """Per-row score arrays; `texts(row)` gives that row's RM inputs and `make_scorer()` is called only if something is left to score."""
-    cache_dir = Path(cache_dir)
-    meta = {"settings": settings, "rows": len(lengths), "answers": int(sum(lengths))}
-    meta_path = cache_dir / "meta.json"
-    if meta_path.exists():
-        if json.loads(meta_path.read_text()) != meta:
-            raise DataError(f"{meta_path}: this cache holds scores for other settings; remove it or choose another cache folder")
-    else:
-        write_json(meta_path, meta)
+
+    def make_one_member() -> MemberScorer:
+        scorer = make_scorer()
+        return lambda batch: np.asarray(scorer(batch), dtype=np.float64)[None, :]
+
+    return cached_member_scores([cache_dir], [settings], texts, lengths, make_one_member, block_answers)[0]
+
+
+def cached_member_scores(
+    cache_dirs: Sequence[str | Path],
+    settings: Sequence[dict[str, Any]],
+    texts: Callable[[int], list[str]],
+    lengths: Sequence[int],
+    make_scorer: Callable[[], MemberScorer],
+    block_answers: int = 8192,
+) -> list[list[np.ndarray]]:
+    """Per-member, per-row score arrays of k members that score together (the heads of one model, the adapters on
+    one base): `make_scorer()` gives texts -> (k, n) scores. Each member is cached in its own folder exactly as a
+    separate RM would be, so every later step treats the members as k RMs; one pass scores a block for all."""
+    dirs = [Path(d) for d in cache_dirs]
+    for cache_dir, member_settings in zip(dirs, settings):
+        meta = {"settings": member_settings, "rows": len(lengths), "answers": int(sum(lengths))}
+        meta_path = cache_dir / "meta.json"
+        if meta_path.exists():
+            if json.loads(meta_path.read_text()) != meta:
+                raise DataError(f"{meta_path}: this cache holds scores for other settings; remove it or choose another cache folder")
+        else:
+            write_json(meta_path, meta)
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(int)
-    final = cache_dir / "scores.npy"
-    flat = _load(final, int(offsets[-1])) if final.exists() else None
-    if flat is None:
-        flat = np.empty(int(offsets[-1]), dtype=np.float64)
-        scorer: TextScorer | None = None
-        blocks = row_blocks(lengths, block_answers)
-        for number, (start, end) in enumerate(blocks):
-            part = cache_dir / f"part_{start:07d}.npy"
-            size = int(offsets[end] - offsets[start])
-            values = _load(part, size) if part.exists() else None
-            if values is None:
-                scorer = scorer or make_scorer()
-                values = np.asarray(scorer([t for row in range(start, end) for t in texts(row)]), dtype=np.float64)
-                bad = np.flatnonzero(~np.isfinite(values))
-                if bad.size:
-                    row = int(np.searchsorted(offsets, offsets[start] + bad[0], side="right") - 1)
-                    raise DataError(f"row {row}: the RM returned a non-finite score for answer {offsets[start] + bad[0] - offsets[row]}")
-                _save(part, values)
-                logger.info("scored block %d/%d (rows %d-%d)", number + 1, len(blocks), start, end - 1)
-            flat[offsets[start] : offsets[end]] = values
-        _save(final, flat)
+    total = int(offsets[-1])
+    flats = [_load(d / "scores.npy", total) if (d / "scores.npy").exists() else None for d in dirs]
+    if all(flat is not None for flat in flats):
+        return [[flat[offsets[r] : offsets[r + 1]] for r in range(len(lengths))] for flat in flats]
+    flats = [np.empty(total, dtype=np.float64) for _ in dirs]
+    scorer: MemberScorer | None = None
+    blocks = row_blocks(lengths, block_answers)
+    for number, (start, end) in enumerate(blocks):
+        parts = [d / f"part_{start:07d}.npy" for d in dirs]
+        size = int(offsets[end] - offsets[start])
+        values = [_load(part, size) if part.exists() else None for part in parts]
+        if any(v is None for v in values):
+            scorer = scorer or make_scorer()
+            scored = np.asarray(scorer([t for row in range(start, end) for t in texts(row)]), dtype=np.float64)
+            if scored.shape != (len(dirs), size):
+                raise DataError(f"the scorer gave {scored.shape} scores for {len(dirs)} members x {size} answers")
+            _check_finite(scored, offsets, start)
+            for part, row_values in zip(parts, scored):
+                _save(part, row_values)
+            values = list(scored)
+            logger.info("scored block %d/%d (rows %d-%d)", number + 1, len(blocks), start, end - 1)
+        for flat, row_values in zip(flats, values):
+            flat[offsets[start] : offsets[end]] = row_values
+    for cache_dir, flat in zip(dirs, flats):
+        _save(cache_dir / "scores.npy", flat)
         for part in cache_dir.glob("part_*.npy"):
             part.unlink()
-    return [flat[offsets[r] : offsets[r + 1]] for r in range(len(lengths))]
+    return [[flat[offsets[r] : offsets[r + 1]] for r in range(len(lengths))] for flat in flats]
+
+
+def _check_finite(scored: np.ndarray, offsets: np.ndarray, start: int) -> None:
+    member, bad = np.nonzero(~np.isfinite(scored))
+    if bad.size:
+        answer = offsets[start] + bad[0]
+        row = int(np.searchsorted(offsets, answer, side="right") - 1)
+        who = "the RM" if scored.shape[0] == 1 else f"member {member[0]}"
+        raise DataError(f"row {row}: {who} returned a non-finite score for answer {answer - offsets[row]}")

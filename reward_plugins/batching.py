@@ -56,3 +56,10 @@ def truncate(ids: Sequence[int], max_length: int, side: str) -> tuple[list[int],
     if len(ids) <= max_length:
         return ids, False
     return (ids[-max_length:] if side == "left" else ids[:max_length]), True
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Per row, the position of the rightmost token that is not padding: where transformers'
+    `*ForSequenceClassification` models read their score, so heads trained through them read the same token."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)

@@ -108,19 +108,21 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | os.PathLike, *, check_paths: bool = True) -> PipelineConfig:
     """Read and validate a pipeline YAML file. `check_paths=False` skips the existence checks of paths."""
-    data, lines, _ = read_yaml(path, "reward")
-    return parse_pipeline_config(data, source=str(path), lines=lines, check_paths=check_paths)
+    data, lines, located = read_yaml(path, "reward")
+    return parse_pipeline_config(data, source=str(path), lines=lines, check_paths=check_paths, typed=located.typed)
 
 
 def parse_pipeline_config(
-    data: Any, *, source: str = "<dict>", lines: Mapping[Loc, int] | None = None, check_paths: bool = True
+    data: Any, *, source: str = "<dict>", lines: Mapping[Loc, int] | None = None, check_paths: bool = True,
+    typed: Mapping[Loc, str] | None = None,
 ) -> PipelineConfig:
-    """Validate an already-parsed pipeline mapping (e.g. built in code)."""
+    """Validate an already-parsed pipeline mapping (e.g. built in code); `typed` is `Located.typed` of the file."""
     validator = _Validator(source, lines or {}, check_paths)
+    validator.typed.update(typed or {})
     if not isinstance(data, Mapping):
         raise ConfigError([f"{source}: the file must hold a mapping with a 'reward' key"])
     try:
-        fields = _PipelineFields.model_validate(data)
+        fields = validator.validate(_PipelineFields, data)
     except ValidationError as exc:
         validator.add_pydantic(exc, ())
         raise ConfigError(validator.problems) from None
@@ -155,7 +157,7 @@ class _Validator(Located):
         fields = {k: v for k, v in raw.items() if k not in ("type", "name")}
         children = {loc_suffix: self.plugin(child, loc + loc_suffix) for loc_suffix, child in cls.child_specs(fields).items()}
         try:
-            config = cls.Config.model_validate(fields, context={"check_paths": self.check_paths})
+            config = self.validate(cls.Config, fields, loc, context={"check_paths": self.check_paths})
         except ValidationError as exc:
             self.add_pydantic(exc, loc)
             return None

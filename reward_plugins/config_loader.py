@@ -7,6 +7,7 @@ applied on top; the result is validated into a pydantic model. Every problem is 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -61,13 +62,19 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(_substitute(_ENV_REFERENCE, value))
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _scalar(text: str) -> Any:
-    """A value that was one whole `${VAR}` reference, read as a YAML scalar (so `3` and `true` keep their types)."""
+    """A value that was one whole `${VAR}` reference, read as a YAML scalar (so `3`, `1e-5` and `true` keep their
+    types); anything else stays text."""
+    if _NUMBER.fullmatch(text.strip()):
+        return float(text) if any(c in text for c in ".eE") else int(text)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return value if isinstance(value, (int, float, bool)) else text
+    return value if isinstance(value, bool) else text
 
 
 def key_lines(node: yaml.Node | None, loc: Loc = ()) -> dict[Loc, int]:
@@ -102,6 +109,22 @@ class Located:
         self.lines = lines or {}
         self.overridden = list(overridden)
         self.problems: list[str] = []
+        self.typed: dict[Loc, str] = {}  # values typed from one whole `${VAR}`, with their text
+
+    def validate(self, model: type[M], data: Any, prefix: Loc = (), context: dict[str, Any] | None = None) -> M:
+        """`model.model_validate(data)`, where a whole `${VAR}` typed as a number or boolean stays text if its field
+        wants a string: the value takes the field's type (`port: ${P:-80}` is 80, `name: ${N:-007}` is "007")."""
+        try:
+            return model.model_validate(data, context=context)
+        except ValidationError as exc:
+            texts = {}
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                if err["type"] == "string_type" and prefix + loc in self.typed:
+                    texts[loc] = self.typed[prefix + loc]
+            if not texts:
+                raise
+        return model.model_validate(_with_values(data, texts), context=context)
 
     def where(self, loc: Loc) -> str:
         for key in self.overridden:
@@ -131,12 +154,26 @@ def expand_tree(data: Any, located: Located, loc: Loc = ()) -> Any:
             located.problem(loc, str(exc))
             return data
         if expanded != data and _BRACED.fullmatch(data.strip()):
-            return _scalar(expanded)
+            value = _scalar(expanded)
+            if not isinstance(value, str):
+                located.typed[loc] = expanded
+            return value
         return expanded
     if isinstance(data, Mapping):
         return {key: expand_tree(value, located, loc + (key,)) for key, value in data.items()}
     if isinstance(data, list):
         return [expand_tree(value, located, loc + (index,)) for index, value in enumerate(data)]
+    return data
+
+
+def _with_values(data: Any, values: Mapping[Loc, Any]) -> Any:
+    """A copy of `data` with the value at each key path replaced."""
+    data = copy.deepcopy(data)
+    for loc, value in values.items():
+        node = data
+        for part in loc[:-1]:
+            node = node[part]
+        node[loc[-1]] = value
     return data
 
 
@@ -212,7 +249,7 @@ def load_model(model: type[M], path: str | os.PathLike | None, overrides: Sequen
             raise ConfigError([f"{path}: expected a mapping at the top level"], kind)
     data, located.overridden = apply_overrides(data, overrides, kind)
     try:
-        config = model.model_validate(data, context=context)
+        config = located.validate(model, data, context=context)
     except ValidationError as exc:
         located.add_pydantic(exc)
         raise ConfigError(located.problems, kind) from None

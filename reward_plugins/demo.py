@@ -13,6 +13,19 @@ import os
 import time
 from pathlib import Path
 
+from .cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reward_plugins.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo_rewards")
+    parser.add_argument("--configs", default="configs/rewards")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +35,7 @@ from .pipeline import RewardPipeline, build_first_of_type
 from .score import read_samples
 from .vrcli import baseline_perplexities
 
-CONFIGS = ("reward_model", "ensemble_uwo5", "rm_eos_penalty", "weighted_sum", "vrcli")
+CONFIGS = ("reward_model", "ensemble_uwo5", "multihead_uwo5", "lora_uwo5", "rm_eos_penalty", "weighted_sum", "vrcli")
 STORIES = [
     ("A dragon wants to paint the sea.", "She opened the door, looked at the sea, and smiled at the morning light."),
     ("A ship is caught in a storm.", "Chapter two begins with a storm over the harbour and a ship in trouble."),
@@ -37,13 +50,17 @@ RESPONSES = [
 
 
 def build_models(models_dir: Path) -> None:
-    """Tokenizer, RMs rm_seed1..5 and ref_lm, unless already built."""
+    """Tokenizer, RMs rm_seed1..5, a 5-head RM, a 5-adapter LoRA ensemble and ref_lm, unless already built."""
     tokenizer_dir = models_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
         tiny_models.build_tokenizer(tokenizer_dir)
     for seed in range(1, 6):
         if not (models_dir / f"rm_seed{seed}" / "config.json").exists():
             tiny_models.build_reward_model(models_dir / f"rm_seed{seed}", tokenizer_dir, seed=seed)
+    if not (models_dir / "rm_multihead_seed1" / "heads.safetensors").exists():
+        tiny_models.build_multihead_rm(models_dir / "rm_multihead_seed1", tokenizer_dir, k=5, seed=1)
+    if not (models_dir / "rm_lora_seed1" / "lora_ensemble.json").exists():
+        tiny_models.build_lora_ensemble(models_dir / "rm_lora_seed1", tokenizer_dir, k=5, seed=1)
     if not (models_dir / "ref_lm" / "config.json").exists():
         tiny_models.build_causal_lm(models_dir / "ref_lm", tokenizer_dir, seed=0)
 
@@ -66,10 +83,7 @@ def build_rollouts(path: Path, vrcli_config: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo_rewards")
-    parser.add_argument("--configs", default="configs/rewards")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
     models_dir = out / "models"

@@ -24,6 +24,8 @@ ENTRY_POINT_GROUP = "reward_plugins.plugins"
 _BUILTIN_MODULES = (
     "reward_plugins.reward_model",
     "reward_plugins.ensemble",
+    "reward_plugins.multihead",
+    "reward_plugins.lora_ensemble",
     "reward_plugins.vrcli",
     "reward_plugins.penalties",
     "reward_plugins.combinators",

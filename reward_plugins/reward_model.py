@@ -11,6 +11,8 @@ Formats:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import string
@@ -25,9 +27,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .batching import length_sorted_batches, position_ids_from_mask, right_pad, truncate
-from .config import ExistingPath, Placement
+from .config import Placement
+from .model_ref import ModelRef
 from .modeling import DTypeName, load_tokenizer, require_safetensors, resolve_device, resolve_dtype
 from .registry import PluginConfig, RewardPlugin, register_plugin
+from .templates import current_names
 from .types import RewardResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -35,15 +39,11 @@ logger = logging.getLogger(__name__)
 TEMPLATE_FIELDS = ("prompt", "response", "query", "label")
 
 
-class RewardModelConfig(PluginConfig):
-    path: ExistingPath
-    tokenizer: ExistingPath | None = None
-    format: Literal["auto", "hf", "openrlhf"] = "auto"
-    value_head_prefix: str | None = None
-    label_index: int = 0
-    normalize: bool = False
-    mean: float | None = None
-    std: float | None = Field(default=None, gt=0)
+class TextInputConfig(PluginConfig):
+    """How a model-backed scorer builds, tokenises and batches its texts: shared by one RM and by k-member RMs."""
+
+    path: ModelRef
+    tokenizer: ModelRef | None = None
     template: str = "{prompt}{response}"
     chat_template: bool = False
     add_special_tokens: bool = True
@@ -60,6 +60,7 @@ class RewardModelConfig(PluginConfig):
     @field_validator("template")
     @classmethod
     def _known_fields(cls, template: str) -> str:
+        template = current_names(template, "template")
         for _, field_name, _, _ in string.Formatter().parse(template):
             if field_name is None:
                 continue
@@ -67,6 +68,15 @@ class RewardModelConfig(PluginConfig):
             if root not in TEMPLATE_FIELDS:
                 raise ValueError(f"template field {{{field_name}}} is not one of {TEMPLATE_FIELDS}")
         return template
+
+
+class RewardModelConfig(TextInputConfig):
+    format: Literal["auto", "hf", "openrlhf"] = "auto"
+    value_head_prefix: str | None = None
+    label_index: int = 0
+    normalize: bool = False
+    mean: float | None = None
+    std: float | None = Field(default=None, gt=0)
 
 
 class _ValueHeadModel(torch.nn.Module):
@@ -88,14 +98,71 @@ class _ValueHeadModel(torch.nn.Module):
         return (values - self.mean) / self.std
 
 
-class RewardModelScorer:
-    """Scores plain texts with one RM; the reusable core of the plugin (best-of-n uses it directly)."""
+class TextScorer:
+    """Formats samples, tokenises every text once and runs `forward` in length-sorted batches.
 
-    def __init__(self, config: RewardModelConfig):
+    `forward(input_ids, attention_mask)` gives a (B, members) tensor: one column for a single RM, k for a
+    multi-head or LoRA ensemble, so every member scores the same tokens in the same pass.
+    """
+
+    members = 1
+
+    def __init__(self, config: TextInputConfig):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or config.path, config.trust_remote_code)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per text, truncated to `max_length`, and which ones were truncated."""
+        encoded = self.tokenizer(list(texts), add_special_tokens=self.config.add_special_tokens)["input_ids"]
+        pairs = [truncate(ids, self.config.max_length, self.config.truncation_side) for ids in encoded]
+        return [ids for ids, _ in pairs], np.array([cut for _, cut in pairs], dtype=bool)
+
+    @torch.inference_mode()
+    def member_score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """(members, N) float64 scores of token sequences, computed in length-sorted batches."""
+        scores = np.empty((self.members, len(sequences)), dtype=np.float64)
+        batches = length_sorted_batches([len(s) for s in sequences], self.config.batch_size, self.config.max_tokens_per_batch)
+        for batch in batches:
+            input_ids, attention_mask = right_pad([sequences[i] for i in batch], self.tokenizer.pad_token_id)
+            values = self.forward(input_ids.to(self.device), attention_mask.to(self.device))
+            scores[:, batch] = values.float().cpu().numpy().reshape(len(batch), self.members).T
+        return scores
+
+    def member_scores_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(members, N) scores and (N,) truncation flags for already-formatted inputs."""
+        ids, truncated = self.encode(texts)
+        return self.member_score_ids(ids), truncated
+
+    def format_sample(self, sample: Sample) -> str:
+        """The text this RM reads for a sample: its template, optionally through its own chat template."""
+        if self.config.chat_template:
+            messages = [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return self.config.template.format(
+            prompt=sample.prompt, response=sample.response, query=sample.full_text, label=sample.label
+        )
+
+    @functools.cached_property
+    def encoding_key(self) -> tuple:
+        """Equal for scorers that turn a sample into the same token ids, so an ensemble tokenises once for them."""
+        cfg = self.config
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocabulary = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else id(self.tokenizer)
+        template = self.tokenizer.chat_template if cfg.chat_template else cfg.template
+        return (vocabulary, cfg.chat_template, template, cfg.add_special_tokens, cfg.max_length, cfg.truncation_side,
+                str(self.tokenizer.special_tokens_map))
+
+
+class RewardModelScorer(TextScorer):
+    """Scores plain texts with one RM; the reusable core of the plugin (best-of-n uses it directly)."""
+
+    def __init__(self, config: RewardModelConfig):
+        super().__init__(config)
         self.format = detect_format(config.path, config.value_head_prefix) if config.format == "auto" else config.format
         self.model = self._load_model().to(self.device).eval()
 
@@ -130,40 +197,19 @@ class RewardModelScorer:
             )
         return float(mean), float(std)
 
-    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        """Token ids per text, truncated to `max_length`, and which ones were truncated."""
-        encoded = self.tokenizer(list(texts), add_special_tokens=self.config.add_special_tokens)["input_ids"]
-        pairs = [truncate(ids, self.config.max_length, self.config.truncation_side) for ids in encoded]
-        return [ids for ids, _ in pairs], np.array([cut for _, cut in pairs], dtype=bool)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.format == "hf":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, self.config.label_index]
+        return self.model(input_ids, attention_mask)
 
-    @torch.inference_mode()
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """One float64 score per token sequence, computed in length-sorted batches."""
-        scores = np.empty(len(sequences), dtype=np.float64)
-        batches = length_sorted_batches([len(s) for s in sequences], self.config.batch_size, self.config.max_tokens_per_batch)
-        for batch in batches:
-            input_ids, attention_mask = right_pad([sequences[i] for i in batch], self.tokenizer.pad_token_id)
-            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            if self.format == "hf":
-                values = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, self.config.label_index]
-            else:
-                values = self.model(input_ids, attention_mask)
-            scores[batch] = values.float().cpu().numpy()
-        return scores
+        return self.member_score_ids(sequences)[0]
 
     def score_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Scores and truncation flags for already-formatted RM inputs."""
         ids, truncated = self.encode(texts)
         return self.score_ids(ids), truncated
-
-    def format_sample(self, sample: Sample) -> str:
-        """The text this RM reads for a sample: its template, optionally through its own chat template."""
-        if self.config.chat_template:
-            messages = [{"role": "user", "content": sample.prompt}, {"role": "assistant", "content": sample.response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.config.template.format(
-            prompt=sample.prompt, response=sample.response, query=sample.full_text, label=sample.label
-        )
 
 
 @register_plugin("reward_model")

@@ -125,3 +125,58 @@ def build_causal_lm(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 
     model.save_pretrained(out_dir)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def build_multihead_rm(out_dir: str | Path, tokenizer_dir: str | Path, k: int = 3, seed: int = 0,
+                       **config_overrides) -> Path:
+    """A random tiny multi-head RM folder: a Llama backbone and `heads.safetensors` with k random heads."""
+    from transformers import LlamaModel
+
+    from .member_info import MemberInfo
+    from .multihead import new_heads, save_heads
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(tokenizer_dir, **config_overrides)
+    out_dir = Path(out_dir)
+    LlamaModel(config).save_pretrained(out_dir)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    seeds = [seed * 1000 + h + 1 for h in range(k)]
+    save_heads(out_dir, new_heads(config.hidden_size, seeds, std=1.0).weight, MemberInfo(seeds))
+    return out_dir
+
+
+def build_lora_ensemble(out_dir: str | Path, tokenizer_dir: str | Path, k: int = 3, seed: int = 0, r: int = 4,
+                        top_layers: int = 1, target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj"),
+                        **config_overrides) -> Path:
+    """A random tiny LoRA ensemble folder: a Llama backbone and k peft adapters with random (non-zero) weights on
+    the top `top_layers` layers, each with its own score head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaModel
+
+    from .lora_ensemble import save_lora_index
+    from .member_info import MemberInfo
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(tokenizer_dir, **config_overrides)
+    out_dir = Path(out_dir)
+    LlamaModel(config).save_pretrained(out_dir)
+    PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    layers = config.num_hidden_layers
+    seeds = [seed * 1000 + j + 1 for j in range(k)]
+    names = []
+    for member_seed in seeds:
+        torch.manual_seed(member_seed)
+        base = LlamaForSequenceClassification.from_pretrained(out_dir, num_labels=1)
+        lora = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=list(target_modules),
+                          layers_to_transform=list(range(layers - top_layers, layers)))
+        model = get_peft_model(base, lora)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:  # a delta about as large as the layer's own weights
+                    param.normal_(0.0, param.shape[1] ** -0.5 * (1.0 if "lora_A" in name else 2.0))
+                elif "modules_to_save" in name:
+                    param.normal_(0.0, 1.0)
+        names.append(f"adapters/seed{member_seed}")
+        model.save_pretrained(out_dir / names[-1])
+    save_lora_index(out_dir, names, MemberInfo(seeds))
+    return out_dir

@@ -33,6 +33,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+from setup_data.validation import reject_share_arg
+
+SPLITS = ("train", "test", "val")
+DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli_reference.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compute_baseline_perplexity.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name", required=True, help="the frozen reference model (local path, safetensors)")
+    parser.add_argument("--nice_model_name", required=True, help="short name recorded in labels and file names")
+    parser.add_argument("--data_dir", default="rl_data/", help="holds {split}.jsonl from setup_rl_data.py")
+    parser.add_argument("--out_dir", default=None, help="where to write (default: <data_dir>_with_baseline; never --data_dir)")
+    parser.add_argument("--reward_config", default=DEFAULT_REWARD_CONFIG, help="reward YAML with the vrcli plugin")
+    parser.add_argument("--reward_name", default=None, help="which vrcli plugin, if the YAML has several")
+    parser.add_argument("--tokenizer_name", default=None, help="default: the YAML's scorer.tokenizer, else the model's own")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS))
+    parser.add_argument("--batch_size", type=int, default=None, help="override the YAML's scorer.batch_size")
+    parser.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
+                        choices=("auto", "float32", "bfloat16", "float16"),
+                        help="override the YAML's scorer.dtype; the reward side's (bfloat16 on the OpenRLHF path)")
+    parser.add_argument("--attn_implementation", default=None,
+                        choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3"),
+                        help="override the YAML's scorer.attn_implementation; the reward side's (flash_attention_2 "
+                        "on the OpenRLHF path, --ds.attn_implementation)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="override; must then match the reward's")
+    parser.add_argument("--max_length", type=int, default=None)
+    parser.add_argument("--chunk_size", type=int, default=64, help="rows per resumable chunk")
+    parser.add_argument("--table_format", choices=("jsonl", "parquet"), default="jsonl",
+                        help="the id-keyed table: JSONL, or JSONL plus Parquet")
+    reject_share_arg(parser)
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 from tqdm import tqdm
 
 from reward_plugins.cli import UsageError, check_model_dir, check_tokenizer_dir, loading, run_cli
@@ -41,9 +81,6 @@ from reward_plugins.io import DataError, atomic_open, write_jsonl
 from reward_plugins.logprobs import LogProbScorer, perplexity
 from reward_plugins.vrcli import FINGERPRINT_KEY, VRCLIConfig, VRCLIPlugin, VRCLIPrompt
 from setup_data.validation import RejectLog, RowError, iter_json_lines, reject_share_arg
-
-SPLITS = ("train", "test", "val")
-DEFAULT_REWARD_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rewards" / "vrcli_reference.yaml")
 
 
 @dataclass
@@ -194,7 +231,8 @@ def write_table(path: Path, rows: list[dict[str, Any]], table_format: str) -> li
 def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[str, Any]:
     """Score every split (resuming from the cache), then write the labelled splits and the table."""
     config = load_vrcli_config(args.reward_config, args.reward_name)
-    overrides = {"model": args.model_name, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
+    model = check_model_dir(args.model_name, "--model_name", causal_lm=True) if scorer is None else args.model_name
+    overrides = {"model": model, "tokenizer": args.tokenizer_name or config.scorer.tokenizer, "backend": "hf"}
     for key in ("batch_size", "dtype", "device", "temperature", "max_length", "attn_implementation"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -208,9 +246,9 @@ def run(args: argparse.Namespace, scorer: LogProbScorer | None = None) -> dict[s
     if absent:
         raise UsageError(f"split file(s) not found: {', '.join(absent)} (choose --splits)")
     if scorer is None:
-        check_model_dir(args.model_name, "--model_name", causal_lm=True)
         if scorer_config.tokenizer:
-            check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            tokenizer = check_tokenizer_dir(str(scorer_config.tokenizer), "--tokenizer_name")
+            scorer_config = scorer_config.model_copy(update={"tokenizer": tokenizer})
         with loading("--model_name", args.model_name):
             scorer = scorer_config.build()
     dtype = getattr(scorer, "dtype", None) or scorer_config.dtype
@@ -297,32 +335,7 @@ def finish(args: argparse.Namespace, out_dir: Path, items: dict[str, list[Item]]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_name", required=True, help="the frozen reference model (local path, safetensors)")
-    parser.add_argument("--nice_model_name", required=True, help="short name recorded in labels and file names")
-    parser.add_argument("--data_dir", default="rl_data/", help="holds {split}.jsonl from setup_rl_data.py")
-    parser.add_argument("--out_dir", default=None, help="where to write (default: <data_dir>_with_baseline; never --data_dir)")
-    parser.add_argument("--reward_config", default=DEFAULT_REWARD_CONFIG, help="reward YAML with the vrcli plugin")
-    parser.add_argument("--reward_name", default=None, help="which vrcli plugin, if the YAML has several")
-    parser.add_argument("--tokenizer_name", default=None, help="default: the YAML's scorer.tokenizer, else the model's own")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS))
-    parser.add_argument("--batch_size", type=int, default=None, help="override the YAML's scorer.batch_size")
-    parser.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
-                        choices=("auto", "float32", "bfloat16", "float16"),
-                        help="override the YAML's scorer.dtype; the reward side's (bfloat16 on the OpenRLHF path)")
-    parser.add_argument("--attn_implementation", default=None,
-                        choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3"),
-                        help="override the YAML's scorer.attn_implementation; the reward side's (flash_attention_2 "
-                        "on the OpenRLHF path, --ds.attn_implementation)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--temperature", type=float, default=None, help="override; must then match the reward's")
-    parser.add_argument("--max_length", type=int, default=None)
-    parser.add_argument("--chunk_size", type=int, default=64, help="rows per resumable chunk")
-    parser.add_argument("--table_format", choices=("jsonl", "parquet"), default="jsonl",
-                        help="the id-keyed table: JSONL, or JSONL plus Parquet")
-    reject_share_arg(parser)
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping it")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.chunk_size < 1:
         parser.error("--chunk_size must be positive")

@@ -47,3 +47,32 @@ def test_shape_errors(bad):
 def test_unknown_objective():
     with pytest.raises(ValueError, match="unknown ensemble objective 'median'"):
         combine(SCORES, "median")
+
+
+def test_default_uwo_weight_is_one_half():
+    np.testing.assert_allclose(combine(SCORES, "uwo"), [3.0 - 0.5 * 14 / 3, 2.0 - 0.5 * 8 / 3])
+
+
+def test_uwo_weight_none_is_refused_with_its_reason():
+    with pytest.raises(ValueError) as info:
+        combine(SCORES, "uwo", uwo_weight=None)
+    assert str(info.value) == "uwo needs a uwo_weight (0 is allowed and means plain mean)"
+
+
+def test_sample_variance_needs_two_members():
+    np.testing.assert_allclose(member_variance([[1.0, 5.0], [3.0, 5.0]], ddof=1), [2.0, 0.0])
+    single = [[0.3, -1.0, 4.0]]
+    assert member_variance(single, ddof=1).tolist() == [0.0, 0.0, 0.0]  # no spread to measure, never NaN
+    assert member_variance(single, ddof=2).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_results_are_float64_whatever_the_input(dtype):
+    scores = np.array([[1, 0], [2, 4], [6, 2]], dtype=dtype)
+    for objective in ("mean", "wco", "uwo"):
+        assert combine(scores, objective).dtype == np.float64
+    assert member_variance(scores).dtype == np.float64
+    z = standardize(scores, np.array([1, 2, 4], dtype=dtype), np.array([3, 3, 3], dtype=dtype))
+    assert z.dtype == np.float64
+    np.testing.assert_array_equal(z, (np.array([[1, 0], [2, 4], [6, 2]], dtype=np.float64)
+                                      - np.array([[1.0], [2.0], [4.0]])) / 3.0)

@@ -546,3 +546,24 @@ def test_monitor_reads_members_from_the_rollout_side(ray_session, models, tmp_pa
     z = (members - members.mean(axis=1, keepdims=True)) / members.std(axis=1, keepdims=True)
     assert record["disagreement"] == pytest.approx(np.mean(np.abs(z[0] - z[1]) / 2))  # std of two values: half the gap
     assert record["disagreement"] > 0 and record["proxy"] == 0.0
+
+
+@pytest.mark.parametrize("config, members", [("multihead_uwo5.yaml", "head"), ("lora_uwo5.yaml", "adapter")])
+def test_one_pass_ensembles_score_the_whole_batch(ray_session, models, models_env, tmp_path, config, members):
+    """The multi-head and LoRA ensembles in the experience maker: rewards as the pipeline gives them, members recorded."""
+    config = str(Path(__file__).parents[1] / "configs" / "rewards" / config)
+    args = openrlhf_args(models, tmp_path, "--algo.advantage.estimator", "reinforce_baseline", "--algo.kl.init_coef", "0")
+    maker = make_maker(models, args, HookSettings(config, str(tmp_path / "eval"), 1), reference=False)
+    experiences = maker.make_experience_batch(rollouts(models, [{"id": 0}, {"id": 1}]))
+    tok = models.tokenizer
+    samples = [
+        Sample(prompt=e.prompts[row],
+               response=tok.decode(e.sequences[row][-e.action_mask.shape[1] :][e.action_mask[row].bool()].tolist()))
+        for e in experiences
+        for row in range(len(e.sequences))
+    ]
+    expected = RewardPipeline.from_yaml(config).score(samples)
+    np.testing.assert_allclose(torch.cat([e.info["reward"] for e in experiences]).numpy(), expected.rewards, rtol=1e-5)
+    (path,) = list_eval_files(tmp_path / "eval")
+    rows = read_eval_file(path).rows
+    assert set(rows[0].components) == {*(f"{members}{i}" for i in range(5)), "variance", "combined"}

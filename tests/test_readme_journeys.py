@@ -30,6 +30,9 @@ EXPECTED = {
     "llm_on_ray": ["data/ray/sft.jsonl", "models/ray/sft/final/config.json", "models/ray/rm_seed1/config.json",
                    "runs/grpo_ray/final/config.json"],
     "openrlhf": [],
+    "cheap": ["models/rm_multihead_seed1/heads.safetensors", "models/rm_lora_seed1/lora_ensemble.json",
+              "runs/bon_multihead/head4/bon_sampled_results.json", "runs/bon_multihead/ensemble_UWO-0.5/bon_sampled_results.json",
+              "runs/scored_multihead.jsonl", "runs/scored_lora.jsonl"],
     "monitor": ["runs/ppo_rm_monitor/monitor/steps.jsonl", "runs/ppo_rm_monitor/final/config.json"],
 }
 

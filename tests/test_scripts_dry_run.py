@@ -62,3 +62,23 @@ def test_a_flag_openrlhf_rejects_fails_the_dry_run():
     argv = dry_run("train_ppo_rm.sh", EXTRA_ARGS="--generate_max_len 1024")
     with pytest.raises(launch.LaunchError, match="rejected"):
         launch.main(["--dry-run", *argv[3:]])
+
+
+@pytest.mark.parametrize("kind", ["multihead", "lora"])
+def test_ppo_ensemble_script_scores_a_one_pass_ensemble_in_the_trainer(kind, capsys):
+    argv = dry_run("train_ppo_ensemble.sh", ENSEMBLE=kind)
+    assert launch.main(["--dry-run", *argv[3:]]) == 0, "the launcher's checks accept the placed config"
+    ours, rest = launch.split_argv(argv[3:])
+    assert ours.reward_config.endswith(f"configs/rewards/{kind}_uwo5_placed.yaml")
+    args = launch.parse_openrlhf_args(rest)
+    assert args.reward.remote_url == [launch.DEFERRED_REWARD] and args.algo.advantage.estimator == "gae"
+    assert args.ckpt.path.endswith(f"runs/ppo_{kind}_uwo0.1/checkpoints") and ours.eval_dir.endswith(f"ppo_{kind}_uwo0.1/eval")
+    unplaced = dry_run("train_ppo_ensemble.sh", ENSEMBLE=kind, REWARD_CONFIG=f"configs/rewards/{kind}_uwo5.yaml")
+    with pytest.raises(launch.LaunchError, match="trainer actor, which holds no GPU"):
+        launch.main(["--dry-run", *unplaced[3:]])
+
+
+def test_ppo_ensemble_script_refuses_an_unknown_ensemble():
+    result = subprocess.run(["bash", str(SCRIPTS / "train_ppo_ensemble.sh")], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "DRY_RUN": "1", "ENSEMBLE": "multi-head"})
+    assert result.returncode == 2 and "ENSEMBLE must be models, multihead or lora, got 'multi-head'" in result.stderr

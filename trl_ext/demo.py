@@ -33,6 +33,22 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
+from reward_plugins.cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
+    parser.add_argument("--full", action="store_true", help="more PPO seeds (rl_seeds=[1, 2, 3, 4, 5]) and control runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. rl_steps=40; only the stages that read it run again")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 import yaml
@@ -502,12 +518,7 @@ def run_demo(cfg: DemoConfig) -> str:
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[DemoConfig, argparse.Namespace]:
     """The settings the command line asks for (`--full`'s preset under any `--set`), refused in one line each
     when a setting is unknown, contradicts another or is read by nothing."""
-    parser = argparse.ArgumentParser(prog="python -m trl_ext.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
-    parser.add_argument("--full", action="store_true", help=f"more PPO seeds ({', '.join(f'{k}={v}' for k, v in FULL.items())})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. rl_steps=40")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     given = [item.split("=", 1)[0].strip() for item in args.set]
     preset = [f"{key}={json.dumps(value)}" for key, value in FULL.items() if key not in given] if args.full else []
     try:

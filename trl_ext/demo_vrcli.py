@@ -24,6 +24,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.demo_vrcli", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo/vrcli")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. grpo_steps=20")
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -289,10 +302,7 @@ def run_stage(cfg: VRCLIDemoConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo/vrcli")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. grpo_steps=20")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from .config import load_config
 
     cfg = load_config(VRCLIDemoConfig, None, [f"out={args.out}", *args.set])

@@ -46,8 +46,10 @@ from reward_plugins.io import write_json
 from reward_plugins.monitor import Alarm
 from reward_plugins.monitor_session import STATE_FILE
 
+from .console import advance, close_bar, progress_bar
 from .data import as_text
 from .generation import sample
+from .run_dir import ResumeMode, open_run_dir, ppo_settings
 from .monitor_hooks import copy_folder, watch_step
 
 if TYPE_CHECKING:
@@ -373,8 +375,9 @@ def print_samples(console, step: int, prompts: list[str], responses: list[str], 
     console.print(table)
 
 
-def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
-    """Train with PPO (resuming from the last checkpoint when `cfg.resume`); returns the final policy folder."""
+def train_ppo(cfg: TrainConfig, inputs: RunInputs, mode: ResumeMode = "auto") -> Path:
+    """Train with PPO (resuming from the last checkpoint of a run with the same settings, see `run_dir`); returns
+    the final policy folder."""
     from accelerate import Accelerator
     from rich.console import Console
     from torch.utils.tensorboard import SummaryWriter
@@ -386,7 +389,7 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer, reward_fn, rows = inputs.tokenizer, inputs.reward_fn, inputs.rows
     start_step, state = 0, {"step": 0, "episode": 0, "kl_coef": ppo.kl_coef}
-    checkpoint = last_checkpoint(out) if cfg.resume and out.is_dir() else None
+    checkpoint = open_run_dir(out, ppo_settings(cfg), mode, last_checkpoint)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -428,6 +431,7 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
     if start_step == 0:
         evaluate(0)
     began, episodes_at_start = time.perf_counter(), int(state["episode"])
+    bar, record = progress_bar(ppo.max_steps, start_step), {}
     stopped: Alarm | None = None
     for step in range(start_step, ppo.max_steps):
         batch_rows = [rows[i] for i in prompt_indices(step, rank, world, ppo.batch_size, len(rows), cfg.seed)]
@@ -528,15 +532,16 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs) -> Path:
                         writer.add_scalar(key, v, step + 1)
                 with open(out / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                logger.info("step %d: scores %.3f kl %.3f rlhf %.3f", step + 1, record["objective/scores"],
-                            record["objective/kl"], record["objective/rlhf_reward"])
             if cfg.table_every and step % cfg.table_every == 0 and ppo.sample_rows:
                 print_samples(console, step, prompts, gens.texts, scores.tolist(), ppo.sample_rows)
+        advance(bar, record)
         evaluate(step + 1)
         if (ppo.save_steps and (step + 1) % ppo.save_steps == 0) or step + 1 == ppo.max_steps:
             save(step + 1, state)
     accelerator.wait_for_everyone()
     final = out / "final"
+    if main:
+        close_bar(bar, record)
     kept = monitor.keep_best(lambda s: out / f"checkpoint-{s}", stopped) if stopped is not None else None
     if main and kept is not None:  # stop: the final model is the kept checkpoint's
         copy_folder(kept / "policy", final)

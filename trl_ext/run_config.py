@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reward_plugins.model_ref import ModelRef, describe
 from reward_plugins.monitor import MonitorConfig
 from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
@@ -51,7 +52,7 @@ class PPOSettings(BaseModel):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ExistingPath | None = None  # the reward model the value model starts from
+    value_model: ModelRef | None = None  # the reward model the value model starts from
     save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
     logging_steps: int = Field(default=1, gt=0)
     sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
@@ -77,8 +78,8 @@ class TrainConfig(BaseModel):
     CONFIG_KIND: ClassVar[str] = "train"
 
     algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
-    policy: ExistingPath
-    tokenizer: ExistingPath | None = None
+    policy: ModelRef
+    tokenizer: ModelRef | None = None
     reward_config: ExistingPath
     train_data: ExistingPath
     eval_data: ExistingPath | None = None
@@ -87,7 +88,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=10, ge=0)
     eval_max_new_tokens: int | None = Field(default=None, gt=0)
     table_every: int = Field(default=10, ge=0)
-    resume: bool = True
+    resume: bool = True  # false: every run starts fresh, an existing run folder moved aside (trl_ext.run_dir)
     seed: int = 0
     torch_threads: int | None = Field(default=None, gt=0)  # 1 is fastest for tiny models on a busy CPU
     stop_after_failed_steps: int = Field(default=DEFAULT_STOP_AFTER, ge=0)  # every sample errored N steps running; 0: never
@@ -140,7 +141,7 @@ class RunInputs:
                       ref_model=None) -> EvalFileCallback:
         """Eval files on the rendered eval prompts, written like every algorithm writes them."""
         meta = {"reward_config": str(cfg.reward_config), "kl_estimator": "k1", "algorithm": cfg.algorithm,
-                "policy": str(cfg.policy), "backend": backend}
+                "policy": describe(cfg.policy), "backend": backend}
         return EvalFileCallback(
             Path(cfg.output_dir) / "eval", self.pipeline, cfg.policy,
             [as_text(r["prompt"], self.tokenizer) for r in self.eval_rows], [r[cfg.label_key] for r in self.eval_rows],

@@ -16,6 +16,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.sft", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/sft/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,9 +39,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
+from reward_plugins.model_ref import ModelRef, describe
 
 from .config import CPU_DEFAULTS, ExistingPath, load_config, split_overrides, unknown_fields
+from .console import is_main_process, setup_output, use_bar_and_table
 from .data import SFT_FIELDS, read_rows
+from .run_dir import ResumeMode, content_hash, open_run_dir, resume_mode, stop_cleanly, trainer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +55,8 @@ class SFTRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     CONFIG_KIND: ClassVar[str] = "SFT"
 
-    model: ExistingPath
-    tokenizer: ExistingPath | None = None
+    model: ModelRef
+    tokenizer: ModelRef | None = None
     train_data: ExistingPath
     eval_data: ExistingPath | None = None
     output_dir: str
@@ -58,15 +77,20 @@ def sft_args(cfg: SFTRunConfig):
     unknown = sorted(set(cfg.trl) - known)
     if unknown:
         raise ConfigError([f"trl.{key}: unknown SFTConfig field" for key in unknown], "SFT")
+    try:
+        return SFTConfig(**sft_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "SFT") from exc
+
+
+def sft_values(cfg: SFTRunConfig) -> dict[str, Any]:
+    """What `sft_args` passes to SFTConfig: our defaults, then the preset's `trl` section."""
     values: dict[str, Any] = {"output_dir": cfg.output_dir, "report_to": ["tensorboard"], "seed": cfg.seed,
                               "logging_steps": 10, "save_strategy": "no", "completion_only_loss": True}
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return SFTConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "SFT") from exc
+    return values
 
 
 def build_trainer(cfg: SFTRunConfig):
@@ -90,25 +114,31 @@ def build_trainer(cfg: SFTRunConfig):
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer)
 
 
-def run(cfg: SFTRunConfig) -> Path:
-    """Train (resuming from a checkpoint if one exists) and save the final model and tokenizer to `output_dir/final`."""
-    trainer = build_trainer(cfg)
+def run(cfg: SFTRunConfig, mode: ResumeMode = "auto") -> Path:
+    """Train (resuming from the last checkpoint of a run with the same settings, see `trl_ext.run_dir`) and save
+    the final model and tokenizer to `output_dir/final`."""
     out = Path(cfg.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    from trl import SFTConfig
+
+    settings = trainer_settings(SFTConfig, sft_values(cfg), algorithm="sft", model=describe(cfg.model),
+                                train_data=content_hash(cfg.train_data))
+    last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
+    trainer = build_trainer(cfg)
+    use_bar_and_table(trainer)
+    with stop_cleanly(out, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     final = out / "final"
     trainer.save_model(str(final))
     return final
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args, extra = parser.parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    setup_output()
     cfg = load_config(SFTRunConfig, args.config, [*args.set, *split_overrides(extra)])
-    print(f"final model: {run(cfg)}")
+    final = run(cfg, resume_mode(args))
+    if is_main_process():
+        print(f"final model: {final}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,9 @@ Prompt rows are `{"prompt": text or chat messages, "label": ...}`: setup_data.se
 synthetic task's prompts and `setup_data.convert --to prompt` all work as written.
 
 Writes TensorBoard logs (`OUT/runs/`), HF-format checkpoints (`OUT/checkpoint-*`, final model in `OUT/final`),
-eval files (`OUT/eval/eval_step*.json`) and completion tables (`OUT/completions/*.jsonl`). A rerun resumes
-from the last checkpoint.
+eval files (`OUT/eval/eval_step*.json`) and completion tables (`OUT/completions/*.jsonl`). A rerun with the same
+settings resumes from the last checkpoint; other settings are refused (`--fresh` starts over, moving the old
+folder aside; `--resume force` continues anyway; see trl_ext/run_dir.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reward_plugins.cli import help_first
+
+from .run_dir import add_resume_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_ext.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (configs/train/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
+    add_resume_flags(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    help_first(build_parser)
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
@@ -29,6 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from reward_plugins.cli import check_model_dir, check_tokenizer_dir, loading, run_cli
 from reward_plugins.config import ConfigError
 from reward_plugins.io import DataError
+from reward_plugins.model_ref import describe
 from reward_plugins.monitor import MonitorError
 from reward_plugins.monitor_session import MonitorSession
 from reward_plugins.pipeline import RewardPipeline
@@ -36,10 +54,13 @@ from reward_plugins.registry import check_baselines
 from reward_plugins.vrcli import BaselineMismatchError
 
 from .config import CPU_DEFAULTS, load_config, split_overrides, unknown_fields
+from .console import current_step, is_main_process, setup_output, use_bar_and_table
 from .data import PROMPT_FIELDS, read_rows
 from .monitor_hooks import MonitorCallback
 from .reward_adapter import PipelineRewardFunc, RewardFailure
 from .run_config import RunInputs, TrainConfig, trl_classes
+from .run_dir import (ResumeMode, content_hash, open_run_dir, ppo_settings, resume_mode, stop_cleanly,
+                      trainer_settings)
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +70,16 @@ def trl_args(cfg: TrainConfig):
     unknown = unknown_fields(config_cls, cfg.trl)  # a config built in code, not through the located loader
     if unknown:
         raise ConfigError([f"{'.'.join(path)}: {message}" for path, message in unknown], "train")
-    out = Path(cfg.output_dir)
+    try:
+        return config_cls(**trl_values(cfg))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"trl: {exc}"], "train") from exc
+
+
+def trl_values(cfg: TrainConfig) -> dict[str, Any]:
+    """The values `trl_args` passes to the TRL config class (building it may start torch.distributed)."""
     values: dict[str, Any] = {
-        "output_dir": str(out),
+        "output_dir": str(Path(cfg.output_dir)),
         "report_to": ["tensorboard"],
         "seed": cfg.seed,
         "save_strategy": "steps",
@@ -60,10 +88,7 @@ def trl_args(cfg: TrainConfig):
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
     values.update(cfg.trl)
-    try:
-        return config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"trl: {exc}"], "train") from exc
+    return values
 
 
 def load_prompt_rows(path: str, label_key: str) -> list[dict[str, Any]]:
@@ -140,21 +165,29 @@ def monitor_callback(trainer) -> MonitorCallback | None:
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, MonitorCallback)), None)
 
 
-def run(cfg: TrainConfig) -> Path:
-    """Train (resuming from the last checkpoint if any) and save the final HF model; returns its folder."""
+def run(cfg: TrainConfig, mode: ResumeMode = "auto") -> Path:
+    """Train (resuming from the last checkpoint of a run with the same settings) and save the final HF model;
+    returns its folder. `mode`: see `trl_ext.run_dir.open_run_dir`; `resume: false` in the config means fresh."""
     out = Path(cfg.output_dir)
+    mode = mode if cfg.resume else "fresh"
     if cfg.algorithm == "ppo":
         from .ppo import train_ppo
 
-        return train_ppo(cfg, prepare_run(cfg))
+        open_run_dir(out, ppo_settings(cfg), mode, lambda folder: None)  # refuse or set aside before loading models
+        with stop_cleanly(out, current_step):
+            return train_ppo(cfg, prepare_run(cfg))
+    settings = trainer_settings(trl_classes(cfg.algorithm)[0], trl_values(cfg), algorithm=cfg.algorithm,
+                                policy=describe(cfg.policy), reward_config=content_hash(cfg.reward_config))
+    last = open_run_dir(out, settings, mode, lambda folder: get_last_checkpoint(str(folder)))
     trainer = build_trainer(cfg)
-    last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
+    use_bar_and_table(trainer)
     watcher = monitor_callback(trainer)
     if last:
         logger.info("resuming from %s", last)
         if watcher is not None:
             watcher.restore(last)
-    trainer.train(resume_from_checkpoint=last)
+    with stop_cleanly(out, lambda: trainer.state.global_step):
+        trainer.train(resume_from_checkpoint=last)
     final = out / "final"
     kept = None
     if watcher is not None and watcher.stopped is not None:
@@ -170,17 +203,22 @@ def run(cfg: TrainConfig) -> Path:
     return final
 
 
+def parse_command(argv: Sequence[str] | None = None) -> tuple[TrainConfig, ResumeMode]:
+    """The validated config and how to treat an existing run folder (`--fresh`, `--resume force`)."""
+    args, extra = build_parser().parse_known_args(argv)
+    return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)]), resume_mode(args)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML preset (configs/train/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, dotted")
-    args, extra = parser.parse_known_args(argv)
-    return load_config(TrainConfig, args.config, [*args.set, *split_overrides(extra)])
+    return parse_command(argv)[0]
 
 
 def _main(argv: Sequence[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    print(f"final model: {run(parse_args(argv))}")
+    setup_output()
+    cfg, mode = parse_command(argv)
+    final = run(cfg, mode)
+    if is_main_process():
+        print(f"final model: {final}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

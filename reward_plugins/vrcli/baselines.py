@@ -28,12 +28,15 @@ def model_id(name_or_path: str | os.PathLike) -> str:
 
 
 def fingerprint(model: str | None, temperature: float, max_length: int, prompt: VRCLIPrompt, dtype: str | None = None,
-                attn_implementation: str | None = None) -> dict[str, Any]:
-    """What must agree between a baseline and the reward that uses it: scorer model, temperature, max_length,
-    prompt settings, and the numerics (weights' dtype, attention kernel: bf16 flash-attention and fp32 sdpa
-    give perplexities that differ by more than the reward's first step)."""
-    return {"model": model, "temperature": float(temperature), "max_length": int(max_length),
-            "prompt_hash": prompt.settings_hash(), "dtype": dtype_name(dtype), "attn_implementation": attn_implementation}
+                attn_implementation: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """What must agree between a baseline and the reward that uses it: scorer model (and its hub commit when it came
+    from a hub id), temperature, max_length, prompt settings, and the numerics (weights' dtype, attention kernel:
+    bf16 flash-attention and fp32 sdpa give perplexities that differ by more than the reward's first step)."""
+    out = {"model": model, "temperature": float(temperature), "max_length": int(max_length),
+           "prompt_hash": prompt.settings_hash(), "dtype": dtype_name(dtype), "attn_implementation": attn_implementation}
+    if revision is not None:
+        out["revision"] = revision
+    return out
 
 
 def fingerprint_differences(expected: Mapping[str, Any], found: Any) -> list[str]:

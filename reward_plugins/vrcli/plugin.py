@@ -16,8 +16,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import Field, field_validator, model_validator
 
-from ..config import ExistingPath, Placement
+from ..config import Placement
 from ..logprobs import HFLogProbScorer, LogProbScorer, perplexity
+from ..model_ref import ModelRef, repo_of, revision_of
 from ..modeling import DTypeName
 from ..registry import PluginConfig, RewardPlugin, plugin_tree, register_plugin
 from ..types import LabelError, RewardResult, Sample
@@ -33,8 +34,8 @@ class ScorerConfig(PluginConfig):
     """`backend: hf` loads `model` here; `backend: external` expects `attach_scorer` (e.g. OpenRLHF's reference model)."""
 
     backend: Literal["hf", "external"] = "hf"
-    model: ExistingPath | None = None
-    tokenizer: ExistingPath | None = None
+    model: ModelRef | None = None
+    tokenizer: ModelRef | None = None
     dtype: DTypeName = "auto"
     device: str = "auto"
     batch_size: int = Field(default=8, gt=0)
@@ -149,7 +150,7 @@ class VRCLIPlugin(RewardPlugin):
         attached = getattr(self.scorer, "model_id", None)
         if attached:
             return str(attached)
-        return model_id(self.config.scorer.model) if self.config.scorer.model is not None else None
+        return model_id(repo_of(self.config.scorer.model)) if self.config.scorer.model is not None else None
 
     @property
     def max_length(self) -> int:
@@ -161,7 +162,8 @@ class VRCLIPlugin(RewardPlugin):
         scorer = self.scorer
         temperature = scorer.temperature if scorer is not None else self.config.scorer.temperature
         return fingerprint(self.scorer_model_id, temperature, self.max_length, self.config.prompt,
-                           getattr(scorer, "dtype", None), getattr(scorer, "attn_implementation", None))
+                           getattr(scorer, "dtype", None), getattr(scorer, "attn_implementation", None),
+                           revision_of(self.config.scorer.model))
 
     def check_labels(self, labels: Sequence[Any]) -> None:
         """Refuse (raise `BaselineMismatchError`) labels whose baseline fingerprint differs from this reward's."""
