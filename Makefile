@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench mutation gpu-install clean
+.PHONY: demo test install bench mutation gpu-install gpu-check-wheels clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ mutation: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/reward_throughput.py
+
+# What bench/gpu_check.py needs beyond a GPU image's torch, transformers, accelerate, peft (and the usual numpy,
+# PyYAML, rich, tensorboard, pandas, pyarrow): 8 wheels, 4.5 MiB, at the versions requirements.txt pins, into .whl/
+# (ignored). On the GPU machine: pip install --no-index --no-deps --target /tmp/site .whl/*.whl, then
+# PYTHONPATH=/tmp/site python3 bench/gpu_check.py (README, "Benchmarks").
+GPU_CHECK_WHEELS := pydantic pydantic_core annotated-types typing-inspection trl datasets dill multiprocess
+GPU_PYTHON_VERSION ?= 3.12
+gpu-check-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(for name in $(GPU_CHECK_WHEELS); do grep -i "^$$name==" requirements.txt || echo "MISSING-PIN-$$name"; done)
 
 # GPU machines only (see requirements-gpu.txt for the order and why).
 gpu-install:

@@ -3,8 +3,8 @@
     python bench/gpu_check.py                 # one H100 / H200 (bf16, sdpa); writes nothing outside --work
     python bench/gpu_check.py --dry-run       # the same code paths on CPU at tiny sizes (run by `make test`)
 
-Needs torch, transformers, accelerate and peft (trl for the GRPO row, tensorboard for the PPO row; a missing
-one turns its row into a note). No network: models are built from configs with random weights and a
+Needs torch, transformers, accelerate and peft, pydantic (trl for the GRPO row, tensorboard for the PPO row; a
+missing one turns its row into a note). No network: models are built from configs with random weights and a
 word-level tokenizer made on the spot, saved, and loaded back through the code users use. Rows:
 
 - reward model (`reward_plugins.reward_model`, ~1.5B in Qwen2.5-1.5B's shape, bf16, sdpa): samples/s batched and one
@@ -14,8 +14,22 @@ word-level tokenizer made on the spot, saved, and loaded back through the code u
   precompute (`baseline_perplexities`) in rows/s;
 - one PPO step (`trl_ext.ppo`) and one GRPO step (TRL through `trl_ext.train`) with a ~0.5B policy (Qwen2.5-0.5B's shape) and a rule
   reward (so the trainer is what is timed): seconds per step (mean of two) and peak GPU memory;
-- the multi-head ensemble (k = 5 heads) against one RM: a marked slot, filled once the cheap-ensembles work
-  lands (`multihead_ensemble` below).
+- the multi-head ensemble (`reward_plugins.multihead`, k = 5 heads on the RM's own backbone, UWO) against that
+  one RM (`reward_model`), both through their reward plugins on the same samples, timed in turns: samples/s,
+  the ratio (median of the paired ratios; issue 18's target is >= 0.9x) and the ratio of parameter memory.
+
+Time on one H100, estimated from FLOP counts at a pessimistic 25 % of the bf16 peak (989 TFLOP/s), plus loading:
+the RM rows score 256 texts of ~384 tokens (2 x 1.3B non-embedding parameters x 98k tokens = 2.6e14 FLOPs, ~1 s
+a pass; about 5 passes with the multi-head row's turns); VR-CLI scores 32 rows of ~2.7k tokens twice (weights,
+attention and the kept logits: ~5e14 FLOPs, ~2 s); PPO and GRPO (fp32, as `trl_ext` loads the policy) are bound
+by 128 sequential decoding steps of a 0.5B model (~15 ms each: ~2 s per rollout, 2 steps each, plus updates of
+~1e13 FLOPs: under 10 s a step). Building and saving four model folders (two 1.5B, the multi-head copy of the
+RM's backbone, 0.5B: 10 GB of safetensors) and importing TRL take the most, one to two minutes. The whole
+check: about 2-3 minutes, well within the 8 required.
+
+What the GPU machine lacks travels as wheels (4.5 MiB, `make gpu-check-wheels`; README, "Benchmarks"): pydantic (with
+pydantic-core, annotated-types, typing-inspection) for every row, trl, datasets, dill and multiprocess for
+the GRPO row. Tensorboard (the PPO row's writer), rich, PyYAML and the rest are already there.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, installed or not (a bare GPU image)
 
 # Dense bf16 peak (no sparsity) by card name, from the vendors' data sheets.
 BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
@@ -273,11 +290,59 @@ def grpo_step(bench: Bench) -> list[Row]:
                 f"{sum(steps) / len(steps):.2f} s/step", _peak_memory(bench.device))]
 
 
-def multihead_ensemble(bench: Bench) -> list[Row]:
-    """SLOT for the cheap-ensembles work (issue 18): time the multi-head RM (k = 5 heads on the RM backbone of
-    `rm_scoring`) against one RM on the same texts, batched, and return one Row with both samples/s and the
-    ratio. Until it is wired in, the row says so."""
-    return [Row("multi-head ensemble k=5 vs one RM", "not measured", "pending: the multi-head RM (issue 18)")]
+def multihead_folder(bench: Bench, rm: Path, k: int) -> Path:
+    """A multi-head RM folder as `train_rm` writes one: the RM's own backbone and k random heads (own seeds)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reward_plugins.member_info import MemberInfo
+    from reward_plugins.multihead import new_heads, save_heads
+
+    out = bench.work / f"multihead_k{k}"
+    model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=bench.dtype)
+    model.model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(rm).save_pretrained(out)
+    del model
+    hidden = bench.sizes.rm["hidden_size"]
+    seeds = list(range(1, k + 1))
+    save_heads(out, new_heads(hidden, seeds, std=hidden**-0.5).weight, MemberInfo(seeds))
+    return out
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def multihead_ensemble(bench: Bench, k: int = 5, rounds: int = 2) -> list[Row]:
+    """The multi-head RM (k heads, UWO) against one RM on the same backbone and samples, through their plugins,
+    timed in turns (one RM, then multi-head, `rounds` times): samples/s, paired ratio, parameter memory."""
+    from reward_plugins import Sample, parse_pipeline_config
+    from reward_plugins.pipeline import build_plugin
+
+    sizes = bench.sizes
+    rm = bench.model("rm", "rm", sizes.rm)
+    text = {"max_length": sizes.rm_tokens + 8, "batch_size": 32, "device": str(bench.device),
+            "dtype": "bfloat16" if bench.device.type == "cuda" else "float32"}
+    configs = {"one RM": {"type": "reward_model", "path": str(rm), **text},
+               "multi-head": {"type": "multihead_ensemble", "path": str(multihead_folder(bench, rm, k)), "heads": k,
+                              "objective": "uwo", "uwo_weight": 0.1, **text}}
+    plugins = {name: build_plugin(parse_pipeline_config({"reward": config}).reward) for name, config in configs.items()}
+    samples = []
+    for _ in range(sizes.rm_texts):
+        n = bench.rng.randint(sizes.rm_tokens // 2, sizes.rm_tokens)
+        samples.append(Sample(prompt=bench.text(n // 2) + " ", response=bench.text(n - n // 2)))
+    seconds: dict[str, list[float]] = {name: [] for name in plugins}
+    for plugin in plugins.values():
+        plugin.score(samples[:4])  # warm-up: kernels, allocator
+    for _ in range(rounds):
+        for name, plugin in plugins.items():
+            seconds[name].append(timed(lambda plugin=plugin: plugin.score(samples), bench.device))
+    ratio = statistics.median(one / multi for one, multi in zip(seconds["one RM"], seconds["multi-head"]))
+    rate = {name: len(samples) / min(times) for name, times in seconds.items()}
+    memory = parameter_bytes(plugins["multi-head"].scorer.model) / parameter_bytes(plugins["one RM"].scorer.model)
+    return [Row(f"multi-head ensemble k={k} vs one RM ({bench.params['rm']:.3g}B backbone, UWO)",
+                f"{ratio:.2f}x one RM's samples/s",
+                f"{rate['multi-head']:.1f} vs {rate['one RM']:.1f} samples/s; parameter memory {memory:.4f}x "
+                "(targets >= 0.9x, <= 1.1x)")]
 
 
 MEASUREMENTS: tuple[Callable[[Bench], list[Row]], ...] = (rm_scoring, vrcli_scoring, ppo_step, grpo_step, multihead_ensemble)

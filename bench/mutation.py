@@ -5,7 +5,8 @@
     make mutation MUTATION_MODULES=evaluation/bon.py
 
 Each module runs in its own scratch folder (`runs/mutation/<module>/`, reused so an interrupted run resumes) with
-mutmut configured for it alone: only that file is mutated (only the named functions with `:FUNC,...`), and only its
+mutmut configured for it alone: only that file is mutated (only the named functions with `:FUNC,...`; a method as
+`Class.method`), and only its
 own test files run (`=TEST,...`, else the table below). Prints killed / total per module, with the survivors by
 name; mutants listed in `bench/mutation_equivalent.yaml` (each with the reason it cannot change behaviour) are left
 out of the total. Not part of `make test`: it takes minutes to hours.
@@ -36,12 +37,21 @@ NOT_COPIED = {".git", ".venv", "runs", "mutants", "pyproject.toml", "models", "d
 TESTS_FOR = {
     "reward_plugins/config_loader.py": ["tests/test_config_loader.py", "tests/test_config.py"],
     "evaluation/bon.py": ["tests/test_bon_estimator.py", "tests/test_bon_edges.py", "tests/test_bon_analysis.py"],
-    "reward_plugins/ensemble.py": ["tests/test_ensemble_math.py", "tests/test_ensemble_plugin.py"],
-    "trl_ext/ppo.py": ["tests/test_ppo.py"],
-    "reward_plugins/vrcli/scoring.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
+    "reward_plugins/ensemble.py": ["tests/test_ensemble_math.py", "tests/test_ensemble_plugin.py",
+                                   "tests/test_ensemble_members.py", "tests/test_cheap_ensembles.py"],
+    "trl_ext/ppo.py": ["tests/test_ppo.py", "tests/test_ppo_maths.py", "tests/test_ppo_fidelity.py",
+                       "tests/test_meta_device.py", "tests/test_ppo_value_init.py"],
+    "reward_plugins/vrcli/scoring.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_numbers.py",
+                                        "tests/test_vrcli_plugin.py"],
     "reward_plugins/vrcli/plan.py": ["tests/test_vrcli_math.py", "tests/test_vrcli_plugin.py"],
-    "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py"],
-    "openrlhf_ext/server_protocol.py": ["tests/test_serve.py"],
+    "reward_plugins/vrcli/prompts.py": ["tests/test_vrcli_plugin.py", "tests/test_vrcli_tokenization.py"],
+    "reward_plugins/vrcli/baselines.py": ["tests/test_vrcli_numbers.py", "tests/test_vrcli_plugin.py"],
+    "reward_plugins/vrcli/plugin.py": ["tests/test_vrcli_plugin.py", "tests/test_vrcli_numbers.py"],
+    "reward_plugins/logprobs.py": ["tests/test_vrcli_numbers.py", "tests/test_vrcli_plugin.py",
+                                   "tests/test_vrcli_tokenization.py"],
+    "reward_plugins/monitor.py": ["tests/test_monitor.py"],
+    "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py", "tests/test_wire_faults.py"],
+    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_serve.py", "tests/test_wire_faults.py"],
     "reward_plugins/placement.py": ["tests/test_placement.py", "tests/test_placement_config.py"],
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -71,9 +81,15 @@ class Target:
         return self.path.removesuffix(".py").replace("/", ".")
 
     @property
+    def prefixes(self) -> list[str]:
+        """mutmut's mutant-name prefixes of the chosen functions (`x_func`, and `xǁClassǁmethod` for methods)."""
+        return [f"{self.module}." + ("xǁ" + f.replace(".", "ǁ") if "." in f else "x_" + f) + "__mutmut_"
+                for f in self.functions]
+
+    @property
     def names(self) -> list[str]:
-        """mutmut's mutant-name globs for the chosen functions (mutmut prefixes function names with `x_`)."""
-        return [f"{self.module}.x_{f}__mutmut_*" for f in self.functions]
+        """mutmut's mutant-name globs for the chosen functions."""
+        return [prefix + "*" for prefix in self.prefixes]
 
     def mutmut_config(self) -> str:
         package = self.path.split("/", 1)[0]
@@ -112,8 +128,7 @@ def results(work: Target, folder: Path) -> dict[str, str]:
 
     meta = folder / "mutants" / (work.path + ".meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    selected = {k: v for k, v in codes.items()
-                if not work.functions or any(k.startswith(f"{work.module}.x_{f}__mutmut_") for f in work.functions)}
+    selected = {k: v for k, v in codes.items() if not work.functions or k.startswith(tuple(work.prefixes))}
     return {name: status_by_exit_code[code] for name, code in selected.items()}
 
 

@@ -13,11 +13,13 @@ throughput: 64 concurrent clients against one tiny random RM served (a) by `pyth
   show up as wrong. Prints req/s, p50/p99 and the ratio.
 fault: rollouts through OpenRLHF 0.11.2's real `SingleTurnAgentExecutor` with its own HTTP client and with
   ours (`openrlhf_ext.hooks.install()`), interleaved: (1) overload, 4x more concurrent rollouts than the
-  server admits (--max-queue); (2) the server killed with SIGKILL and restarted after --restart-delay s.
-  Counts samples that ended without a reward, wrong rewards, clean stops, and the server's 5xx answers.
-battery: the hostile inputs of issue 9 sent to our server; prints each status (5xx must be 0), the 422
-  answer size, whether /health stays responsive during a large request, and how many half-open connections
-  are still open after the header timeout.
+  server admits (--max-queue); (2) issue 17's overload: 600 concurrent rollouts against the default queue with
+  `--request-timeout 5`; (3) the server killed with SIGKILL and restarted after --restart-delay s.
+  Counts samples that ended without a reward, wrong rewards (and among them valid samples given the
+  config's error penalty), clean stops, and the server's 5xx answers.
+battery: the hostile inputs of issues 9 and 17 sent to our server; prints each status (5xx must be 0), the
+  422 answer size, the slowest /health during a large prompt search and during eight ~6 MB bodies at once,
+  and how many half-open connections are still open after the header timeout.
 Everything binds to 127.0.0.1; every loop is bounded by its duration.
 """
 
@@ -85,7 +87,7 @@ def make_scorer(config: Path):
     from openrlhf_ext.server_protocol import GuardedScorer
     from reward_plugins import build_pipeline, load_pipeline_config
 
-    return GuardedScorer(build_pipeline(load_pipeline_config(config)), -1.0)
+    return GuardedScorer(build_pipeline(load_pipeline_config(config)))
 
 
 def expected_rewards(config: Path, payloads: list[dict]) -> np.ndarray:
@@ -111,11 +113,12 @@ def run_serve_rm(argv: list[str]) -> None:
 
 @dataclass
 class Server:
-    kind: str  # "ours" or "serve_rm"
+    kind: str  # "ours" (from `root`) or "serve_rm"
     port: int
     args: list[str]
     threads: int
     proc: subprocess.Popen | None = None
+    root: Path = ROOT
 
     @property
     def url(self) -> str:
@@ -127,9 +130,9 @@ class Server:
                    "--torch-threads", str(self.threads), "--log-level", "warning", *self.args]
         else:
             cmd = [sys.executable, __file__, "--serve-rm", "--", "--host", HOST, "--port", str(self.port), *self.args]
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(ROOT))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=str(self.root))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=ROOT)
+                                     start_new_session=True, cwd=self.root)
 
     def wait_ready(self, timeout: float = 300.0) -> float:
         import httpx
@@ -222,36 +225,40 @@ def throughput(args, work: Path, model: Path) -> None:
     config = write_config(work, model, args.member_batch_size, args.max_len, args.dtype)
     payloads = make_requests(args.distinct)
     expected = expected_rewards(config, payloads)
-    ours = Server("ours", args.port, ["--config", str(config), "--max-batch-size", str(args.max_batch_size),
-                                      "--max-wait-ms", str(args.max_wait_ms)], args.torch_threads)
-    theirs = Server("serve_rm", args.port + 1, ["--reward.model_name_or_path", str(model), "--ds.attn_implementation",
-                                                "eager", "--data.max_len", str(args.max_len)], args.torch_threads)
+    ours_args = ["--config", str(config), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    servers = {
+        "ours": Server("ours", args.port, ours_args, args.torch_threads),
+        "serve_rm": Server("serve_rm", args.port + 1, ["--reward.model_name_or_path", str(model), "--ds.attn_implementation",
+                                                       "eager", "--data.max_len", str(args.max_len)], args.torch_threads),
+    }
+    if args.compare_tree:
+        servers["compare"] = Server("ours", args.port + 6, ours_args, args.torch_threads, root=Path(args.compare_tree).resolve())
     exact = lambda got, want: abs(got - want) <= (1e-3 if args.dtype == "float32" else 0.02 * abs(want) + 0.1)  # noqa: E731
     bf16 = lambda got, want: abs(got - want) <= 0.02 * abs(want) + 0.1  # noqa: E731
-    tallies = {"ours": Tally(), "serve_rm": Tally()}
+    tallies = {kind: Tally() for kind in servers}
     try:
-        for server in (ours, theirs):
+        for server in servers.values():
             server.start()
-        for server in (ours, theirs):
+        for server in servers.values():
             server.wait_ready()
         index = 0
-        for kind, server in (("ours", ours), ("serve_rm", theirs)):
-            index = asyncio.run(run_clients(server.url, payloads, expected, args.clients, 2.0,
-                                            exact if kind == "ours" else bf16, index, Tally()))
+        kinds = list(servers)
+        for kind in kinds:
+            index = asyncio.run(run_clients(servers[kind].url, payloads, expected, args.clients, 2.0,
+                                            bf16 if kind == "serve_rm" else exact, index, Tally()))
         for round_ in range(args.rounds):
-            order = [("ours", ours), ("serve_rm", theirs)]
-            for kind, server in order if round_ % 2 == 0 else order[::-1]:
-                index = asyncio.run(run_clients(server.url, payloads, expected, args.clients, args.duration,
-                                                exact if kind == "ours" else bf16, index, tallies[kind]))
+            for kind in kinds[round_ % len(kinds):] + kinds[: round_ % len(kinds)]:
+                index = asyncio.run(run_clients(servers[kind].url, payloads, expected, args.clients, args.duration,
+                                                bf16 if kind == "serve_rm" else exact, index, tallies[kind]))
     finally:
-        for server in (ours, theirs):
+        for server in servers.values():
             server.stop()
     print(f"\nthroughput: {args.clients} concurrent clients, {args.rounds} interleaved rounds of {args.duration:g} s "
           f"per server, one tiny RM (hidden {args.hidden}, {args.layers} layers), CPU only, {os.cpu_count()} cores "
           f"shared with other jobs, OMP/torch threads {args.torch_threads} for both; {index} distinct requests sent")
     print(f"{'server':<46}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}{'wrong':>7}")
     labels = {"ours": f"openrlhf_ext.serve (batch<={args.max_batch_size}, wait {args.max_wait_ms:g} ms, {args.dtype})",
-              "serve_rm": "openrlhf.cli.serve_rm (eager, bf16)"}
+              "serve_rm": "openrlhf.cli.serve_rm (eager, bf16)", "compare": f"openrlhf_ext.serve from {args.compare_tree}"}
     for kind, tally in tallies.items():
         bad = sum(v for k, v in tally.statuses.items() if k != 200) + sum(tally.errors.values())
         rps = tally.answered / max(tally.seconds, 1e-9)
@@ -259,9 +266,15 @@ def throughput(args, work: Path, model: Path) -> None:
     rate = {kind: t.answered / max(t.seconds, 1e-9) for kind, t in tallies.items()}
     print(f"ratio ours / serve_rm: {rate['ours'] / max(rate['serve_rm'], 1e-9):.1f}x req/s; "
           f"p99 {tallies['ours'].percentile(99):.0f} ms vs {tallies['serve_rm'].percentile(99):.0f} ms")
+    if "compare" in rate:
+        print(f"ratio ours / {args.compare_tree}: {rate['ours'] / max(rate['compare'], 1e-9):.2f}x req/s; "
+              f"{args.compare_tree} / serve_rm: {rate['compare'] / max(rate['serve_rm'], 1e-9):.1f}x")
 
 
 # ---------------------------------------------------------------- fault runs through OpenRLHF's executor
+
+
+PENALTY = -1.0  # the error_penalty of write_config's YAML
 
 
 @dataclass
@@ -269,6 +282,7 @@ class RolloutTally:
     rollouts: int = 0
     no_reward: int = 0
     wrong: int = 0
+    penalised: int = 0
     stopped: int = 0
     first_stop: str = ""
 
@@ -303,6 +317,7 @@ async def run_rollouts(url: str, client: str, tokenizer, engine, prompts, expect
     agent.SingleTurnAgentExecutor._fetch_rewards_via_http = (
         reward_client.fetch_rewards_via_http if client == "ours" else original
     )
+    reward_client._BOOK = reward_client.ServerBook()  # each run starts knowing nothing about its server
     executor = agent.SingleTurnAgentExecutor(remote_rm_url=[url + "/get_reward"])
     deadline = time.monotonic() + duration
     counter = iter(range(10**12))
@@ -321,6 +336,7 @@ async def run_rollouts(url: str, client: str, tokenizer, engine, prompts, expect
                 tally.no_reward += 1
             elif abs(float(out["reward"]) - expected[i]) > 1e-3:
                 tally.wrong += 1
+                tally.penalised += abs(float(out["reward"]) - PENALTY) < 1e-6
 
     await asyncio.gather(*(loop() for _ in range(loops)))
 
@@ -347,6 +363,18 @@ def fault(args, work: Path, model: Path) -> None:
         finally:
             server.stop()
         rows.append((f"overload 4x (max-queue {capacity}, {4 * capacity} rollouts)", client, tally, statuses))
+
+        server = Server("ours", args.port + 5, ["--config", str(config), "--request-timeout", "5"], args.torch_threads)
+        server.start()
+        server.wait_ready()
+        tally = RolloutTally()
+        try:
+            asyncio.run(run_rollouts(server.url, client, tokenizer, engine, prompts, expected, 600,
+                                     args.fault_duration, tally))
+            statuses = server.statuses()
+        finally:
+            server.stop()
+        rows.append(("600 concurrent rollouts, --request-timeout 5", client, tally, statuses))
 
         server = Server("ours", args.port + 3, ["--config", str(config)], args.torch_threads)
         server.start()
@@ -377,15 +405,38 @@ def fault(args, work: Path, model: Path) -> None:
                      client, tally, statuses))
     print(f"\nfault: rollouts through OpenRLHF 0.11.2's SingleTurnAgentExecutor, its own client vs ours "
           f"(budget {args.client_budget:g} s); CPU only, shared cores")
-    print(f"{'scenario':<58}{'client':<10}{'rollouts':>9}{'no reward':>10}{'wrong':>7}{'stopped':>8}{'5xx':>6}")
+    print(f"{'scenario':<58}{'client':<10}{'rollouts':>9}{'no reward':>10}{'wrong':>7}{'penalised':>10}"
+          f"{'stopped':>8}{'429':>6}{'5xx':>6}")
     for scenario, client, tally, statuses in rows:
         five = sum(v for k, v in statuses.items() if str(k).startswith("5"))
-        print(f"{scenario:<58}{client:<10}{tally.rollouts:>9}{tally.no_reward:>10}{tally.wrong:>7}{tally.stopped:>8}{five:>6}")
+        print(f"{scenario:<58}{client:<10}{tally.rollouts:>9}{tally.no_reward:>10}{tally.wrong:>7}{tally.penalised:>10}"
+              f"{tally.stopped:>8}{statuses.get('429', 0):>6}{five:>6}")
         if tally.first_stop:
             print(f"    stop message: {tally.first_stop[:200]}")
 
 
 # ---------------------------------------------------------------- bad-input battery
+
+
+async def health_during_bodies(base: str, count: int) -> float:
+    """The slowest /health answer while `count` ~6 MB bodies (700k small label objects each) are being read."""
+    import httpx
+
+    heavy = json.dumps({"query": ["<|user|>hi<eos><|assistant|>ok<eos>"], "prompts": ["<|user|>hi<eos><|assistant|>"],
+                        "labels": [[{"a": 1}] * 700_000]})
+    async with httpx.AsyncClient(timeout=300) as client:
+        tasks = [asyncio.create_task(client.post(base + "/get_reward", content=heavy,
+                                                 headers={"Content-Type": "application/json"})) for _ in range(count)]
+        await asyncio.sleep(0.05)
+        worst = 0.0
+        while not all(t.done() for t in tasks):
+            start = time.monotonic()
+            await client.get(base + "/health")
+            worst = max(worst, time.monotonic() - start)
+            await asyncio.sleep(0.02)
+        for task in tasks:
+            await task
+        return worst
 
 
 def battery(args, work: Path, model: Path) -> None:
@@ -413,7 +464,8 @@ def battery(args, work: Path, model: Path) -> None:
                 start = time.monotonic()
                 reply = client.post(url, content=body, headers=headers)
                 five += reply.status_code >= 500
-                detail = reply.json().get("error", "") if reply.status_code != 200 else f"errors={reply.json()['extra_logs']['reward/errors']}"
+                body = reply.json()
+                detail = body.get("error", "") if reply.status_code != 200 else f"errors={[e and e['code'] for e in body['errors']]}"
                 results.append((name, reply.status_code, len(reply.content), time.monotonic() - start, detail[:70]))
 
             async def health_during_big() -> tuple[float, float]:
@@ -432,6 +484,8 @@ def battery(args, work: Path, model: Path) -> None:
                     return worst, time.monotonic() - start
 
             worst_health, _ = asyncio.run(health_during_big())
+
+            worst_bodies = asyncio.run(health_during_bodies(server.url, 8))
         sockets = []
         for _ in range(200):
             sock = socket.create_connection((HOST, server.port))
@@ -456,6 +510,16 @@ def battery(args, work: Path, model: Path) -> None:
     for name, status, size, seconds, detail in results:
         print(f"{name:<34}{status:>7}{size:>8}{seconds:>7.2f}  {detail}")
     print(f"slowest /health while a 200k-character prompt search ran: {worst_health * 1000:.0f} ms")
+    print(f"slowest /health while eight ~6 MB bodies were parsed at once: {worst_bodies * 1000:.0f} ms")
+    if args.compare_tree:
+        old = Server("ours", args.port + 7, ["--config", str(config)], args.torch_threads, root=Path(args.compare_tree))
+        old.start()
+        old.wait_ready()
+        try:
+            worst_old = asyncio.run(health_during_bodies(old.url, 8))
+        finally:
+            old.stop()
+        print(f"the same, openrlhf_ext.serve from {args.compare_tree}: {worst_old * 1000:.0f} ms")
     print(f"half-open connections still open 4.5 s after sending partial headers (header timeout 3 s): {still_open} of 200")
     print(f"5xx answers in the battery: {five}; all statuses the server counted: {dict(statuses)}")
 
@@ -486,6 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch/OMP threads of every server")
     parser.add_argument("--distinct", type=int, default=8192, help="distinct request texts")
     parser.add_argument("--port", type=int, default=5917)
+    parser.add_argument("--compare-tree", default=None, metavar="DIR",
+                        help="also serve openrlhf_ext from this source tree (e.g. `git worktree add /tmp/old main`), "
+                        "interleaved with the others, to compare two versions of our server")
     parser.add_argument("--work-dir", default=None, help="where to build the models (default: a temp dir)")
     args = parser.parse_args(raw)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:

@@ -36,6 +36,7 @@ class BatcherStats:
     rejected: int = 0
     batches: int = 0
     largest_batch: int = 0
+    sample_seconds: float = 0.0  # moving average of scoring time per sample (0 until the first batch)
 
 
 @dataclass
@@ -70,6 +71,10 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def estimate_s(self, samples: int) -> float:
+        """Seconds to score `samples` more samples at the recent pace (0 before any batch was timed)."""
+        return samples * self.stats.sample_seconds
 
     async def start(self) -> None:
         """Start the collecting task on the running loop and the single model thread."""
@@ -121,6 +126,7 @@ class DynamicBatcher(Generic[T, R]):
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 continue
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self.process, [p.item for p in batch])
                 if len(results) != len(batch):
@@ -130,12 +136,18 @@ class DynamicBatcher(Generic[T, R]):
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            self._time(time.monotonic() - started, len(batch))
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             for p, result in zip(batch, results):
                 if not p.future.done():
                     p.future.set_result(result)
                     self.stats.delivered += 1
+
+    def _time(self, seconds: float, size: int) -> None:
+        per_sample = seconds / size
+        previous = self.stats.sample_seconds
+        self.stats.sample_seconds = per_sample if previous == 0.0 else 0.8 * previous + 0.2 * per_sample
 
     async def _fill_or_timeout(self) -> None:
         assert self._wakeup is not None

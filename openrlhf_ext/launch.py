@@ -174,6 +174,18 @@ def preflight(args: SimpleNamespace, reward_config: str | None) -> list[str]:
     return notes
 
 
+def check_shim_policy(shim_config: str) -> None:
+    """Refuse, before Ray starts, a shim config whose on_error OpenRLHF cannot honour (the shim would stop at once)."""
+    from reward_plugins.config import load_pipeline_config
+
+    from .server_protocol import ErrorPolicy
+
+    try:
+        ErrorPolicy.of(load_pipeline_config(shim_config, check_paths=False))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def preflight_monitor(args: SimpleNamespace, reward_config: str | None, monitor_config: str) -> list[str]:
     """Refuse a monitor that cannot see what it needs: the KL (a reference model), member scores, models on a GPU."""
     from reward_plugins.config import load_pipeline_config
@@ -271,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours.eval_top_p, ours.eval_top_k, ours.eval_before_training, monitor_config=monitor_config,
     )
     shim_config = str(Path(ours.shim_config).resolve()) if ours.shim_config else None
+    if shim_config:
+        check_shim_policy(shim_config)
     env = runtime_env(settings, shim_config=shim_config)
     for note in notes:
         print(f"[openrlhf_ext.launch] note: {note}", file=sys.stderr)

@@ -2,8 +2,11 @@
 
 `RayPlacer` checks up front that the cluster can ever hold what the YAML asks, starts `replicas` actors per
 placement (`max_restarts` lets Ray restart a dead one), splits each batch across them and gathers in order.
-A batch whose actor died is retried by Ray on the restarted actor (`max_task_retries`); if an actor is gone
-for good, its share moves to a live replica, so no sample is lost while one replica lives.
+A replica that dies, or does not answer its share within `call_timeout_s` (a stopped or hung process), is taken
+out of the live set (killed in the second case, so that Ray restarts it) and its share moves to a live replica;
+it rejoins once the restarted actor answers. With no live replica a batch waits up to `call_timeout_s` for one to
+come back, then fails with `PlacementError` (a `ScoringUnavailable`: never a per-sample error), and
+`RayPlacer.unavailable` says why, so the reward server answers 503 and clients go elsewhere.
 """
 
 from __future__ import annotations
@@ -11,21 +14,24 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from reward_plugins.config import Placement
 from reward_plugins.placement import split_even
+from reward_plugins.types import ScoringUnavailable
 
 logger = logging.getLogger(__name__)
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 
 
-class PlacementError(RuntimeError):
+class PlacementError(ScoringUnavailable):
     """The cluster cannot run a placement, or every replica of one is gone; the message says what and why."""
 
 
@@ -92,12 +98,16 @@ class RayReplicas:
             "num_cpus": placement.num_cpus,
             "num_gpus": placement.num_gpus,
             "max_restarts": placement.max_restarts,
-            "max_task_retries": placement.max_restarts,
+            "max_task_retries": 0,  # a dead replica's share moves to a live one at once instead of waiting for it
         }
         if runtime_env:
             options["runtime_env"] = runtime_env
         self.actors = [_Replica.options(**options).remote(factory) for _ in range(placement.replicas)]
         self.alive = list(range(len(self.actors)))
+        self.reviving: dict[int, Any] = {}  # slot -> pid() call of a replica that is restarting
+        self.gone: set[int] = set()
+        self.losses = [0] * len(self.actors)  # each loss uses one of Ray's max_restarts
+        self._lock = threading.RLock()  # the server's health check and its scoring thread both update the sets
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -121,44 +131,102 @@ class RayReplicas:
     def submit(self, method: str, items: Sequence) -> _RayPending:
         """Start `method(chunk)` on every live replica, one contiguous chunk each."""
         items = list(items)
+        self.refresh()
         if not self.alive:
-            raise PlacementError(f"{self.name}: every replica has died (max_restarts {self.placement.max_restarts})")
-        chunks = split_even(len(items), len(self.alive))
+            self.await_revival()
+        live = list(self.alive)
+        deadline = time.monotonic() + self.placement.call_timeout_s
         jobs = [
-            _Job(chunk, slot, self.actors[slot].call.remote(method, items[chunk]))
-            for chunk, slot in zip(chunks, self.alive)
+            _Job(chunk, slot, self.actors[slot].call.remote(method, items[chunk]), deadline)
+            for chunk, slot in zip(split_even(len(items), len(live)), live)
         ]
         return _RayPending(self, method, items, jobs)
 
     def call_one(self, method: str, *args: Any) -> Any:
         """`method(*args)` on one live replica (for example the plugin's component keys)."""
-        while self.alive:
+        while True:
+            self.refresh()
+            if not self.alive:
+                self.await_revival()
             slot = self.alive[0]
             try:
-                return _get(self.actors[slot].call.remote(method, *args))
+                return _get(self.actors[slot].call.remote(method, *args), self.placement.call_timeout_s)
             except RayActorError:
-                self._lost(slot)
-        raise PlacementError(f"{self.name}: every replica has died (max_restarts {self.placement.max_restarts})")
+                self.lost(slot, killed=False)
+            except GetTimeoutError:
+                self.lost(slot, killed=True)
 
     def pids(self) -> list[int]:
         """Process ids of the live replicas (a restarted replica has a new one)."""
         return ray.get([self.actors[slot].pid.remote() for slot in self.alive])
 
-    def _lost(self, slot: int) -> None:
-        if slot in self.alive:
+    def lost(self, slot: int, killed: bool) -> None:
+        """Take a replica out of the live set: it died, or it missed its deadline and is killed (Ray restarts it)."""
+        with self._lock:
+            if slot not in self.alive:
+                return
             self.alive.remove(slot)
-            logger.warning(
-                "%s: replica %d is gone for good (max_restarts %d); %d left",
-                self.name,
-                slot,
-                self.placement.max_restarts,
-                len(self.alive),
-            )
+            if killed:
+                ray.kill(self.actors[slot], no_restart=False)
+            self.losses[slot] += 1
+            if 0 <= self.placement.max_restarts < self.losses[slot]:
+                self.gone.add(slot)
+            else:
+                self.reviving[slot] = self.actors[slot].pid.remote()
+        logger.warning(
+            "%s: replica %d %s; its work moves to the %d live replica(s), it rejoins if Ray restarts it (max_restarts %d)",
+            self.name, slot, f"missed its {_fmt(self.placement.call_timeout_s)} s deadline and was killed" if killed
+            else "died", len(self.alive), self.placement.max_restarts,
+        )
+
+    def refresh(self, timeout: float = 0.0) -> None:
+        """Return restarted replicas that answer to the live set; forget those Ray will not restart."""
+        waiting = dict(self.reviving)
+        if not waiting:
+            return
+        ready, _ = ray.wait(list(waiting.values()), num_returns=len(waiting), timeout=timeout)
+        for slot, ref in waiting.items():
+            if ref not in ready:
+                continue
+            with self._lock:
+                if self.reviving.get(slot) is not ref:
+                    continue  # another thread settled it
+                try:
+                    ray.get(ref)
+                except ActorUnavailableError:
+                    self.reviving[slot] = self.actors[slot].pid.remote()
+                    continue
+                except RayActorError:
+                    del self.reviving[slot]
+                    self.gone.add(slot)
+                    logger.warning("%s: replica %d is gone for good (max_restarts %d)", self.name, slot,
+                                   self.placement.max_restarts)
+                    continue
+                del self.reviving[slot]
+                self.alive = sorted([*self.alive, slot])
+            logger.info("%s: replica %d is back", self.name, slot)
+
+    def await_revival(self) -> None:
+        """With no live replica, wait up to `call_timeout_s` for a restarted one; PlacementError if none comes."""
+        deadline = time.monotonic() + self.placement.call_timeout_s
+        while not self.alive and self.reviving and time.monotonic() < deadline:
+            self.refresh(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if not self.alive:
+            raise PlacementError(self.unavailable() or f"{self.name}: no live replica")
+
+    def unavailable(self) -> str | None:
+        """Why this group cannot score now (no live replica), else None."""
+        self.refresh()
+        if self.alive:
+            return None
+        return (f"{self.name}: no live replica ({len(self.reviving)} restarting, {len(self.gone)} gone for good, "
+                f"max_restarts {self.placement.max_restarts})")
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.alive = []
+        self.reviving = {}
 
 
 @dataclass
@@ -166,42 +234,43 @@ class _Job:
     chunk: slice
     slot: int
     ref: Any
+    deadline: float
 
 
 class _RayPending:
-    """One submitted batch; `result` waits, moves the share of a replica gone for good to a live one."""
+    """One submitted batch; `result` waits, moving the share of a dead or late replica to a live one."""
 
     def __init__(self, group: RayReplicas, method: str, items: list, jobs: list[_Job]):
         self.group, self.method, self.items, self.jobs = group, method, items, jobs
 
     def result(self) -> list:
         gathered: list = []
+        group = self.group
         for job in self.jobs:
             while True:
                 try:
-                    gathered.extend(_get(job.ref))
+                    gathered.extend(_get(job.ref, max(0.0, job.deadline - time.monotonic())))
                     break
                 except RayActorError:
-                    self.group._lost(job.slot)
-                    if not self.group.alive:
-                        restarts = self.group.placement.max_restarts
-                        raise PlacementError(
-                            f"{self.group.name}: every replica has died (max_restarts {restarts}); "
-                            f"{len(self.items)} items not scored"
-                        ) from None
-                    job.slot = self.group.alive[job.chunk.start % len(self.group.alive)]
-                    job.ref = self.group.actors[job.slot].call.remote(self.method, self.items[job.chunk])
+                    group.lost(job.slot, killed=False)
+                except GetTimeoutError:
+                    group.lost(job.slot, killed=True)
+                group.refresh()
+                if not group.alive:
+                    group.await_revival()
+                live = list(group.alive)
+                job.slot = live[job.chunk.start % len(live)]
+                job.ref = group.actors[job.slot].call.remote(self.method, self.items[job.chunk])
+                job.deadline = time.monotonic() + group.placement.call_timeout_s
         if len(gathered) != len(self.items):
-            raise PlacementError(
-                f"{self.group.name}: replicas returned {len(gathered)} results for {len(self.items)} items"
-            )
+            raise PlacementError(f"{group.name}: replicas returned {len(gathered)} results for {len(self.items)} items")
         return gathered
 
 
-def _get(ref: Any) -> Any:
+def _get(ref: Any, timeout: float | None = None) -> Any:
     """`ray.get`, re-raising an exception from inside the replica as itself (the caller isolates bad samples)."""
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=timeout)
     except RayTaskError as exc:
         if isinstance(exc.cause, Exception) and not isinstance(exc.cause, RayActorError):
             raise exc.cause from None
@@ -234,6 +303,11 @@ class RayPlacer:
             _fmt(placement.num_cpus),
         )
         return group
+
+    def unavailable(self) -> str | None:
+        """Why a placed plugin cannot score now (one of its groups has no live replica), else None."""
+        reasons = [reason for reason in (group.unavailable() for group in self.groups) if reason]
+        return "; ".join(reasons) or None
 
     def close(self) -> None:
         for group in self.groups:

@@ -1,12 +1,14 @@
 """The FastAPI app behind `python -m openrlhf_ext.serve`: OpenRLHF's `POST /get_reward`, `GET /health`.
 
-Status codes: 200 for every request that was read (samples that fail to score, are over the size cap or
-give a non-finite result get the fallback reward and `reward/errors` = 1); 400 invalid UTF-8, invalid or
-over-deep JSON; 401 bad or missing bearer token; 408 body not received within the body timeout; 413 body or
-sample count over the limit; 415 not `Content-Type: application/json`; 422 wrong shape (the first few
-errors); 429 with `Retry-After` when the queue stayed full for the whole `request_timeout_s`. Nothing a
-client sends yields a 5xx. Under load a request waits for queue room (first come, first served) instead of
-being refused. Header and body reads are bounded in time, so idle or trickling connections are closed.
+Status codes: 200 for every request that was read; a sample that could not be scored has no reward and a coded
+error in `errors` (see `server_protocol`: the client retries or applies `on_error`; no fallback crosses the wire);
+400 invalid UTF-8, invalid or over-deep JSON; 401 bad or missing bearer token; 408 body not received in time;
+413 body or sample count over the limit; 415 not `Content-Type: application/json`; 422 wrong shape (the first
+few errors); 429 with `Retry-After` as soon as the admitted work would not be scored within `request_timeout_s`
+(or no room came in time); 503 with `Retry-After` while `health` says the server cannot score (no live replica).
+Every answer comes within `request_timeout_s` of the request's arrival, which `/health` announces, so a client
+never re-sends work that is still being scored. Large bodies are parsed on a thread of their own, off the event
+loop. `/docs` and `/openapi.json` are off.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import functools
 import hmac
 import json
 import logging
+import math
+import re
 import socket
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import uvicorn
@@ -32,17 +38,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from reward_plugins.types import Sample
+
 from .batcher import DynamicBatcher
 from .server_protocol import GuardedScorer, Outcome, to_payload
 
 logger = logging.getLogger(__name__)
 
-INLINE_PREPARE_CHARS = 20_000
+INLINE_PARSE_BYTES = 32 * 1024  # larger bodies are parsed and searched on the parsing thread
+UNAVAILABLE_RETRY_S = 5
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+Prepared = tuple[list[Outcome | None], list[Sample], list[int]]
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Limits and batching knobs of one server."""
+    """Limits and batching knobs of one server (the token is left out of its repr, so it never reaches a log)."""
 
     max_batch_size: int = 64
     max_wait_ms: float = 10.0
@@ -50,7 +61,7 @@ class ServerSettings:
     max_request_samples: int = 256
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 120.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     max_sample_chars: int = 256_000
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -78,7 +89,11 @@ class RewardRequest(BaseModel):
         return self
 
 
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
+def _error(status: int, message: str, request_id: str | None = None, **headers: str) -> JSONResponse:
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+        log = logger.info if status in (429, 503) else logger.warning
+        log("request %s: HTTP %d: %s", request_id, status, message)
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
@@ -145,7 +160,8 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
         if isinstance(item, (list, dict)):
             if depth > limit:
                 return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
     return False
 
 
@@ -221,8 +237,29 @@ def _authorised(request: Request, token: str | None) -> bool:
     return hmac.compare_digest(offered.encode(), token.encode())
 
 
-def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings()) -> FastAPI:
-    """Build the app; the batcher starts and stops with the app's lifespan."""
+def request_id(request: Request) -> str:
+    """The client's `X-Request-Id` when it is a short plain token, else a new one (it only ever reaches log lines)."""
+    offered = request.headers.get("x-request-id", "")
+    return offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
+
+
+def parse_request(body: bytes, settings: ServerSettings, scorer: GuardedScorer) -> tuple[int, Prepared]:
+    """Decode, validate and split one request body into samples (in a thread for large bodies)."""
+    parsed = RewardRequest.model_validate(parse_body(body, settings.max_json_depth))
+    n = len(parsed.query)
+    if n > settings.max_request_samples:
+        return n, ([], [], [])
+    return n, scorer.prepare(parsed.query, parsed.prompts, parsed.labels, settings.max_sample_chars)
+
+
+def create_app(
+    scorer: GuardedScorer, settings: ServerSettings = ServerSettings(), health: Callable[[], str | None] | None = None
+) -> FastAPI:
+    """Build the app; the batcher and the parsing thread start and stop with the app's lifespan.
+
+    `health`: returns why the server cannot score now (every replica of a placed model gone), else None; while it
+    says so, `/health` and `POST /get_reward` answer 503 so that clients go to another server.
+    """
     batcher: DynamicBatcher = DynamicBatcher(
         scorer.score,
         settings.max_batch_size,
@@ -230,98 +267,123 @@ def create_app(scorer: GuardedScorer, settings: ServerSettings = ServerSettings(
         max(settings.max_queue, settings.max_request_samples),
     )
     admission = Admission(settings.max_queue)
+    parsing: list[ThreadPoolExecutor] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await batcher.start()
+        parsing.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-parse"))
         try:
             yield
         finally:
             await batcher.stop()
+            parsing.pop().shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="reward-plugins server", lifespan=lifespan)
+    app = FastAPI(title="reward-plugins server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
     app.state.scorer = scorer
     app.state.admission = admission
     app.state.statuses = Counter()
     app.add_middleware(StatusCounter, counts=app.state.statuses)
 
+    def unavailable() -> str | None:
+        if health is None:
+            return None
+        try:
+            return health()
+        except Exception as exc:  # noqa: BLE001 - a failing check is itself a reason to send clients elsewhere
+            return f"health check failed: {type(exc).__name__}: {exc}"
+
+    def retry_after_s(samples: int) -> str:
+        """Seconds until `samples` more would likely be scored within the request timeout again (1 to the timeout)."""
+        excess = batcher.estimate_s(admission.in_use + samples) - settings.request_timeout_s
+        return str(max(1, min(math.ceil(excess), math.ceil(settings.request_timeout_s))))
+
     @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        if not _authorised(request, settings.token):
-            return {"status": "ok"}
-        return {
-            "status": "ok",
-            "admitted": admission.in_use,
-            "queued": batcher.queued,
-            "log_keys": list(scorer.log_keys),
-            "fallback": scorer.fallback,
-            "stats": asdict(batcher.stats),
-            "statuses": dict(app.state.statuses),
-        }
+    async def health_route(request: Request) -> JSONResponse:
+        problem = unavailable()
+        body: dict[str, Any] = {"status": "unavailable" if problem else "ok"}
+        if _authorised(request, settings.token):
+            body.update(
+                reason=problem,
+                request_timeout_s=settings.request_timeout_s,
+                policy=scorer.policy.wire(),
+                log_keys=list(scorer.log_keys),
+                max_request_samples=settings.max_request_samples,
+                admitted=admission.in_use,
+                queued=batcher.queued,
+                stats=asdict(batcher.stats),
+                statuses=dict(app.state.statuses),
+            )
+        return JSONResponse(body, status_code=503 if problem else 200)
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        if not _authorised(request, settings.token):
-            return _error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
-        if not _is_json(request):
-            return _error(415, "Content-Type must be application/json")
         arrived = time.monotonic()
+        deadline = arrived + settings.request_timeout_s
+        rid = request_id(request)
+        if not _authorised(request, settings.token):
+            return _error(401, "missing or wrong bearer token", rid, **{"WWW-Authenticate": "Bearer"})
+        if not _is_json(request):
+            return _error(415, "Content-Type must be application/json", rid)
+        problem = unavailable()
+        if problem:
+            return _error(503, f"cannot score now: {problem}", rid, **{"Retry-After": str(UNAVAILABLE_RETRY_S)})
+        body_wait = min(settings.body_timeout_s, settings.request_timeout_s)
         try:
-            body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.body_timeout_s)
+            body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), body_wait)
         except asyncio.TimeoutError:
-            return _error(408, f"request body not received within {settings.body_timeout_s:g} s")
+            return _error(408, f"request body not received within {body_wait:g} s", rid)
         if body is None:
-            return _error(413, f"request body over {settings.max_body_bytes} bytes")
+            return _error(413, f"request body over {settings.max_body_bytes} bytes", rid)
+        read = functools.partial(parse_request, body, settings, scorer)
         try:
-            parsed = RewardRequest.model_validate(parse_body(body, settings.max_json_depth))
+            if len(body) > INLINE_PARSE_BYTES:
+                n, prepared = await asyncio.get_running_loop().run_in_executor(parsing[0], read)
+            else:
+                n, prepared = read()
         except ValidationError as exc:
-            return _error(422, validation_summary(exc, settings.max_listed_errors))
+            return _error(422, validation_summary(exc, settings.max_listed_errors), rid)
         except ValueError as exc:
-            return _error(400, str(exc))
-        n = len(parsed.query)
+            return _error(400, str(exc), rid)
         if n > settings.max_request_samples:
-            return _error(413, f"{n} samples in one request; the limit is {settings.max_request_samples}")
-        wait = max(0.0, settings.request_timeout_s - (time.monotonic() - arrived))
-        if not await admission.acquire(n, wait):
-            return _error(429, f"reward queue stayed full for {settings.request_timeout_s:g} s; retry", **{"Retry-After": "1"})
-        try:
-            outcomes = await _score(parsed, batcher, scorer, settings)
-            payload = to_payload(outcomes, scorer.log_keys)
-        except Exception as exc:  # noqa: BLE001 - a bug of ours still answers every sample, counted as an error
-            logger.exception("answering %d samples failed", n)
-            payload = to_payload([scorer.failure(f"{type(exc).__name__}: {exc}")] * n, scorer.log_keys)
-        finally:
-            admission.release(n)
-        return JSONResponse(payload)
+            return _error(413, f"{n} samples in one request; the limit is {settings.max_request_samples}", rid)
+        outcomes, samples, positions = prepared
+        k = len(samples)
+        if k:
+            remaining = deadline - time.monotonic()
+            if batcher.estimate_s(admission.in_use + k) > remaining or not await admission.acquire(
+                k, remaining - batcher.estimate_s(k)
+            ):
+                return _error(429, f"too busy to score {k} samples within {settings.request_timeout_s:g} s; retry",
+                              rid, **{"Retry-After": retry_after_s(k)})
+            try:
+                scored = await _score(samples, batcher, scorer, deadline, rid)
+            finally:
+                admission.release(k)
+            for i, outcome in zip(positions, scored):
+                outcomes[i] = outcome
+        for i, outcome in enumerate(outcomes):
+            if outcome is not None and outcome.error is not None:
+                logger.warning("request %s: sample %d failed (%s): %s", rid, i, outcome.error.code, outcome.error.message)
+        return JSONResponse(to_payload(outcomes, scorer.log_keys), headers={"X-Request-Id": rid})
 
     return app
 
 
-async def _score(parsed: RewardRequest, batcher: DynamicBatcher, scorer: GuardedScorer, settings: ServerSettings) -> list[Outcome]:
-    """Outcomes in request order; a timeout gives fallbacks, never a hang.
-
-    The prompt search is linear; for requests over INLINE_PREPARE_CHARS it runs in a thread, off the event loop.
-    """
-    timeout_s = settings.request_timeout_s
-    size = sum(map(len, parsed.query)) + sum(len(p or "") for p in parsed.prompts or ())
-    prepare = functools.partial(scorer.prepare, parsed.query, parsed.prompts, parsed.labels, settings.max_sample_chars)
-    if size > INLINE_PREPARE_CHARS:
-        outcomes, samples, positions = await asyncio.to_thread(prepare)
-    else:
-        outcomes, samples, positions = prepare()
-    if samples:
-        try:
-            scored = await asyncio.wait_for(batcher.submit(samples), timeout_s)
-        except asyncio.TimeoutError:
-            logger.warning("scoring %d samples took over %.1f s; answering the fallback", len(samples), timeout_s)
-            scored = [scorer.failure(f"timed out after {timeout_s} s")] * len(samples)
-        except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed answer
-            logger.warning("batcher failed: %s: %s", type(exc).__name__, exc)
-            scored = [scorer.failure(f"{type(exc).__name__}: {exc}")] * len(samples)
-        for i, outcome in zip(positions, scored):
-            outcomes[i] = outcome
-    return outcomes  # type: ignore[return-value]
+async def _score(
+    samples: list[Sample], batcher: DynamicBatcher, scorer: GuardedScorer, deadline: float, rid: str
+) -> list[Outcome]:
+    """Outcomes in order by `deadline`: what is not scored by then gets the retryable `timeout` code, never a reward."""
+    timeout_s = max(0.0, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(batcher.submit(samples), timeout_s)
+    except asyncio.TimeoutError:
+        logger.warning("request %s: %d samples not scored in time; answered as retryable timeouts", rid, len(samples))
+        return [scorer.failure("timeout", f"not scored within the request timeout ({timeout_s:.1f} s left)")] * len(samples)
+    except Exception as exc:  # noqa: BLE001 - the client still gets a well-formed answer, and retries
+        logger.warning("request %s: batcher failed: %s: %s", rid, type(exc).__name__, exc)
+        return [scorer.failure("internal", f"{type(exc).__name__}: {exc}")] * len(samples)
 
 
 def guarded_protocol(header_timeout_s: float) -> type[H11Protocol]:
@@ -376,7 +438,7 @@ def serve_in_thread(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", lifespan="on", timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

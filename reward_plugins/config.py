@@ -50,7 +50,8 @@ def check_path_exists(value: str, info: ValidationInfo) -> str:
 class Placement(BaseModel):
     """Where a model-backed plugin runs: `replicas` Ray actors, each holding `num_gpus` and `num_cpus`.
 
-    A dead replica is restarted up to `max_restarts` times (-1: always) and its batch retried;
+    A dead replica is restarted up to `max_restarts` times (-1: always) and its batch retried; one that does not
+    answer a batch within `call_timeout_s` counts as dead (killed, restarted, its batch moved to a live replica);
     `ready_timeout_s` bounds the wait for the cluster to grant the resources.
     """
 
@@ -61,6 +62,7 @@ class Placement(BaseModel):
     replicas: int = Field(default=1, ge=1)
     max_restarts: int = Field(default=3, ge=-1)
     ready_timeout_s: float = Field(default=600.0, gt=0)
+    call_timeout_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _whole_or_fraction(self) -> Placement:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .types import RewardResult, Sample
+from .types import RewardResult, Sample, ScoringUnavailable
 
 if TYPE_CHECKING:
     from .config import PluginSpec
@@ -120,12 +120,15 @@ def available_plugins() -> list[str]:
 def score_safely(plugin: RewardPlugin, samples: Sequence[Sample]) -> list[RewardResult]:
     """Call `plugin.score`; if it raises, score one sample at a time so one bad sample cannot sink the batch.
 
-    Samples that still raise get an error result carrying the exception text.
+    Samples that still raise get an error result carrying the exception text. `ScoringUnavailable` (the scorer
+    itself is gone) is raised as it is: it says nothing about the samples.
     """
     if not samples:
         return []
     try:
         return _checked(plugin, samples, plugin.score(samples))
+    except ScoringUnavailable:
+        raise
     except Exception as exc:  # noqa: BLE001 - isolated below, never swallowed
         if len(samples) == 1:
             return [RewardResult.failed(f"{plugin.name}: {type(exc).__name__}: {exc}")]
@@ -134,6 +137,8 @@ def score_safely(plugin: RewardPlugin, samples: Sequence[Sample]) -> list[Reward
     for sample in samples:
         try:
             results.extend(_checked(plugin, [sample], plugin.score([sample])))
+        except ScoringUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001
             results.append(RewardResult.failed(f"{plugin.name}: {type(exc).__name__}: {exc}"))
     return results

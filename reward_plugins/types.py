@@ -76,5 +76,10 @@ def label_field(sample: Sample, key: str) -> Any:
     return label[key]
 
 
+class ScoringUnavailable(RuntimeError):
+    """What scores the samples is gone (every replica of a placed model, a remote service): not the samples' fault,
+    so it is never turned into per-sample errors; the caller retries elsewhere or stops."""
+
+
 class LabelError(ValueError):
     """A sample's label lacks what a plugin needs; the sample gets an error status, the batch goes on."""

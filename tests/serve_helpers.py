@@ -58,3 +58,59 @@ def make_engine(tokenizer_dir, pairs: list[tuple[str, str]]) -> tuple[object, Fa
 
 def sampling_params(max_tokens: int = 64) -> SimpleNamespace:
     return SimpleNamespace(max_tokens=max_tokens, logprobs=None)
+
+
+CHARS_REWARD = {"type": "length_penalty", "coef": 1.0, "unit": "chars"}
+
+
+def chars_scorer(on_error: str = "penalty", error_penalty: float | None = -99.0):
+    """A server-side scorer whose reward is minus the response's length in characters (easy to check by hand)."""
+    from openrlhf_ext.server_protocol import GuardedScorer
+    from reward_plugins import build_pipeline, parse_pipeline_config
+
+    config = {"reward": CHARS_REWARD, "on_error": on_error}
+    if error_penalty is not None:
+        config["error_penalty"] = error_penalty
+    return GuardedScorer(build_pipeline(parse_pipeline_config(config)))
+
+
+def chars_rollouts(tokenizer_dir, n: int):
+    """Tokenizer, engine, n templated prompts and each sample's expected chars reward (computed by hand)."""
+    pairs = [(PROMPTS[i % 4] + f" Case {i}.", RESPONSES[i % 4]) for i in range(n)]
+    tokenizer, engine, prompts = make_engine(tokenizer_dir, pairs)
+    return tokenizer, engine, prompts, [-float(len(r)) for _, r in pairs]
+
+
+def execute(urls: list[str], tokenizer, engine, prompts: list[str], labels=None, max_length: int = 256) -> list[dict]:
+    """Every prompt through OpenRLHF 0.11.2's own SingleTurnAgentExecutor at once, against these servers."""
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    executor = SingleTurnAgentExecutor(remote_rm_url=[u + "/get_reward" for u in urls])
+    labels = labels if labels is not None else [None] * len(prompts)
+
+    async def run():
+        return await asyncio.gather(
+            *(executor.execute(p, lab, sampling_params(), max_length, tokenizer, engine) for p, lab in zip(prompts, labels))
+        )
+
+    return asyncio.run(run())
+
+
+def install_client(monkeypatch):
+    """`hooks.install()` as a Ray worker runs it, with a fresh server book; undone after the test."""
+    import sys
+
+    from openrlhf.utils import agent
+
+    from openrlhf_ext import hooks, reward_client
+
+    cls = agent.SingleTurnAgentExecutor
+    monkeypatch.setattr(cls, "_fetch_rewards_via_http", cls._fetch_rewards_via_http)
+    monkeypatch.setattr(cls, hooks._MARK, False, raising=False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    for name in (reward_client.TOKEN_ENV, reward_client.TOKEN_FILE_ENV, reward_client.BUDGET_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(reward_client, "_BOOK", reward_client.ServerBook())
+    hooks.install()
+    assert cls._fetch_rewards_via_http is reward_client.fetch_rewards_via_http
+    return cls

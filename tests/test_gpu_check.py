@@ -1,5 +1,5 @@
 """`bench/gpu_check.py --dry-run`: the GPU check's code paths (RM scoring, VR-CLI scoring and baselines, a PPO
-step, a GRPO step) run on CPU at tiny sizes and print one table, so the GPU run cannot break unseen."""
+step, a GRPO step, the multi-head ensemble against one RM) run on CPU at tiny sizes and print one table, so the GPU run cannot break unseen."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_dry_run_prints_one_table_with_every_row(tmp_path, capsys):
     assert [next(r for r in rows if r.startswith(s)) for s in starts]
     assert "samples/s batched" in table[2] and "one at a time" in table[2] and "tokens/s" in table[3]
     assert "s/step" in table[4] and "s/step" in table[5] and "not run" not in out
+    multihead = next(r for r in rows if r.startswith("multi-head ensemble k=5 vs one RM"))
+    assert "x one RM's samples/s" in multihead and "parameter memory 1.00" in multihead  # 5 heads vs 1 on one backbone
     assert list(tmp_path.iterdir()) == []  # scratch models removed
 
 

@@ -71,12 +71,15 @@ def test_reward_model_replicas_match_unplaced_and_survive_a_killed_replica(place
     results = pending.result()
     assert len(results) == len(SAMPLES)
     np.testing.assert_allclose([r.reward or -1.0 for r in results], np.array(expected.rewards, dtype=float), rtol=1e-5, atol=1e-5)
+    deadline = time.monotonic() + 90
+    while group.alive != [0, 1] and time.monotonic() < deadline:
+        group.refresh(timeout=1.0)
     after = group.pids()
     assert after[0] != before[0] and after[1] == before[1], "Ray restarted the killed replica, the other kept running"
 
     ray.kill(group.actors[1], no_restart=True)
     assert_same(placed.score(SAMPLES), expected)
-    assert group.alive == [0], "the batch of the replica gone for good went to the live one"
+    assert group.alive == [0] and group.gone == {1}, "the batch of the replica gone for good went to the live one"
 
 
 def test_ensemble_members_placed_each_or_all_at_once_match_unplaced(placer, rm_dirs):
@@ -152,7 +155,11 @@ def test_serve_builds_placed_plugins_in_the_ray_cluster(cluster, monkeypatch, tm
         f"  path: {rm_dirs[2]}\n  placement: {{num_gpus: 0, num_cpus: 0.25, replicas: 1}}\n"
     )
     built = {}
-    monkeypatch.setattr(serve, "create_app", lambda scorer, settings: built.setdefault("scorer", scorer))
+    def fake_app(scorer, settings, health):
+        built["health"] = health
+        return built.setdefault("scorer", scorer)
+
+    monkeypatch.setattr(serve, "create_app", fake_app)
     monkeypatch.setattr(serve, "uvicorn_config", lambda app, settings, **kwargs: built.setdefault("kwargs", kwargs))
 
     class NoServer:
@@ -166,6 +173,7 @@ def test_serve_builds_placed_plugins_in_the_ray_cluster(cluster, monkeypatch, tm
     serve.main(["--config", str(config), "--ray-address", "auto"])
     root = built["scorer"].pipeline.root
     assert isinstance(root, PlacedPlugin) and built["kwargs"]["host"] == "127.0.0.1"
+    assert built["health"]() is None, "the server reports the replicas' health"
     try:
         local = build_pipeline(parse_pipeline_config({"reward": {"type": "reward_model", "name": "rm", "path": str(rm_dirs[2])}}))
         np.testing.assert_allclose(root.score(SAMPLES[:3])[0].reward, local.score(SAMPLES[:3]).rewards[0], rtol=1e-5)

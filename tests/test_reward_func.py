@@ -22,11 +22,9 @@ SHIM_FILE = str(Path(__file__).resolve().parents[1] / "openrlhf_ext" / "reward_f
 
 @pytest.fixture()
 def fresh_state(monkeypatch):
-    """A new lazily built shim state per test; aborts are recorded instead of ending pytest."""
-    aborts: list[int] = []
-    state = shim.ShimState(abort=aborts.append)
+    """A new lazily built shim state per test."""
+    state = shim.ShimState()
     monkeypatch.setattr(shim, "_STATE", state)
-    state.aborts = aborts
     for name in (shim.CONFIG_ENV, shim.FALLBACK_ENV, shim.MAX_FAILURES_ENV, shim.MAX_BATCH_ENV):
         monkeypatch.delenv(name, raising=False)
     return state
@@ -57,93 +55,75 @@ def test_shim_rewards_reach_openrlhf(fresh_state, models_env, tokenizer_dir, mon
     empty = outputs[-1]
     assert empty["reward"] == -1.0 and empty["scores"] == -1.0, "error_penalty of the config, not None"
     assert empty["extra_logs"]["reward/errors"] == 1.0
-    assert fresh_state.aborts == []
     assert fresh_state.batcher.stats.delivered == len(pairs), "every call went through the shared batcher"
 
 
-def test_missing_config_stops_the_worker(fresh_state, monkeypatch, caplog):
-    monkeypatch.setenv(shim.FALLBACK_ENV, "-2.5")
+def test_missing_config_stops_the_run_in_one_line(fresh_state, caplog):
     with caplog.at_level(logging.WARNING, logger="openrlhf_ext.shim"):
-        result = shim.reward_func(["<|user|>hi<|assistant|>yo"], ["<|user|>hi<|assistant|>"], [None])
-    assert fresh_state.aborts == [1]
+        with pytest.raises(shim.RewardStopped, match=r"^reward_func stopped the run: cannot build .*REWARD_PLUGINS_CONFIG is not set"):
+            shim.reward_func(["<|user|>hi<|assistant|>yo"], ["<|user|>hi<|assistant|>"], [None])
     assert any(r.levelno == logging.CRITICAL and "REWARD_PLUGINS_CONFIG is not set" in r.getMessage() for r in caplog.records)
-    assert result["extra_logs"]["reward/errors"] == 1.0
+    with pytest.raises(shim.RewardStopped, match="REWARD_PLUGINS_CONFIG is not set"):
+        shim.reward_func(["x"], ["y"], [None])
 
 
-def test_unbuildable_pipeline_stops_at_first_call_with_the_pipelines_log_keys(
-    fresh_state, models_env, tmp_path, monkeypatch, caplog
-):
+def test_unbuildable_pipeline_stops_at_first_call(fresh_state, models_env, tmp_path, monkeypatch):
     good = Path("configs/rewards/reward_model.yaml")
     bad = tmp_path / "wrong_model.yaml"
     bad.write_text(good.read_text().replace("${MODELS_DIR:-models}", str(tmp_path / "nowhere")))
     assert bad.read_text() != good.read_text()
     monkeypatch.setenv(shim.CONFIG_ENV, str(bad))
-    with caplog.at_level(logging.CRITICAL, logger="openrlhf_ext.shim"):
-        result = shim.reward_func(["pabc"], ["p"], [None])
-    assert fresh_state.aborts == [1], "the run stops instead of answering 0.0 on every call"
-    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
-    assert critical and str(bad) in critical[0] and "nowhere" in critical[0]
-    assert result["rewards"] == -1.0, "the config's error_penalty, not 0.0"
-    assert list(result["extra_logs"]) == list(RewardPipeline.from_yaml(good).log_keys)
+    with pytest.raises(shim.RewardStopped) as stopped:
+        shim.reward_func(["pabc"], ["p"], [None])
+    message = str(stopped.value)
+    assert str(bad) in message and "nowhere" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
-    "name, value", [(shim.MAX_FAILURES_ENV, "three"), (shim.MAX_FAILURES_ENV, "-1"), (shim.FALLBACK_ENV, "nan"),
-                    (shim.FALLBACK_ENV, "inf"), (shim.MAX_BATCH_ENV, "0")]
+    "name, value", [(shim.MAX_FAILURES_ENV, "three"), (shim.MAX_FAILURES_ENV, "-1"), (shim.FALLBACK_ENV, "-1"),
+                    (shim.MAX_BATCH_ENV, "0")]
 )
-def test_bad_environment_values_stop_the_worker(fresh_state, tmp_path, monkeypatch, caplog, name, value):
+def test_bad_environment_values_stop_the_run(fresh_state, tmp_path, monkeypatch, name, value):
     config = tmp_path / "chars.yaml"
     config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
     monkeypatch.setenv(shim.CONFIG_ENV, str(config))
     monkeypatch.setenv(name, value)
-    with caplog.at_level(logging.CRITICAL, logger="openrlhf_ext.shim"):
-        result = shim.reward_func(["pabc"], ["p"], [None])
-    assert fresh_state.aborts == [1]
-    assert any(f"${name}" in r.getMessage() and repr(value) in r.getMessage() for r in caplog.records)
-    assert np.isfinite(result["rewards"])
+    with pytest.raises(shim.RewardStopped, match=rf"\${name}"):
+        shim.reward_func(["pabc"], ["p"], [None])
 
 
-def test_log_keys_from_config_match_the_built_pipelines(models_env):
-    from openrlhf_ext.server_protocol import config_log_keys
-    from reward_plugins import build_pipeline, load_pipeline_config
-
-    configs = sorted(Path("configs/rewards").glob("*.yaml"))
-    assert len(configs) >= 5
-    for path in configs:
-        config = load_pipeline_config(path)
-        derived = config_log_keys(load_pipeline_config(path, check_paths=False))
-        assert derived == build_pipeline(config).log_keys, path
-
-
-def test_log_keys_from_config_load_no_model(monkeypatch):
-    """The keys of a failed build come from the config alone: the ensemble's members are not loaded."""
-    from openrlhf_ext.server_protocol import config_log_keys
-    from reward_plugins import load_pipeline_config, reward_model
-
-    monkeypatch.setenv("MODELS_DIR", "/no/models/here")
-    monkeypatch.setattr(reward_model.RewardModelScorer, "__init__", _no_model_load)
-    keys = config_log_keys(load_pipeline_config("configs/rewards/ensemble_uwo5.yaml", check_paths=False))
-    assert keys[3:] == tuple(f"reward/{k}" for k in ("seed1", "seed2", "seed3", "seed4", "seed5", "variance", "combined"))
-
-
-def _no_model_load(*args, **kwargs):
-    raise AssertionError("a model was loaded")
-
-
-def test_consecutive_failures_abort_and_ok_resets(fresh_state, tmp_path, monkeypatch):
+def test_skip_is_refused_and_raise_stops_at_the_first_failed_sample(fresh_state, tmp_path, monkeypatch):
     config = tmp_path / "chars.yaml"
     config.write_text("on_error: skip\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    monkeypatch.setenv(shim.CONFIG_ENV, str(config))
+    with pytest.raises(shim.RewardStopped, match="on_error: skip cannot be used with OpenRLHF 0.11.2"):
+        shim.reward_func(["pabc"], ["p"], [None])
+
+    state = shim.ShimState()
+    monkeypatch.setattr(shim, "_STATE", state)
+    config.write_text("on_error: raise\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    assert shim.reward_func(["pabc"], ["p"], [None])["rewards"] == -3.0
+    with pytest.raises(shim.RewardStopped, match=r"on_error: raise and a sample failed; 1 sample\(s\) failed to score; "
+                                                 r"last error: no_response: the query does not start"):
+        shim.reward_func(["unrelated text"], ["<|user|>a prompt<|assistant|>"], [None])
+
+
+def test_consecutive_failures_stop_the_run_and_ok_resets(fresh_state, tmp_path, monkeypatch):
+    config = tmp_path / "chars.yaml"
+    config.write_text("on_error: penalty\nerror_penalty: -5\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
     monkeypatch.setenv(shim.CONFIG_ENV, str(config))
     monkeypatch.setenv(shim.MAX_FAILURES_ENV, "3")
     bad = (["unrelated text"], ["<|user|>a prompt<|assistant|>"], [None])
     good = (["pabc"], ["p"], [None])
     assert shim.reward_func(*good)["rewards"] == -3.0
     for call in (bad, bad, good, bad, bad):
-        shim.reward_func(*call)
-    assert fresh_state.aborts == [], "an OK sample resets the count"
-    result = shim.reward_func(*bad)
-    assert fresh_state.aborts == [1]
-    assert result["rewards"] == 0.0 and result["extra_logs"]["reward/errors"] == 1.0
+        result = shim.reward_func(*call)
+    assert result["rewards"] == -5.0 and result["extra_logs"]["reward/errors"] == 1.0, "the penalty, counted"
+    with pytest.raises(shim.RewardStopped, match=r"^reward_func stopped the run: 3 samples in a row failed to score "
+                                                 r"\(\$REWARD_PLUGINS_MAX_CONSECUTIVE_FAILURES=3\); 5 sample\(s\) failed"):
+        shim.reward_func(*bad)
+    with pytest.raises(shim.RewardStopped, match="3 samples in a row"):
+        shim.reward_func(*good)
 
 
 def test_pipeline_built_once_under_concurrent_first_calls(fresh_state, tmp_path, monkeypatch):
@@ -167,3 +147,25 @@ def test_pipeline_built_once_under_concurrent_first_calls(fresh_state, tmp_path,
         thread.join()
     assert len(builds) == 1
     assert [r["rewards"] for r in results] == [-2.0] * 8
+
+
+def test_concurrent_failures_all_report_the_first_reason(fresh_state, tmp_path, monkeypatch):
+    config = tmp_path / "chars.yaml"
+    config.write_text("on_error: penalty\nerror_penalty: -5\nreward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
+    monkeypatch.setenv(shim.CONFIG_ENV, str(config))
+    monkeypatch.setenv(shim.MAX_FAILURES_ENV, "3")
+    stops: list[str] = []
+
+    def call():
+        try:
+            shim.reward_func(["unrelated text"], ["<|user|>a prompt<|assistant|>"], [None])
+        except shim.RewardStopped as exc:
+            stops.append(str(exc))
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stops) >= 10 and len(set(stops)) == 1, stops
+    assert "3 samples in a row failed to score" in stops[0] and "; 3 sample(s) failed to score" in stops[0]

@@ -6,14 +6,15 @@ import asyncio
 import json
 from pathlib import Path
 import threading
+import time
 
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import PROMPTS, RESPONSES, make_engine, sampling_params
+from serve_helpers import PROMPTS, RESPONSES, execute, install_client, make_engine, sampling_params
 
 from openrlhf_ext.server_app import ServerSettings, create_app, serve_in_thread
-from openrlhf_ext.server_protocol import GuardedScorer, derive_response, resolve_fallback
+from openrlhf_ext.server_protocol import GuardedScorer, derive_response
 from reward_plugins import Sample, build_pipeline, load_pipeline_config, parse_pipeline_config
 
 pytest.importorskip("openrlhf")
@@ -28,7 +29,7 @@ def ensemble_scorer(tiny_dir, rm_dirs):
     mp.setenv("MODELS_DIR", str(tiny_dir))
     config = load_pipeline_config(ENSEMBLE)
     mp.undo()
-    return GuardedScorer(build_pipeline(config), resolve_fallback(config, None))
+    return GuardedScorer(build_pipeline(config))
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,15 @@ def test_openrlhf_client_gets_pipeline_rewards_batched(ensemble_server, ensemble
     assert batches < len(pairs), f"48 concurrent requests were scored in {batches} batches: no batching"
 
 
-def test_errored_samples_reach_openrlhf_with_fallback(ensemble_server, tokenizer_dir):
+def test_errored_samples_reach_openrlhf_with_the_penalty_our_client_applies(ensemble_server, tokenizer_dir, monkeypatch):
     url, _ = ensemble_server
     tokenizer, engine, prompts = make_engine(tokenizer_dir, [(PROMPTS[0], RESPONSES[0]), (PROMPTS[1], "")])
-    outputs = run_executor(url, tokenizer, engine, prompts, [None, None])
+    stock = run_executor(url, tokenizer, engine, prompts, [None, None])
+    assert stock[1]["reward"] is None, "no fallback crosses the wire: OpenRLHF's own client gets no reward"
+    install_client(monkeypatch)
+    outputs = execute([url], tokenizer, engine, prompts)
     good, empty = outputs
+    assert good["reward"] == pytest.approx(stock[0]["reward"])
     assert good["extra_logs"]["reward/errors"] == 0.0 and good["reward"] != -1.0
     assert empty["reward"] == -1.0, "an empty response errors; on_error: penalty gives error_penalty, never None"
     assert empty["extra_logs"]["reward/errors"] == 1.0
@@ -97,23 +102,27 @@ def test_errored_samples_reach_openrlhf_with_fallback(ensemble_server, tokenizer
         assert float(experience.info["reward/errors"][0]) == out["extra_logs"]["reward/errors"]
 
 
-def test_raise_policy_is_served_as_fallback(tokenizer_dir):
+def test_failed_samples_cross_the_wire_as_coded_errors_without_a_reward(tokenizer_dir):
     config = parse_pipeline_config(
         {"on_error": "raise", "reward": {"type": "length_penalty", "name": "len", "coef": 0.5, "unit": "tokens"}}
     )
-    scorer = GuardedScorer(build_pipeline(config), resolve_fallback(config, -3.0))
-    with serve_in_thread(create_app(scorer)) as url:
+    with serve_in_thread(create_app(GuardedScorer(build_pipeline(config)))) as url:
         body = httpx.post(url + "/get_reward", json={"query": ["pq resp"], "prompts": ["pq"], "labels": [None]}).json()
         mixed = httpx.post(url + "/get_reward", json={"query": ["pa", "zz"], "prompts": ["p", "q" * 20]}).json()
-    assert body["rewards"] == -3.0 and body["extra_logs"]["reward/errors"] == 1.0
-    assert mixed["rewards"] == [-3.0, -3.0] and mixed["extra_logs"]["reward/errors"] == [1.0, 1.0]
+        health = httpx.get(url + "/health").json()
+    assert body["rewards"] is None and body["scores"] is None and body["extra_logs"]["reward/errors"] == 1.0
+    assert body["errors"] == [{"code": "plugin_error", "retry": False, "message": body["errors"][0]["message"]}]
+    assert "token" in body["errors"][0]["message"], "the plugin's own reason, for the server's log"
+    assert mixed["rewards"] == [None, None] and [e["code"] for e in mixed["errors"]] == ["plugin_error", "no_response"]
+    assert health["policy"] == {"on_error": "raise", "error_penalty": None}, "the client applies the YAML's policy"
 
 
-def _rule_scorer(fallback: float = 0.0) -> GuardedScorer:
+def _rule_scorer(penalty: float = 0.0) -> GuardedScorer:
     config = parse_pipeline_config(
-        {"reward": {"type": "length_penalty", "name": "len", "coef": 1.0, "unit": "chars"}, "on_error": "skip"}
+        {"reward": {"type": "length_penalty", "name": "len", "coef": 1.0, "unit": "chars"}, "on_error": "penalty",
+         "error_penalty": penalty}
     )
-    return GuardedScorer(build_pipeline(config), fallback)
+    return GuardedScorer(build_pipeline(config))
 
 
 def test_malformed_oversized_and_token():
@@ -147,6 +156,9 @@ def test_malformed_oversized_and_token():
         assert httpx.get(url + "/health").json() == {"status": "ok"}, "counters only with the token"
         health = httpx.get(url + "/health", headers=auth).json()
         assert health["status"] == "ok" and health["log_keys"][:3] == ["reward/mean", "reward/errors", "reward/skipped"]
+        assert health["request_timeout_s"] == 120.0 and "s3cret" not in json.dumps(health)
+        for page in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(url + page).status_code == 404 and httpx.get(url + page, headers=auth).status_code == 404
 
 
 def test_hostile_bodies_get_4xx_never_5xx():
@@ -235,15 +247,19 @@ def test_admission_is_first_come_first_served_and_bounded():
     assert order == [("late", False), ("big", True), ("small", True)] and in_use == 3
 
 
-def test_timeout_answers_fallback_instead_of_hanging():
-    scorer = _rule_scorer(fallback=-7.0)
+def test_timeout_answers_a_retryable_error_in_time_instead_of_a_reward():
+    scorer = _rule_scorer(penalty=-7.0)
     release = threading.Event()
     scorer.score = lambda samples: (release.wait(timeout=20), [])[1]
     with serve_in_thread(create_app(scorer, ServerSettings(request_timeout_s=0.3))) as url:
+        started = time.monotonic()
         reply = httpx.post(url + "/get_reward", json={"query": ["pabc"], "prompts": ["p"]}, timeout=10)
+        elapsed = time.monotonic() - started
         release.set()
-    assert reply.status_code == 200
-    assert reply.json()["rewards"] == -7.0 and reply.json()["extra_logs"]["reward/errors"] == 1.0
+    assert reply.status_code == 200 and elapsed < 2.0, "answered when the request timeout ran out"
+    body = reply.json()
+    assert body["rewards"] is None and body["errors"][0]["code"] == "timeout" and body["errors"][0]["retry"] is True
+    assert body["extra_logs"]["reward/errors"] == 1.0
 
 
 def _free_port() -> int:
@@ -305,21 +321,22 @@ def test_openrlhf_round_robins_over_several_servers(tokenizer_dir):
     assert [app.state.batcher.stats.delivered for app in apps] == [4, 4]
 
 
-def test_non_finite_results_become_error_samples():
-    config = parse_pipeline_config({"reward": {"type": "length_penalty", "coef": 1e308, "unit": "chars"}})
-    scorer = GuardedScorer(build_pipeline(config), -5.0)
-    with serve_in_thread(create_app(scorer)) as url:
-        reply = httpx.post(url + "/get_reward", json={"query": ["pa", "pabcde"], "prompts": ["p", "p"]})
+def test_results_outside_float32_become_error_samples():
+    config = parse_pipeline_config({"reward": {"type": "length_penalty", "coef": 1e38, "unit": "chars"}})
+    with serve_in_thread(create_app(GuardedScorer(build_pipeline(config)))) as url:
+        reply = httpx.post(url + "/get_reward", json={"query": ["pa", "pabcd"], "prompts": ["p"] * 2})
     assert reply.status_code == 200, "an infinite reward cannot be encoded in JSON: it must not reach the encoder"
     body = reply.json()
-    assert body["rewards"] == [-1e308, -5.0] and body["extra_logs"]["reward/errors"] == [0.0, 1.0]
+    assert body["rewards"] == [-1e38, None], "-4e38 is finite in float64 but -inf in OpenRLHF's float32 tensor"
+    assert [e and e["code"] for e in body["errors"]] == [None, "non_finite"]
+    assert body["extra_logs"]["reward/errors"] == [0.0, 1.0]
 
 
 def test_vrcli_label_values_are_validated_by_the_plugin(models_env, tmp_path):
     shipped = Path("configs/rewards/vrcli.yaml").read_text()
     config = tmp_path / "vrcli_plain_labels.yaml"
     config.write_text(shipped.replace("fingerprint: require", "fingerprint: off").replace("layout: paper", "layout: append"))
-    scorer = GuardedScorer(build_pipeline(load_pipeline_config(config)), -4.0)
+    scorer = GuardedScorer(build_pipeline(load_pipeline_config(config)))
     label = {"context": "Write the next chapter about the dragon.", "gold": "She opened the door and smiled at the sea."}
     prompt = "<|user|>Plan the chapter.<eos><|assistant|>"
     query = prompt + "In summary: the dragon flies to the sea and meets a ship.<eos>"
@@ -332,8 +349,8 @@ def test_vrcli_label_values_are_validated_by_the_plugin(models_env, tmp_path):
     errors = reply.json()["extra_logs"]["reward/errors"]
     rewards = reply.json()["rewards"]
     assert errors[0] == 0.0 and errors[2:] == [1.0] * 4, "bool, string, overflowing and negative baselines are errors"
-    assert rewards[2:] == [0.0] * 4, "on_error: penalty gives the config's error_penalty"
-    assert all(np.isfinite(rewards))
+    assert rewards[2:] == [None] * 4 and [e["code"] for e in reply.json()["errors"][2:]] == ["plugin_error"] * 4
+    assert all(np.isfinite([r for r in rewards if r is not None]))
 
 
 def test_torch_threads_and_finite_fallback(tmp_path, capsys):
@@ -350,10 +367,9 @@ def test_torch_threads_and_finite_fallback(tmp_path, capsys):
         serve.torch_threads(0)
     config = tmp_path / "chars.yaml"
     config.write_text("reward:\n  type: length_penalty\n  coef: 1.0\n  unit: chars\n")
-    for bad in ("nan", "inf"):
-        with pytest.raises(SystemExit, match="^2$"):
-            serve.main(["--config", str(config), "--fallback-reward", bad, "--torch-threads", str(before)])
-        assert "fallback reward must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
+        serve.main(["--config", str(config), "--fallback-reward", "-1", "--torch-threads", str(before)])
+    assert "--fallback-reward is not accepted: the server no longer answers a fallback" in capsys.readouterr().err
 
 
 def test_slow_headers_are_closed_and_slow_bodies_get_408():

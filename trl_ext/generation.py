@@ -6,6 +6,9 @@ eval). A checkpoint's own `generation_config` (`repetition_penalty`, `min_new_to
 `bad_words_ids`, its own EOS list, ...) would otherwise still apply: transformers fills every field a passed
 config leaves unset from the model's. `sampling_config` builds a fresh `GenerationConfig` holding only the
 fields we mean, and `generate_following` runs `generate` with the model's own config set aside.
+`FollowsPolicySampling` does the same for TRL's GRPO / RLOO training sampler: only the fields TRL sets from its
+own config (temperature, top-p/k, min-p, repetition penalty, `generation_kwargs`, its EOS list) apply. The model's
+`generation_config` is only set aside while sampling, so checkpoints and the final model keep theirs.
 """
 
 from __future__ import annotations
@@ -56,6 +59,32 @@ def _without_checkpoint_defaults(model: PreTrainedModel) -> Iterator[None]:
     finally:
         for holder, config in zip(holders, saved):
             holder.generation_config = config
+
+
+class FollowsPolicySampling:
+    """Mixin for TRL's GRPO / RLOO trainers: their training sampler runs with the model's own `generation_config`
+    set aside, so TRL's config is the only one that applies (transformers fills every field TRL leaves unset,
+    e.g. `min_new_tokens`, `no_repeat_ngram_size`, `bad_words_ids`, from the checkpoint's). TRL computes the
+    old and reference log-probs as `log_softmax(logits / T)`; now the samples come from that distribution."""
+
+    def _generate_single_turn(self, *args, **kwargs):
+        with _without_checkpoint_defaults(self.accelerator.unwrap_model(self.model)):
+            return super()._generate_single_turn(*args, **kwargs)
+
+
+def following_trainer(trainer_cls: type) -> type:
+    """`trainer_cls` (TRL's GRPOTrainer or RLOOTrainer) with `FollowsPolicySampling`; refused if TRL no longer
+    samples through `_generate_single_turn` (the override would silently do nothing)."""
+    if not callable(getattr(trainer_cls, "_generate_single_turn", None)):
+        raise RuntimeError(f"{trainer_cls.__name__} has no _generate_single_turn: this TRL version samples "
+                           "elsewhere; pin the TRL in requirements.txt")
+    if trainer_cls not in _FOLLOWING:
+        _FOLLOWING[trainer_cls] = type(trainer_cls.__name__, (FollowsPolicySampling, trainer_cls),
+                                       {"__doc__": trainer_cls.__doc__, "__module__": __name__})
+    return _FOLLOWING[trainer_cls]
+
+
+_FOLLOWING: dict[type, type] = {}
 
 
 def generate_following(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

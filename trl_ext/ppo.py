@@ -355,12 +355,41 @@ def load_models(cfg: TrainConfig, ppo: PPOSettings, tokenizer,
     if checkpoint is not None:
         return policy, ref, AutoModelForSequenceClassification.from_pretrained(checkpoint / "value", dtype=torch.float32)
     source = ppo.value_model if ppo.value_init == "reward_model" else cfg.policy
+    if ppo.value_init == "reward_model":
+        refuse_lora_ensemble_value(source)
     value = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    if ppo.value_init == "reward_model":
+        start_from_mean_head(value, source)
     value.config.pad_token_id = tokenizer.pad_token_id
     if value.config.vocab_size < len(tokenizer):
         raise ConfigError([f"ppo.value_model {source}: vocabulary of {value.config.vocab_size} tokens is smaller than "
                            f"the policy tokenizer's {len(tokenizer)}; the value model must share the policy's tokenizer"])
     return policy, ref, value
+
+
+def start_from_mean_head(value: nn.Module, folder: str) -> None:
+    """A multi-head RM folder (`heads.safetensors`) holds a backbone and k heads but no `score` layer: the value
+    head starts at the mean of the k heads, whose output is the mean of the k head scores (the ensemble's `mean`
+    reward), instead of at random. Any other folder is left as loaded."""
+    from reward_plugins.multihead import HEADS_FILE, read_heads
+
+    if not (Path(folder) / HEADS_FILE).is_file():
+        return
+    weight, _ = read_heads(folder, value.config.hidden_size)
+    with torch.no_grad():
+        value.score.weight.copy_(weight.mean(0, keepdim=True).to(value.score.weight.dtype))
+        if value.score.bias is not None:
+            value.score.bias.zero_()
+
+
+def refuse_lora_ensemble_value(folder: str) -> None:
+    """A LoRA ensemble folder's base has no trained score head (each adapter has its own): refused in one line."""
+    from reward_plugins.lora_ensemble import INDEX_FILE
+
+    if (Path(folder) / INDEX_FILE).is_file():
+        raise ConfigError([f"ppo.value_model {folder}: a LoRA ensemble folder (its base model has no trained score "
+                           "head); give one reward model's folder, a multi-head RM folder, or value_init: policy"],
+                          "train")
 
 
 def print_samples(console, step: int, prompts: list[str], responses: list[str], scores: list[float], rows: int) -> None:

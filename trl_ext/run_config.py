@@ -17,13 +17,17 @@ from reward_plugins.pipeline import RewardPipeline
 from .config import ExistingPath, unknown_fields
 from .data import as_text
 from .eval_callback import EvalFileCallback
+from .generation import following_trainer
 from .reward_adapter import DEFAULT_STOP_AFTER, PipelineRewardFunc
 
 
 def trl_classes(algorithm: str):
+    """TRL's config class and trainer for `algorithm`; the trainer samples from exactly TRL's generation settings
+    (`generation.FollowsPolicySampling`), never from fields of the checkpoint's own generation config."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    return (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    return config_cls, following_trainer(trainer_cls)
 
 
 class PPOSettings(BaseModel):
@@ -52,7 +56,7 @@ class PPOSettings(BaseModel):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
     value_init: Literal["policy", "reward_model"] = "policy"
-    value_model: ModelRef | None = None  # the reward model the value model starts from
+    value_model: ModelRef | None = None  # the reward model the value model starts from (multi-head: the mean head)
     save_steps: int = Field(default=0, ge=0)  # 0: checkpoint only at the end
     logging_steps: int = Field(default=1, gt=0)
     sample_rows: int = Field(default=4, ge=0)  # rows of the rich-printed sample table
