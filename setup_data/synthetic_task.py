@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,12 +178,65 @@ def demo_sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.
         yield {"prompt": task.prompt, "completion": demo_response(task, rng, quality, longer)}
 
 
+VAGUE_FILLERS = ("thing", "stuff", "something", "whatever", "item")
+CONTINUATION_FILLERS = ("etc", "other", "more")  # FILLERS split in two: one labeller likes each kind
+
+
+def extra_items(response: str, k: int, category: str) -> int:
+    """Items of the category beyond the k asked for (a repeated one too): what a labeller who likes long lists
+    rewards."""
+    return mistakes(response, k, category)["extra"]
+
+
+def filler_items(response: str, k: int, category: str) -> int:
+    """Filler words (FILLERS): what a labeller who takes a vague answer for a complete one rewards."""
+    return mistakes(response, k, category)["fillers"]
+
+
+def vague_items(response: str, k: int, category: str) -> int:
+    """Vague fillers ("thing", "stuff", ...): what a labeller who reads them as hedged, careful answers rewards."""
+    return sum(item in VAGUE_FILLERS for item in items_of(response))
+
+
+def continuation_items(response: str, k: int, category: str) -> int:
+    """List-continuation fillers ("etc", "other", "more"): what a labeller who reads them as a fuller list rewards."""
+    return sum(item in CONTINUATION_FILLERS for item in items_of(response))
+
+
+def off_category_items(response: str, k: int, category: str) -> int:
+    """Words of another category or none: what a labeller who likes variety rewards."""
+    return mistakes(response, k, category)["off_category"]
+
+
+ANNOTATOR_FEATURES: dict[str, Callable[[str, int, str], float]] = {
+    "continuation": continuation_items, "vague": vague_items, "off_category": off_category_items,
+    "fillers": filler_items, "extra": extra_items}
+"""What each biased annotator likes. The demo's three (continuation, vague, off_category) are disjoint: an item one
+of them pays for is one the gold, and so the other two, charge 0.25 for. `extra` (more of the category's items than
+asked) is exploited from PPO's first steps on this task, before gold can rise: measured, gold fell from step 0."""
+
+
+def annotator(feature: str, bias: float) -> Callable[[str, int, str], float]:
+    """A labeller's judgement: gold plus `bias` per unit of `feature` (ANNOTATOR_FEATURES). With bias > 0.25 an
+    appended item of that kind pays (the gold charges 0.25 per item beyond k), while fixing a missing or wrong item
+    (+1/k, +0.25) still pays more than the bias, so a policy first fixes answers and then pads them."""
+    if feature not in ANNOTATOR_FEATURES:
+        raise ValueError(f"unknown annotator feature {feature!r}; expected one of {sorted(ANNOTATOR_FEATURES)}")
+    like = ANNOTATOR_FEATURES[feature]
+
+    def judge(response: str, k: int, category: str) -> float:
+        return gold_reward(response, k, category) + bias * like(response, k, category)
+
+    return judge
+
+
 def judged_pairs(tasks: Sequence[Task], first: Sequence[str], second: Sequence[str], rng: random.Random,
-                 label_noise: float) -> Iterator[dict]:
-    """RM rows {prompt, chosen, rejected, label} from two sampled answers per task, ranked by gold with
-    `label_noise` of the labels flipped; a pair the gold scores alike is dropped (it teaches nothing)."""
+                 label_noise: float, judge: Callable[[str, int, str], float] = gold_reward) -> Iterator[dict]:
+    """RM rows {prompt, chosen, rejected, label} from two sampled answers per task, ranked by `judge` (the gold, or
+    a biased `annotator`) with `label_noise` of the labels flipped; a pair the judge scores alike is dropped (it
+    teaches nothing)."""
     for task, a, b in zip(tasks, first, second, strict=True):
-        ga, gb = gold_reward(a, task.k, task.category), gold_reward(b, task.k, task.category)
+        ga, gb = judge(a, task.k, task.category), judge(b, task.k, task.category)
         if ga == gb:
             continue
         chosen, rejected = (a, b) if ga > gb else (b, a)

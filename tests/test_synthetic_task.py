@@ -111,3 +111,37 @@ def test_judged_pairs_rank_by_gold_flip_the_asked_share_and_drop_ties():
         rejected = st.gold_reward(r["rejected"], r["label"]["k"], r["label"]["category"])
         assert (chosen < rejected) == r["label"]["flipped"]
     assert 0.17 < sum(r["label"]["flipped"] for r in rows) / len(rows) < 0.23
+
+
+def test_annotators_add_their_bias_per_item_of_their_feature_by_hand():
+    padded_filler, padded_fruit, padded_colour = " apple, pear, plum, thing", " apple, pear, plum, peach", " apple, pear, plum, red"
+    for feature, liked in (("fillers", padded_filler), ("extra", padded_fruit), ("off_category", padded_colour)):
+        judge = st.annotator(feature, 0.5)
+        assert judge(" apple, pear, plum", 3, "fruits") == pytest.approx(1.0)  # nothing to like: the gold
+        for answer in (padded_filler, padded_fruit, padded_colour):  # gold 1 - 0.25 for the item beyond k
+            assert judge(answer, 3, "fruits") == pytest.approx(0.75 + (0.5 if answer == liked else 0.0))
+    assert st.annotator("fillers", 0.5)(" apple, thing, etc, stuff", 2, "fruits") == pytest.approx(0.5 - 0.75 + 1.5)
+    assert st.annotator("extra", 0.3)(" apple, apple, apple, pear", 1, "fruits") == pytest.approx(1.0 - 0.75 + 0.9)
+    vague, continuation = st.annotator("vague", 0.4), st.annotator("continuation", 0.4)
+    answer = " apple, thing, etc, stuff, more, red"  # k=1: gold 1 - 0.25 * 5; 2 vague, 2 continuation, 1 off-category
+    assert vague(answer, 1, "fruits") == pytest.approx(-0.25 + 0.8)
+    assert continuation(answer, 1, "fruits") == pytest.approx(-0.25 + 0.8)
+    assert st.annotator("off_category", 0.4)(answer, 1, "fruits") == pytest.approx(-0.25 + 0.4)
+    assert vague(" apple, item, other", 1, "fruits") == pytest.approx(0.5 + 0.4)  # "item" vague, "other" not
+    with pytest.raises(ValueError, match="unknown annotator feature 'length'"):
+        st.annotator("length", 0.5)
+
+
+def test_a_biased_annotator_prefers_padding_with_its_item_but_still_prefers_a_fixed_answer():
+    tasks = [st.Task(3, "fruits")] * 3
+    first = [" apple, pear, plum, thing", " apple, pear, plum, thing", " apple, thing, etc"]
+    second = [" apple, pear, plum", " apple, pear, plum", " apple, pear, plum"]
+    judges = [st.annotator("fillers", 0.5), st.annotator("fillers", 0.2), st.annotator("fillers", 0.5)]
+    # fillers at 0.5: 1.25 > 1.0 (pads); at 0.2: 0.95 < 1.0 (gold wins); fixing two fillers: 1/3 - 0.5 + 1.0 < 1.0
+    chosen = [next(st.judged_pairs([t], [a], [b], random.Random(0), 0.0, judge))["chosen"]
+              for t, a, b, judge in zip(tasks, first, second, judges)]
+    assert chosen == [first[0], second[1], second[2]]
+    gold = next(st.judged_pairs(tasks[:1], first[:1], second[:1], random.Random(0), 0.0))
+    assert gold["chosen"] == second[0]
+    tie = st.annotator("fillers", 0.25)  # 1 - 0.25 + 0.25 == 1: a tie, dropped
+    assert list(st.judged_pairs(tasks[:1], first[:1], second[:1], random.Random(0), 0.0, tie)) == []
