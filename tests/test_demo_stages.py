@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins.io import read_jsonl
+from setup_data import synthetic_task as st
 from trl_ext import demo
 from trl_ext import stage_cache as cache
 from trl_ext.stage_cache import Stage
@@ -108,7 +108,7 @@ def test_every_setting_is_read_by_a_stage_or_the_runner():
 
 def test_changing_rl_steps_changes_the_keys_of_rl_gold_and_report_only():
     before = cache.stage_keys(demo.STAGES, demo.DemoConfig())
-    after = cache.stage_keys(demo.STAGES, demo.DemoConfig(rl_steps=60))
+    after = cache.stage_keys(demo.STAGES, demo.DemoConfig(rl_steps=80))
     assert {name for name in before if before[name] != after[name]} == DOWNSTREAM_OF_RL
     workers = cache.stage_keys(demo.STAGES, demo.DemoConfig(workers=1))
     assert workers == before, "workers changes no result, so it reruns nothing"
@@ -164,9 +164,19 @@ def test_first_run_writes_every_stage_and_the_summary(first):
         assert (paths.out / png).stat().st_size > 0
 
 
-def test_pairs_are_sft_samples_ranked_by_gold(first):
-    from setup_data import synthetic_task as st
+def test_every_rl_run_is_monitored_and_the_summary_has_the_monitor_table(first):
+    cfg, paths, summary = first
+    for objective, dirs in demo.rl_runs(cfg, paths).items():
+        for run_dir in dirs:
+            monitor = json.loads((run_dir / "monitor" / "config.json").read_text())["config"]
+            assert (monitor["shadow"] is not None) == (objective == "single_rm")
+            steps = [json.loads(line) for line in (run_dir / "monitor" / "steps.jsonl").read_text().splitlines()]
+            assert [s["step"] for s in steps] == list(range(cfg.rl_steps))
+            assert f"| {objective}/{run_dir.name} |" in summary.split("over-optimisation monitor")[1]
+    assert "hit rate" in summary and "false alarms" in summary
 
+
+def test_pairs_are_sft_samples_ranked_by_gold(first):
     _, paths, _ = first
     rows = read_jsonl(paths.pairs / "prefs_test.jsonl")
     assert rows and not any(r["label"]["flipped"] for r in rows)
@@ -174,6 +184,24 @@ def test_pairs_are_sft_samples_ranked_by_gold(first):
         k, category = r["label"]["k"], r["label"]["category"]
         assert st.gold_reward(r["chosen"], k, category) > st.gold_reward(r["rejected"], k, category)
     assert all(r["response"].strip() for r in read_jsonl(paths.reference))
+
+
+def test_each_proxy_rm_learns_from_its_own_biased_annotator(first):
+    cfg, paths, summary = first
+    assert cfg.annotator_features[:2] == ["continuation", "vague"]
+    liked = {"continuation": {"etc", "other", "more"}, "vague": {"thing", "stuff", "something", "whatever", "item"}}
+    for seed, feature in zip(cfg.rm_seeds, cfg.annotator_features):  # RM j <-> annotator j, by hand
+        def judged(answer, label):
+            k, category = label["k"], label["category"]
+            items = [i.strip().lower().rstrip(".") for i in answer.split(",") if i.strip()]
+            return st.gold_reward(answer, k, category) + cfg.annotator_bias * sum(i in liked[feature] for i in items)
+
+        rows = read_jsonl(paths.pairs / f"prefs_test_rm_seed{seed}.jsonl")
+        assert rows and all(judged(r["chosen"], r["label"]) > judged(r["rejected"], r["label"]) for r in rows)
+        train = read_jsonl(paths.pairs / f"prefs_rm_seed{seed}.jsonl")
+        assert all((judged(r["chosen"], r["label"]) < judged(r["rejected"], r["label"])) == r["label"]["flipped"]
+                   for r in train)
+        assert f"| rm_seed{seed} | gold + {cfg.annotator_bias:g} x {feature} |" in summary
 
 
 def test_rl_runs_read_standardised_rewards_and_the_same_eval_prompts_as_bon(first):

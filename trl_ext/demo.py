@@ -3,14 +3,18 @@
 Stages (each cached by the settings it reads, see `trl_ext.stage_cache`; `--fresh` starts over):
   data    synthetic instruction task with a rule-based gold reward (setup_data.synthetic_task)
   sft     tokenizer trained on the task text, tiny random policy, SFT through TRL
-  pairs   two SFT samples per prompt ranked by gold, labels flipped with `label_noise` (the RMs' data), clean
-          held-out pairs, and SFT samples every proxy RM is standardised on
-  rms     3 proxy RMs (seeds 1-3) from the SFT policy on the noisy pairs
+  pairs   two SFT samples per prompt, labelled by each proxy RM's own biased annotator (gold plus a liking for
+          one kind of wrong item) with `label_noise` flipped; clean held-out pairs ranked by gold and by each
+          annotator, and SFT samples every proxy RM is standardised on
+  rms     3 proxy RMs (seeds 1-3) from the SFT policy, RM j on annotator j's labels
   bon     best-of-n from the SFT policy on the eval prompts with each RM and the mean / WCO / UWO ensembles
   rl      PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble,
-          each for every seed in `rl_seeds`; rewards z-scored on SFT samples, so one KL coefficient means the same
-  gold    gold evaluation of every run's eval files
-  report  plots, the summary tables (standard errors everywhere) and example completions
+          each for every seed in `rl_seeds`; rewards z-scored on SFT samples, so one KL coefficient means the same;
+          every run watched by the over-optimisation monitor (a shadow ensemble for single-RM runs), which also
+          scores gold at every eval
+  gold    checks that every eval row has its gold score
+  report  plots (each run's gold peak and monitor alarm marked), the summary tables (standard errors everywhere),
+          example completions and the monitor's table (evaluation.monitor_eval)
   vrcli   VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
 
 Best-of-n's n=1 and RL's step 0 sample the same eval prompts from the same SFT policy with the same settings
@@ -55,9 +59,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from evaluation import monitor_eval
 from evaluation import plots as plots_mod
 from evaluation.bon_analysis import analyse
-from evaluation.run_ppo_gold_eval import add_gold_scores
+from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins import tiny_models
 from reward_plugins.config_loader import ConfigError
 from reward_plugins.io import DataError, read_jsonl, write_json, write_jsonl
@@ -78,7 +83,6 @@ from .stage_cache import Stage
 
 RL_OBJECTIVES = ("single_rm", "wco", "uwo")
 ENSEMBLE_OBJECTIVES = ("mean", "wco", "uwo")
-GOLD_NAME = "synthetic_task.gold_reward"
 RUNNER_SETTINGS = ("out", "workers")  # read by the runner itself; they change no result
 
 
@@ -109,6 +113,10 @@ class DemoConfig(BaseModel):
     n_pref: int = Field(default=8000, gt=0)
     n_pref_test: int = Field(default=1000, gt=0)
     label_noise: float = Field(default=0.25, ge=0, lt=0.5)
+    # proxy RM j learns from annotator j: gold + annotator_bias per unit of annotator_features[j] (synthetic_task)
+    annotator_bias: float = Field(default=0.4, ge=0)
+    annotator_features: list[Literal["continuation", "vague", "off_category", "fillers", "extra"]] = Field(
+        default=["continuation", "vague", "off_category"], min_length=1)
     n_reference: int = Field(default=1024, ge=2)  # SFT samples each proxy RM is standardised on
     # the proxy RMs
     rm_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)
@@ -123,17 +131,23 @@ class DemoConfig(BaseModel):
     # PPO
     rl_objectives: list[Literal["single_rm", "mean", "wco", "uwo"]] = Field(default=list(RL_OBJECTIVES), min_length=1)
     rl_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)  # single-RM seed i optimises RM i
-    rl_steps: int = Field(default=80, gt=0)
+    rl_steps: int = Field(default=60, gt=0)
     rl_batch: int = Field(default=32, gt=0)
     rl_mini_batch: int = Field(default=16, gt=0)
     rl_epochs: int = Field(default=4, gt=0)
     rl_lr: float = Field(default=3e-4, gt=0)
-    rl_kl_coef: float = Field(default=0.1, ge=0)
+    rl_kl_coef: float = Field(default=0.02, ge=0)
     rl_vf_coef: float = Field(default=0.1, ge=0)
     rl_uwo_weight: float = Field(default=0.5, ge=0)
     rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
     missing_eos_penalty: float | None = 1.0
     eval_every: int = Field(default=10, gt=0)
+    # the over-optimisation monitor on every PPO run (reward_plugins.monitor): a single-RM run is watched by a shadow
+    # UWO ensemble of all proxy RMs, an ensemble run by its own members; gold (the rule) at every eval
+    monitor_window: int = Field(default=20, gt=0)
+    monitor_patience: int = Field(default=5, gt=0)
+    monitor_divergence: float | None = 1.0
+    monitor_disagreement_rise: float | None = Field(default=0.05, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoConfig:
@@ -146,6 +160,9 @@ class DemoConfig(BaseModel):
             problems.append(f"rl_objectives lists an objective twice: {self.rl_objectives}")
         if len(self.rm_seeds) < 2 and set(self.rl_objectives) & set(ENSEMBLE_OBJECTIVES):
             problems.append(f"rl_objectives {self.rl_objectives} has an ensemble, which needs at least 2 rm_seeds")
+        if self.annotator_bias > 0 and len(self.annotator_features) < len(self.rm_seeds):
+            problems.append(f"annotator_features {self.annotator_features} names fewer annotators than rm_seeds "
+                            f"{self.rm_seeds}: proxy RM j learns from annotator j")
         if self.eval_every > self.rl_steps:
             problems.append(f"eval_every {self.eval_every} is larger than rl_steps {self.rl_steps}: only steps 0 and "
                             f"{self.rl_steps} would be evaluated, too few to see a peak")
@@ -165,19 +182,20 @@ def uses_uwo(cfg: DemoConfig) -> bool:
 STAGES: list[Stage] = [
     Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "n_rl", "n_eval", "eval_samples"), folder="data"),
     Stage("sft", ("seed", "threads", "vocab_size", "hidden_size", "layers", "heads", "sft_epochs", "sft_lr"),
-          after=("data",), folder="sft"),
+          after=("data",), folder="sft", version=2),
     Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "n_reference", "max_new_tokens",
-                    "temperature"), after=("data", "sft"), folder="pairs", version=2),
+                    "temperature", "rm_seeds", "annotator_bias"), after=("data", "sft"), folder="pairs", version=3,
+          reads_if={"annotator_features": ("annotator_bias > 0", lambda cfg: cfg.annotator_bias > 0)}),
     Stage("rms", ("threads", "rm_seeds", "rm_epochs", "rm_lr"), after=("sft", "pairs"), folder="rms"),
     Stage("bon", ("seed", "threads", "bon_n", "uwo_weight_bon", "max_new_tokens", "temperature"),
           after=("data", "sft", "pairs", "rms"), folder="bon"),
     Stage("rl", ("threads", "rl_objectives", "rl_seeds", "rl_steps", "rl_batch", "rl_mini_batch", "rl_epochs", "rl_lr",
                  "rl_kl_coef", "rl_vf_coef", "rl_value_init", "missing_eos_penalty", "eval_every", "max_new_tokens",
-                 "temperature"),
+                 "temperature", "monitor_window", "monitor_patience", "monitor_divergence", "monitor_disagreement_rise"),
           after=("data", "sft", "pairs", "rms"), folder="rl",
           reads_if={"rl_uwo_weight": ("rl_objectives includes uwo", uses_uwo)}),
-    Stage("gold", (), after=("rl",), marker="rl/gold.json"),
-    Stage("report", (), after=("rms", "bon", "gold")),
+    Stage("gold", (), after=("rl",), marker="rl/gold.json", version=2),
+    Stage("report", (), after=("rms", "bon", "gold"), version=2),
     Stage("vrcli", ("seed", "threads"), folder="vrcli"),
 ]
 """The demo's stages in order: the settings each reads and the stages whose outputs it reads."""
@@ -192,7 +210,8 @@ class Paths:
         self.sft = self.out / "sft"
         self.tokenizer = self.sft / "tokenizer"
         self.base = self.sft / "base"
-        self.policy = self.sft / "final"
+        self.sft_run = self.sft / "run"  # the SFT run's own folder (its settings file guards it)
+        self.policy = self.sft_run / "final"
         self.pairs = self.out / "pairs"
         self.reference = self.pairs / "reference.jsonl"
         self.rms = self.out / "rms"
@@ -227,7 +246,7 @@ def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
                                 intermediate_size=2 * cfg.hidden_size, max_position_embeddings=128,
                                 num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads // 2)
     run_cfg = sft_mod.SFTRunConfig(
-        model=str(paths.base), train_data=str(paths.data / "sft.jsonl"), output_dir=str(paths.sft), seed=cfg.seed,
+        model=str(paths.base), train_data=str(paths.data / "sft.jsonl"), output_dir=str(paths.sft_run), seed=cfg.seed,
         torch_threads=cfg.threads,
         trl={"num_train_epochs": cfg.sft_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.sft_lr,
              "lr_scheduler_type": "cosine", "warmup_steps": 5, "logging_steps": 20, "report_to": []},
@@ -241,20 +260,43 @@ def load_policy(paths: Paths):
     return AutoModelForCausalLM.from_pretrained(paths.policy).eval(), AutoTokenizer.from_pretrained(paths.policy)
 
 
+def annotators(cfg: DemoConfig) -> dict[int, Callable[[str, int, str], float]]:
+    """Each proxy RM's labeller, by RM seed: the j-th RM's is gold plus `annotator_bias` per unit of the j-th
+    feature (the gold itself at bias 0)."""
+    if cfg.annotator_bias == 0:
+        return {seed: st.gold_reward for seed in cfg.rm_seeds}
+    return {seed: st.annotator(feature, cfg.annotator_bias) for seed, feature in zip(cfg.rm_seeds, cfg.annotator_features)}
+
+
+def annotator_name(cfg: DemoConfig, seed: int) -> str:
+    if cfg.annotator_bias == 0:
+        return "gold"
+    return f"gold + {cfg.annotator_bias:g} x {cfg.annotator_features[cfg.rm_seeds.index(seed)]}"
+
+
 def stage_pairs(cfg: DemoConfig, paths: Paths) -> None:
-    """The proxy RMs' data as in RLHF: two SFT samples per prompt, ranked by gold (ties dropped) with `label_noise`
-    of the labels flipped; clean held-out pairs the same way; and `n_reference` SFT samples on the RL prompts."""
+    """The proxy RMs' data as in RLHF: two SFT samples per prompt, each pair labelled by every RM's own annotator
+    (`annotators`; ties dropped) with `label_noise` of the labels flipped (`prefs_rm_seed{i}.jsonl`); held-out pairs
+    the same way without noise, ranked by gold (`prefs_test.jsonl`) and by each annotator
+    (`prefs_test_rm_seed{i}.jsonl`); and `n_reference` SFT samples on the RL prompts."""
     model, tokenizer = load_policy(paths)
     rng = random.Random(cfg.seed + 1)
+    judges = annotators(cfg)
     for name, n, noise in (("prefs", cfg.n_pref, cfg.label_noise), ("prefs_test", cfg.n_pref_test, 0.0)):
         tasks = st.sample_tasks(n, rng)
         gens = sample(model, tokenizer, [t.prompt for t in tasks for _ in range(2)], cfg.max_new_tokens, cfg.temperature,
                       batch_size=256, seed=rng.randrange(2**31))
-        rows = list(st.judged_pairs(tasks, gens.texts[0::2], gens.texts[1::2], rng, noise))
-        if not rows:
-            raise DataError(f"{paths.pairs / name}.jsonl: the SFT policy's two answers tie in gold on all {n} prompts, so "
-                            "there is no pair to learn from; raise n_pref / n_pref_test or train the SFT policy longer")
-        write_jsonl(paths.pairs / f"{name}.jsonl", rows)
+        first, second = gens.texts[0::2], gens.texts[1::2]
+        labelled = {f"{name}_rm_seed{seed}": list(st.judged_pairs(tasks, first, second, random.Random(f"{cfg.seed}-{seed}"),
+                                                                  noise, judge))
+                    for seed, judge in judges.items()}
+        if noise == 0.0:
+            labelled[name] = list(st.judged_pairs(tasks, first, second, rng, 0.0))
+        for file, rows in labelled.items():
+            if not rows:
+                raise DataError(f"{paths.pairs / file}.jsonl: the SFT policy's two answers tie on all {n} prompts, so "
+                                "there is no pair to learn from; raise n_pref / n_pref_test or train the SFT policy longer")
+            write_jsonl(paths.pairs / f"{file}.jsonl", rows)
     prompts = read_jsonl(paths.data / "prompts.jsonl")
     picked = rng.choices(prompts, k=cfg.n_reference)
     gens = sample(model, tokenizer, [r["prompt"] for r in picked], cfg.max_new_tokens, cfg.temperature, batch_size=256,
@@ -283,7 +325,7 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     if eval_file.exists():
         return json.loads(eval_file.read_text())
     run_cfg = rm_mod.RMRunConfig(
-        base=str(paths.policy), train_data=str(paths.pairs / "prefs.jsonl"),
+        base=str(paths.policy), train_data=str(paths.pairs / f"prefs_rm_seed{seed}.jsonl"),
         test_data=str(paths.pairs / "prefs_test.jsonl"), output_root=str(paths.rms), name="rm", seed=seed,
         max_length=128, torch_threads=cfg.threads,
         trl={"num_train_epochs": cfg.rm_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.rm_lr,
@@ -305,11 +347,17 @@ def stage_rms(cfg: DemoConfig, paths: Paths) -> None:
     for seed in cfg.rm_seeds:
         scorer = rm_scorer(paths.rm(seed))
         scores = scorer.score_texts([scorer.format_sample(Sample(r["prompt"], r["response"])) for r in reference])[0]
-        stats[f"rm_seed{seed}"] = {"mean": float(scores.mean()), "std": float(scores.std())}
+        own = read_jsonl(paths.pairs / f"prefs_test_rm_seed{seed}.jsonl")
+        chosen, rejected = (scorer.score_texts([scorer.format_sample(Sample(r["prompt"], r[side])) for r in own])[0]
+                            for side in ("chosen", "rejected"))
+        stats[f"rm_seed{seed}"] = {"mean": float(scores.mean()), "std": float(scores.std()),
+                                   "annotator": annotator_name(cfg, seed),
+                                   "annotator_agreement": float(np.mean(chosen > rejected)), "annotator_pairs": len(own)}
     write_json(paths.rms / "reference_stats.json", stats)
 
 
 def rm_reports(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
+    """Each proxy RM's held-out accuracy on clean pairs, agreement with its own annotator, and reference stats."""
     stats = json.loads((paths.rms / "reference_stats.json").read_text())
     return [{**json.loads((paths.rm(seed) / rm_mod.EVAL_FILE).read_text()), **stats[f"rm_seed{seed}"]}
             for seed in cfg.rm_seeds]
@@ -379,8 +427,30 @@ def rl_reward(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Path:
     return out
 
 
+def shadow_reward(cfg: DemoConfig, paths: Paths) -> Path:
+    """The shadow ensemble that watches a single-RM run: every proxy RM, z-scored as in training (its UWO
+    objective is not used: the monitor reads the member scores)."""
+    out = (paths.runs / "rewards" / "shadow.yaml").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = reward_spec(cfg, paths, "uwo", cfg.rl_seeds[0])
+    spec["reward"]["name"] = "shadow"
+    out.write_text("# written by trl_ext.demo: the monitor's shadow ensemble for single-RM runs\n"
+                   + yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def monitor_section(cfg: DemoConfig, paths: Paths, objective: str) -> dict[str, Any]:
+    """The run's `monitor:` section (action warn: the demo measures when it would act; evaluation.monitor_eval
+    replays it)."""
+    return {"shadow": str(shadow_reward(cfg, paths)) if objective == "single_rm" else None,
+            "reference_steps": 1, "window": cfg.monitor_window, "patience": cfg.monitor_patience,
+            "thresholds": {"divergence": cfg.monitor_divergence, "trend": None,
+                           "disagreement_rise": cfg.monitor_disagreement_rise, "gold_drop": None},
+            "action": "warn", "gold": {"function": "setup_data.synthetic_task:gold_rewards"}}
+
+
 def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> TrainConfig:
-    """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty."""
+    """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty, monitored."""
     value_model = str(paths.rm(run_rm_seeds(cfg, objective, seed)[0])) if cfg.rl_value_init == "reward_model" else None
     return TrainConfig(
         algorithm="ppo", policy=str(paths.policy), reward_config=str(rl_reward(cfg, paths, objective, seed)),
@@ -392,6 +462,7 @@ def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Train
              "temperature": cfg.temperature, "kl_coef": cfg.rl_kl_coef, "vf_coef": cfg.rl_vf_coef,
              "missing_eos_penalty": cfg.missing_eos_penalty, "logging_steps": 5, "sample_rows": 0,
              "value_init": cfg.rl_value_init, "value_model": value_model},
+        monitor=monitor_section(cfg, paths, objective),
     )
 
 
@@ -412,27 +483,15 @@ def stage_rl(cfg: DemoConfig, paths: Paths) -> None:
     run_side_by_side(train_rl_run, jobs, cfg, "PPO runs")
 
 
-def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:
-    """Gold scores of texts `prompt + answer`; the synthetic prompt always ends with 'Response:'."""
-
-    def score(texts: Sequence[str]) -> np.ndarray:
-        values = []
-        for text in texts:
-            prompt, sep, answer = text.partition("\nResponse:")
-            if not sep:
-                raise ValueError(f"not a synthetic-task text: {text[:80]!r}")
-            task = st.task_from_prompt(prompt + sep)
-            values.append(st.gold_reward(answer, task.k, task.category))
-        return np.array(values)
-
-    return score
-
-
 def stage_gold(cfg: DemoConfig, paths: Paths) -> None:
-    """Gold scores for every row of every eval file (resumable: already scored rows are kept)."""
+    """Check that every eval row has its gold score: the monitor of each run scores the rule
+    (`monitor.gold`, setup_data.synthetic_task:gold_rewards) at every eval."""
     for run_dirs in rl_runs(cfg, paths).values():
         for run_dir in run_dirs:
-            add_gold_scores(run_dir / "eval", _gold_scorer, GOLD_NAME, lambda p, a: p + a, "prompt+answer")
+            for path in list_eval_files(run_dir / "eval"):
+                missing = [i for i, row in enumerate(read_eval_file(path).rows) if row.gold_score is None]
+                if missing:
+                    raise DataError(f"{path}: rows {missing[:5]} have no gold score; the run's monitor.gold scores them")
 
 
 def mistakes_of(prompt: str, answer: str) -> dict[str, int]:
@@ -440,16 +499,40 @@ def mistakes_of(prompt: str, answer: str) -> dict[str, int]:
     return st.mistakes(answer, task.k, task.category)
 
 
+def monitor_results(cfg: DemoConfig, paths: Paths) -> list[monitor_eval.RunResult]:
+    """`evaluation.monitor_eval` over every PPO run, named objective/seedN."""
+    results = []
+    for objective, dirs in rl_runs(cfg, paths).items():
+        for run_dir in dirs:
+            result = monitor_eval.evaluate_run(run_dir)
+            result.name = f"{objective}/{run_dir.name}"
+            results.append(result)
+    return results
+
+
+def monitor_marks(curves: dict[str, list[report_mod.RunCurve]],
+                  results: Sequence[monitor_eval.RunResult]) -> list[plots_mod.Mark]:
+    """Each run's gold peak (eval KL and gold, as plotted) and its alarm (the monitor's KL at the alarm step)."""
+    marks = [plots_mod.Mark(objective, "peak", float(c.kl[i]), float(c.gold[i]))
+             for objective, runs in curves.items() for c in runs for i in [int(np.argmax(c.gold))]]
+    marks += [plots_mod.Mark(r.name.split("/")[0], "alarm", r.alarm_kl) for r in results if r.alarm_kl is not None]
+    return marks
+
+
 def stage_report(cfg: DemoConfig, paths: Paths) -> None:
-    """Plots with `evaluation.plots` (best-of-n, PPO, both overlaid; each PNG with its CSV) and the summary tables."""
+    """Plots with `evaluation.plots` (best-of-n, PPO, both overlaid, the last with each run's gold peak and monitor
+    alarm; each PNG with its CSV), the summary tables and the monitor's table (`evaluation.monitor_eval`)."""
     rl_dirs = [paths.runs / objective for objective in cfg.rl_objectives]
-    plots_mod.plots([paths.bon], paths.out / "bon")
-    plots_mod.plots(rl_dirs, paths.out / "ppo")
-    plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation")
     curves = {objective: [report_mod.run_curve(f"{objective}/{d.name}", d / "eval", mistakes_of) for d in dirs]
               for objective, dirs in rl_runs(cfg, paths).items()}
+    results = monitor_results(cfg, paths)
+    plots_mod.plots([paths.bon], paths.out / "bon")
+    plots_mod.plots(rl_dirs, paths.out / "ppo", marks=monitor_marks(curves, results))
+    plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation", marks=monitor_marks(curves, results))
     bon = json.loads((paths.bon / "curves.json").read_text())
     text = report_mod.summary(rm_reports(cfg, paths), bon, curves)
+    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_window,
+                                       cfg.monitor_patience, cfg.monitor_divergence, cfg.monitor_disagreement_rise)
     (paths.out / "report.md").write_text(text)
 
 

@@ -162,13 +162,16 @@ def summary(rm_reports: Sequence[Mapping], bon: Mapping[str, Sequence[Mapping]],
             curves: Mapping[str, Sequence[RunCurve]], baseline: str = "single_rm") -> str:
     """The demo's markdown tables: proxy RMs, best-of-n, PPO per objective, each single-RM run's rise and fall, the
     ensembles against the single RM at matched KL, the policies' mistakes, and example completions."""
-    lines = ["## Proxy reward models (held-out accuracy on clean pairs of SFT samples; score mean and sd on the "
-             "reference SFT samples, what the rewards are standardised with)", "",
-             "| RM | accuracy ± SE | pairs | mean | sd |", "|---|---|---|---|---|"]
+    lines = ["## Proxy reward models (each learnt from its own annotator's labels; held-out accuracy on clean pairs "
+             "of SFT samples ranked by gold, and agreement with its annotator on the same pairs; score mean and sd on "
+             "the reference SFT samples, what the rewards are standardised with)", "",
+             "| RM | annotator | accuracy ± SE (gold) | pairs | agreement ± SE (own annotator) | pairs | mean | sd |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rm_reports:
         acc, n = r["accuracy"], r["test_pairs"]
-        lines.append(f"| rm_seed{r['seed']} | {_pm(acc, math.sqrt(acc * (1 - acc) / n))} | {n} | {r['mean']:.3f} | "
-                     f"{r['std']:.3f} |")
+        agree, m = r["annotator_agreement"], r["annotator_pairs"]
+        lines.append(f"| rm_seed{r['seed']} | {r['annotator']} | {_pm(acc, math.sqrt(acc * (1 - acc) / n))} | {n} | "
+                     f"{_pm(agree, math.sqrt(agree * (1 - agree) / m))} | {m} | {r['mean']:.3f} | {r['std']:.3f} |")
     lines += ["", "## Best-of-n from the SFT policy on the eval prompts (unbiased estimator; members z-scored; "
               "KL_bon is an upper bound; ± one SE over prompts)", "",
               "| proxy | n | KL_bon | proxy n=1 -> n | gold n=1 -> n | peak gold (n) |", "|---|---|---|---|---|---|"]
@@ -239,6 +242,8 @@ def mistake_table(curves: Mapping[str, Sequence[RunCurve]], baseline: str) -> li
         cells = [f"{np.mean([c.mistakes[0][k] for c in runs]):.2f} -> {np.mean([c.mistakes[-1][k] for c in runs]):.2f}"
                  for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for c in curves.get(baseline, []):  # each single-RM run exploits its own RM's error
+        lines.append(f"| {c.name} | " + " | ".join(f"{c.mistakes[0][k]:.2f} -> {c.mistakes[-1][k]:.2f}" for k in keys) + " |")
     return lines
 
 
@@ -248,7 +253,7 @@ def examples(curves: Mapping[str, Sequence[RunCurve]], baseline: str = "single_r
     if baseline not in curves:
         return []
     others = [name for name in curves if name != baseline]
-    lines = ["", f"## Example completions at the last step (proxy: the run's own reward, z-scored; gold: the rule)", "",
+    lines = ["", "## Example completions at the last step (proxy: the run's own reward, z-scored; gold: the rule)", "",
              f"| run | prompt | {baseline} answer (proxy, gold) | " + " | ".join(f"{o} answer (gold)" for o in others) + " |",
              "|---|---|---|" + "---|" * len(others)]
     for index, curve in enumerate(curves[baseline]):
@@ -270,3 +275,13 @@ def examples(curves: Mapping[str, Sequence[RunCurve]], baseline: str = "single_r
             task = prompt.split("Instruction:")[-1].split("\n")[0].strip()
             lines.append(f"| {curve.name} | {task} | `{answer.strip()}` ({proxy:.2f}, {gold:.2f}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def monitor_section(table: str, window: int, patience: int, divergence: float | None,
+                    disagreement_rise: float | None) -> str:
+    """The monitor's table from `evaluation.monitor_eval.summary` under a heading that says its settings."""
+    return ("\n## The over-optimisation monitor on every PPO run (evaluation.monitor_eval; action warn; a single-RM run "
+            "watched by a shadow ensemble of all proxy RMs, an ensemble run by its own members; KL is the training "
+            f"batch's; window {window}, patience {patience}, thresholds divergence {divergence}, disagreement_rise "
+            f"{disagreement_rise}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, any other is a "
+            "control)\n\n" + table)
