@@ -195,7 +195,7 @@ STAGES: list[Stage] = [
           after=("data", "sft", "pairs", "rms"), folder="rl",
           reads_if={"rl_uwo_weight": ("rl_objectives includes uwo", uses_uwo)}),
     Stage("gold", (), after=("rl",), marker="rl/gold.json", version=2),
-    Stage("report", (), after=("rms", "bon", "gold"), version=2),
+    Stage("report", (), after=("rms", "bon", "gold"), version=3),
     Stage("vrcli", ("seed", "threads"), folder="vrcli"),
 ]
 """The demo's stages in order: the settings each reads and the stages whose outputs it reads."""
@@ -512,10 +512,16 @@ def monitor_results(cfg: DemoConfig, paths: Paths) -> list[monitor_eval.RunResul
 
 def monitor_marks(curves: dict[str, list[report_mod.RunCurve]],
                   results: Sequence[monitor_eval.RunResult]) -> list[plots_mod.Mark]:
-    """Each run's gold peak (eval KL and gold, as plotted) and its alarm (the monitor's KL at the alarm step)."""
+    """Each run's gold peak and its alarm on the plot's axis, the eval prompts' KL (at the alarm step, interpolated
+    between the eval steps around it)."""
     marks = [plots_mod.Mark(objective, "peak", float(c.kl[i]), float(c.gold[i]))
              for objective, runs in curves.items() for c in runs for i in [int(np.argmax(c.gold))]]
-    marks += [plots_mod.Mark(r.name.split("/")[0], "alarm", r.alarm_kl) for r in results if r.alarm_kl is not None]
+    by_name = {c.name: c for runs in curves.values() for c in runs}
+    for r in results:
+        if r.alarm_step is not None:
+            c = by_name[r.name]
+            kl = float(np.interp(r.alarm_step, c.steps, report_mod.kl_path(c)))
+            marks.append(plots_mod.Mark(r.name.split("/")[0], "alarm", kl))
     return marks
 
 
