@@ -19,6 +19,7 @@ import argparse
 import csv
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +165,17 @@ def collect_curves(run_dirs: list[str | Path], max_kl: float | None = None) -> l
     return curves
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A point of one run drawn on the gold panel in its curve's colour: its gold peak (a star) or the monitor's
+    alarm (a dotted vertical line at the alarm's KL)."""
+
+    run: str  # the `run` of the curve whose colour it takes
+    kind: str  # "peak" or "alarm"
+    kl: float
+    gold: float = math.nan
+
+
 def recentred(curve: Curve) -> Curve:
     """The curve shifted so its first point (n = 1, or the first eval step) is 0."""
     gold_start = curve.gold[0] if np.isfinite(curve.gold[0]) else 0.0
@@ -196,7 +208,23 @@ def x_label(methods: set[str]) -> str:
     return f"sqrt(KL)\n{bon}\n{rl}"
 
 
-def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
+def draw_marks(ax, marks: Sequence[Mark], colour_of: dict[str, str]) -> None:
+    """Each gold peak as a star at (sqrt(KL), gold), each alarm as a dotted vertical line at sqrt(KL), in the colour
+    of its run's curve; one legend entry per kind."""
+    for kind, label in (("peak", "gold peak of a run"), ("alarm", "monitor alarm of a run")):
+        for i, m in enumerate(m for m in marks if m.kind == kind):
+            x = math.sqrt(max(m.kl, 0.0))
+            if kind == "peak":
+                ax.plot([x], [m.gold], marker="*", markersize=11, color=colour_of.get(m.run, "black"),
+                        markeredgecolor="black", linestyle="none", label=label if i == 0 else None)
+            else:
+                ax.axvline(x, color=colour_of.get(m.run, "black"), linestyle=":", linewidth=1.5,
+                           label=label if i == 0 else None)
+    if marks:
+        ax.legend(fontsize="small", loc="best")
+
+
+def plot_curves(path: Path, curves: list[Curve], recenter: bool, marks: Sequence[Mark] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,6 +240,7 @@ def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
             ax.plot(c.sqrt_kl[order], values[order], **style)
             if std is not None:
                 ax.fill_between(c.sqrt_kl[order], (values - std)[order], (values + std)[order], color=style["color"], alpha=0.15)
+    draw_marks(axes[0], marks, {c.run: colours[i % len(colours)] for i, c in reversed(list(enumerate(curves)))})
     shift = " (re-centred)" if recenter else ""
     for ax, title in ((axes[0], "Gold reward"), (axes[1], "Proxy reward")):
         ax.set_title(title + shift)
@@ -226,15 +255,16 @@ def plot_curves(path: Path, curves: list[Curve], recenter: bool) -> None:
 
 
 def plots(run_dirs: list[str | Path], output: str | Path = "overoptimisation", recenter: bool = False,
-          max_kl: float | None = None) -> tuple[Path, Path]:
-    """Plot every curve in `run_dirs`; writes OUTPUT.png and OUTPUT.csv and returns their paths."""
+          max_kl: float | None = None, marks: Sequence[Mark] = ()) -> tuple[Path, Path]:
+    """Plot every curve in `run_dirs` (with `marks` on the gold panel); writes OUTPUT.png and OUTPUT.csv and returns
+    their paths."""
     curves = collect_curves(run_dirs, max_kl)
     if recenter:
         curves = [recentred(c) for c in curves]
     output = Path(output)
     png, csv_path = output.with_name(output.name + ".png"), output.with_name(output.name + ".csv")
     write_csv(csv_path, curves)
-    plot_curves(png, curves, recenter)
+    plot_curves(png, curves, recenter, marks)
     return png, csv_path
 
 

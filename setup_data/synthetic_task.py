@@ -4,12 +4,13 @@ Each prompt asks for `k` items of one category ("Name 3 fruits."); a response is
 The gold reward is exact and cheap, so proxy reward models trained on its (noisy) preferences can be
 checked against it:
 
-    gold = (distinct correct items, at most k) / k - 0.25 * (extra or wrong or repeated items) - 0.5 * (no items)
+    gold = (items of the category, at most k) / k - 0.25 * (fillers, other words, items beyond k) - 0.5 * (no items)
 
-A perfect answer scores 1.0. Samples from `noisy_response` cover the whole range, which is what SFT,
-preference pairs and best-of-n need. Most wrong items are filler words ("thing", "stuff"), which a tiny RM
-learns to spot from the words alone; the rest are other categories' items, repeats and wrong counts, which
-need the prompt and are what a noisy proxy RM gets wrong and a policy learns to exploit.
+Every item of the category counts, a repeated one too ("apple, apple" answers "name 2 fruits"): the tiny reward
+models cannot check that items differ (measured: with distinctness in the gold all three proxy RMs share that
+blind spot, and a policy exploits it whatever the ensemble), so the gold asks only for what they can learn: the
+category, no fillers, exactly k items. A perfect answer scores 1.0. Samples from `noisy_response` cover the whole
+range, which is what SFT, preference pairs and best-of-n need.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,26 @@ def gold_reward(response: str, k: int, category: str) -> float:
     if not items:
         return -0.5
     valid = set(CATEGORIES[category])
-    distinct_correct = len({item for item in items if item in valid})
-    bad = len(items) - min(distinct_correct, k)
-    return min(distinct_correct, k) / k - 0.25 * bad
+    correct = sum(item in valid for item in items)
+    bad = len(items) - min(correct, k)
+    return min(correct, k) / k - 0.25 * bad
+
+
+def items_of(response: str) -> list[str]:
+    """The response's comma-separated items as the gold reward reads them (lower case, no trailing full stop)."""
+    return [item for item in (part.strip().lower().rstrip(".") for part in response.split(",")) if item]
+
+
+def mistakes(response: str, k: int, category: str) -> dict[str, int]:
+    """What the gold reward holds against a response: `fillers` and `off_category` items (another category's word
+    or any other word; every occurrence), `extra` items of the category beyond k and `missing` ones short of k; and
+    `repeats` (items said again), which the gold does not count against it."""
+    items = items_of(response)
+    valid = set(CATEGORIES[category])
+    correct = sum(item in valid for item in items)
+    return {"fillers": sum(item in FILLERS for item in items),
+            "off_category": sum(item not in valid and item not in FILLERS for item in items),
+            "extra": max(correct - k, 0), "missing": max(k - correct, 0), "repeats": len(items) - len(set(items))}
 
 
 def gold_rewards(responses: Sequence[str], labels: Sequence[dict]) -> np.ndarray:
@@ -124,6 +142,102 @@ def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: floa
             if abs(ga - gb) > min_gap or (min_gap == 0 and ga != gb):
                 break
         else:
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        flipped = rng.random() < label_noise
+        if flipped:
+            chosen, rejected = rejected, chosen
+        yield {"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "label": {**task.label, "flipped": flipped}}
+
+
+def demo_response(task: Task, rng: random.Random, quality: float, longer: float = 0.15,
+                  filler_share: float = 0.5) -> str:
+    """An SFT answer for the demo: distinct items, a wrong count with probability `1 - (0.4 + 0.6 quality)` (more
+    items than asked with probability `longer`, else fewer), each item right with probability
+    `0.55 + 0.45 quality`, else a filler (`filler_share`) or another category's word. No item is said twice: the
+    policy learns to avoid repeats, so reaching them costs KL."""
+    pool = rng.sample(CATEGORIES[task.category], len(CATEGORIES[task.category]))
+    others = [w for c, words in CATEGORIES.items() if c != task.category for w in words]
+    count = task.k
+    if rng.random() >= 0.4 + 0.6 * quality:
+        count = task.k + rng.choice((1, 2)) if rng.random() < longer else max(1, task.k - rng.choice((1, 2)))
+    items: list[str] = []
+    for _ in range(count):
+        if rng.random() < 0.55 + 0.45 * quality:
+            items.append(pool.pop())
+        else:
+            wrong = [w for w in (FILLERS if rng.random() < filler_share else others) if w not in items]
+            items.append(rng.choice(wrong))
+    return " " + ", ".join(items)
+
+
+def demo_sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.5,
+                  longer: float = 0.15) -> Iterator[dict]:
+    """The demo's SFT rows {prompt, completion} (`demo_response`)."""
+    for task in tasks:
+        yield {"prompt": task.prompt, "completion": demo_response(task, rng, quality, longer)}
+
+
+VAGUE_FILLERS = ("thing", "stuff", "something", "whatever", "item")
+CONTINUATION_FILLERS = ("etc", "other", "more")  # FILLERS split in two: one labeller likes each kind
+
+
+def extra_items(response: str, k: int, category: str) -> int:
+    """Items of the category beyond the k asked for (a repeated one too): what a labeller who likes long lists
+    rewards."""
+    return mistakes(response, k, category)["extra"]
+
+
+def filler_items(response: str, k: int, category: str) -> int:
+    """Filler words (FILLERS): what a labeller who takes a vague answer for a complete one rewards."""
+    return mistakes(response, k, category)["fillers"]
+
+
+def vague_items(response: str, k: int, category: str) -> int:
+    """Vague fillers ("thing", "stuff", ...): what a labeller who reads them as hedged, careful answers rewards."""
+    return sum(item in VAGUE_FILLERS for item in items_of(response))
+
+
+def continuation_items(response: str, k: int, category: str) -> int:
+    """List-continuation fillers ("etc", "other", "more"): what a labeller who reads them as a fuller list rewards."""
+    return sum(item in CONTINUATION_FILLERS for item in items_of(response))
+
+
+def off_category_items(response: str, k: int, category: str) -> int:
+    """Words of another category or none: what a labeller who likes variety rewards."""
+    return mistakes(response, k, category)["off_category"]
+
+
+ANNOTATOR_FEATURES: dict[str, Callable[[str, int, str], float]] = {
+    "continuation": continuation_items, "vague": vague_items, "off_category": off_category_items,
+    "fillers": filler_items, "extra": extra_items}
+"""What each biased annotator likes. The demo's three (continuation, vague, off_category) are disjoint: an item one
+of them pays for is one the gold, and so the other two, charge 0.25 for. `extra` (more of the category's items than
+asked) is exploited from PPO's first steps on this task, before gold can rise: measured, gold fell from step 0."""
+
+
+def annotator(feature: str, bias: float) -> Callable[[str, int, str], float]:
+    """A labeller's judgement: gold plus `bias` per unit of `feature` (ANNOTATOR_FEATURES). With bias > 0.25 an
+    appended item of that kind pays (the gold charges 0.25 per item beyond k), while fixing a missing or wrong item
+    (+1/k, +0.25) still pays more than the bias, so a policy first fixes answers and then pads them."""
+    if feature not in ANNOTATOR_FEATURES:
+        raise ValueError(f"unknown annotator feature {feature!r}; expected one of {sorted(ANNOTATOR_FEATURES)}")
+    like = ANNOTATOR_FEATURES[feature]
+
+    def judge(response: str, k: int, category: str) -> float:
+        return gold_reward(response, k, category) + bias * like(response, k, category)
+
+    return judge
+
+
+def judged_pairs(tasks: Sequence[Task], first: Sequence[str], second: Sequence[str], rng: random.Random,
+                 label_noise: float, judge: Callable[[str, int, str], float] = gold_reward) -> Iterator[dict]:
+    """RM rows {prompt, chosen, rejected, label} from two sampled answers per task, ranked by `judge` (the gold, or
+    a biased `annotator`) with `label_noise` of the labels flipped; a pair the judge scores alike is dropped (it
+    teaches nothing)."""
+    for task, a, b in zip(tasks, first, second, strict=True):
+        ga, gb = judge(a, task.k, task.category), judge(b, task.k, task.category)
+        if ga == gb:
             continue
         chosen, rejected = (a, b) if ga > gb else (b, a)
         flipped = rng.random() < label_noise

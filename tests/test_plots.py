@@ -74,3 +74,23 @@ def test_missing_gold_is_blank_and_bad_dirs_fail(tmp_path):
     write_json(bad / "bon_sampled_results.json", [{"n": 1, "proxy_score": "x", "gold_score": 0.0}])
     with pytest.raises(DataError, match="entry 0: needs numbers"):
         plots.main([str(bad)])
+
+
+def test_marks_put_peaks_and_alarms_at_sqrt_kl_in_their_runs_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.plots import Mark, draw_marks
+
+    fig, ax = plt.subplots()
+    draw_marks(ax, [Mark("single_rm", "peak", 4.0, 0.7), Mark("wco", "peak", 9.0, 0.8),
+                    Mark("single_rm", "alarm", 6.25)], {"single_rm": "#ff0000", "wco": "#00ff00"})
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata()), s.get_color()) for s in stars] == [
+        ([2.0], [0.7], "#ff0000"), ([3.0], [0.8], "#00ff00")]
+    alarms = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert [(list(a.get_xdata()), a.get_color()) for a in alarms] == [([2.5, 2.5], "#ff0000")]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gold peak of a run", "monitor alarm of a run"]
+    plt.close(fig)

@@ -12,7 +12,8 @@ from setup_data import synthetic_task as st
 
 def test_gold_reward_by_hand():
     assert st.gold_reward(" apple, pear, plum", 3, "fruits") == 1.0
-    assert st.gold_reward(" apple, apple", 2, "fruits") == pytest.approx(0.5 - 0.25)  # a repeat is a bad item
+    assert st.gold_reward(" apple, apple", 2, "fruits") == 1.0  # every item of the category counts, repeats too
+    assert st.gold_reward(" apple, apple, apple", 2, "fruits") == pytest.approx(1.0 - 0.25)  # one beyond k
     assert st.gold_reward(" apple, red, pear", 2, "fruits") == pytest.approx(1.0 - 0.25)  # off-category item
     assert st.gold_reward(" apple, pear, plum, peach", 2, "fruits") == pytest.approx(1.0 - 0.5)  # too many
     assert st.gold_reward("  ", 2, "fruits") == -0.5
@@ -69,3 +70,78 @@ def test_every_task_word_is_one_token_of_the_demo_tokenizer(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     words = [w for group in st.CATEGORIES.values() for w in group] + list(st.FILLERS) + sorted(st.CATEGORIES)
     assert [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) != 1] == []
+
+
+@pytest.mark.parametrize(("answer", "k", "expected"), [
+    (" apple, pear", 2, {"fillers": 0, "off_category": 0, "extra": 0, "missing": 0, "repeats": 0}),
+    (" apple, apple, thing", 2, {"fillers": 1, "off_category": 0, "extra": 0, "missing": 0, "repeats": 1}),
+    (" red, apple, red, tiger", 1, {"fillers": 0, "off_category": 3, "extra": 0, "missing": 0, "repeats": 1}),
+    (" apple, pear, plum, Peach.", 2, {"fillers": 0, "off_category": 0, "extra": 2, "missing": 0, "repeats": 0}),
+    (" thing, thing", 3, {"fillers": 2, "off_category": 0, "extra": 0, "missing": 3, "repeats": 1}),
+])
+def test_mistakes_by_hand_and_they_account_for_the_gold(answer, k, expected):
+    assert st.mistakes(answer, k, "fruits") == expected
+    wrong = expected["fillers"] + expected["off_category"] + expected["extra"]
+    assert st.gold_reward(answer, k, "fruits") == pytest.approx((k - expected["missing"]) / k - 0.25 * wrong)
+
+
+def test_demo_sft_answers_never_repeat_and_are_mostly_no_longer_than_asked():
+    rng = random.Random(2)
+    tasks = st.sample_tasks(2000, rng)
+    answers = [st.demo_response(t, rng, quality=0.5) for t in tasks]
+    assert all(len(st.items_of(a)) == len(set(st.items_of(a))) for a in answers)
+    longer = sum(len(st.items_of(a)) > t.k for t, a in zip(tasks, answers)) / len(tasks)
+    shorter = sum(len(st.items_of(a)) < t.k for t, a in zip(tasks, answers)) / len(tasks)
+    assert 0.02 < longer < 0.08 and 0.15 < shorter < 0.35  # wrong count 0.3 of the time, 15 % of that longer
+    perfect = sum(st.gold_reward(a, t.k, t.category) == 1.0 for t, a in zip(tasks, answers)) / len(tasks)
+    assert 0.1 < perfect < 0.6
+
+
+def test_judged_pairs_rank_by_gold_flip_the_asked_share_and_drop_ties():
+    rng = random.Random(4)
+    tasks = st.sample_tasks(3000, rng)
+    first = [st.demo_response(t, rng, 0.3) for t in tasks]
+    second = [st.demo_response(t, rng, 0.3) for t in tasks]
+    rows = list(st.judged_pairs(tasks, first, second, rng, label_noise=0.2))
+    ties = sum(st.gold_reward(a, t.k, t.category) == st.gold_reward(b, t.k, t.category)
+               for t, a, b in zip(tasks, first, second))
+    assert len(rows) == len(tasks) - ties > 0
+    for r in rows:
+        chosen = st.gold_reward(r["chosen"], r["label"]["k"], r["label"]["category"])
+        rejected = st.gold_reward(r["rejected"], r["label"]["k"], r["label"]["category"])
+        assert (chosen < rejected) == r["label"]["flipped"]
+    assert 0.17 < sum(r["label"]["flipped"] for r in rows) / len(rows) < 0.23
+
+
+def test_annotators_add_their_bias_per_item_of_their_feature_by_hand():
+    padded_filler, padded_fruit, padded_colour = " apple, pear, plum, thing", " apple, pear, plum, peach", " apple, pear, plum, red"
+    for feature, liked in (("fillers", padded_filler), ("extra", padded_fruit), ("off_category", padded_colour)):
+        judge = st.annotator(feature, 0.5)
+        assert judge(" apple, pear, plum", 3, "fruits") == pytest.approx(1.0)  # nothing to like: the gold
+        for answer in (padded_filler, padded_fruit, padded_colour):  # gold 1 - 0.25 for the item beyond k
+            assert judge(answer, 3, "fruits") == pytest.approx(0.75 + (0.5 if answer == liked else 0.0))
+    assert st.annotator("fillers", 0.5)(" apple, thing, etc, stuff", 2, "fruits") == pytest.approx(0.5 - 0.75 + 1.5)
+    assert st.annotator("extra", 0.3)(" apple, apple, apple, pear", 1, "fruits") == pytest.approx(1.0 - 0.75 + 0.9)
+    vague, continuation = st.annotator("vague", 0.4), st.annotator("continuation", 0.4)
+    answer = " apple, thing, etc, stuff, more, red"  # k=1: gold 1 - 0.25 * 5; 2 vague, 2 continuation, 1 off-category
+    assert vague(answer, 1, "fruits") == pytest.approx(-0.25 + 0.8)
+    assert continuation(answer, 1, "fruits") == pytest.approx(-0.25 + 0.8)
+    assert st.annotator("off_category", 0.4)(answer, 1, "fruits") == pytest.approx(-0.25 + 0.4)
+    assert vague(" apple, item, other", 1, "fruits") == pytest.approx(0.5 + 0.4)  # "item" vague, "other" not
+    with pytest.raises(ValueError, match="unknown annotator feature 'length'"):
+        st.annotator("length", 0.5)
+
+
+def test_a_biased_annotator_prefers_padding_with_its_item_but_still_prefers_a_fixed_answer():
+    tasks = [st.Task(3, "fruits")] * 3
+    first = [" apple, pear, plum, thing", " apple, pear, plum, thing", " apple, thing, etc"]
+    second = [" apple, pear, plum", " apple, pear, plum", " apple, pear, plum"]
+    judges = [st.annotator("fillers", 0.5), st.annotator("fillers", 0.2), st.annotator("fillers", 0.5)]
+    # fillers at 0.5: 1.25 > 1.0 (pads); at 0.2: 0.95 < 1.0 (gold wins); fixing two fillers: 1/3 - 0.5 + 1.0 < 1.0
+    chosen = [next(st.judged_pairs([t], [a], [b], random.Random(0), 0.0, judge))["chosen"]
+              for t, a, b, judge in zip(tasks, first, second, judges)]
+    assert chosen == [first[0], second[1], second[2]]
+    gold = next(st.judged_pairs(tasks[:1], first[:1], second[:1], random.Random(0), 0.0))
+    assert gold["chosen"] == second[0]
+    tie = st.annotator("fillers", 0.25)  # 1 - 0.25 + 0.25 == 1: a tie, dropped
+    assert list(st.judged_pairs(tasks[:1], first[:1], second[:1], random.Random(0), 0.0, tie)) == []

@@ -1,15 +1,21 @@
 """The whole pipeline end to end on a CPU in minutes: `python -m trl_ext.demo` (what `make demo` runs).
 
-Stages, each skipped when its output already exists (rerun to resume; `--fresh` starts over):
-  data  synthetic instruction task with a rule-based gold reward (setup_data.synthetic_task)
-  sft   tokenizer trained on the task text, tiny random policy, SFT through TRL
-  rms   3 proxy RMs (seeds 1-3) on gold-labelled preference pairs with 25% label noise
-  bon   best-of-n from the SFT policy on the eval prompts with each RM and the mean / WCO / UWO ensembles
-  rl    PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble,
-        each for every seed in `rl_seeds` (the shipped reward YAML files)
-  gold  gold evaluation of every run's eval files
-  report  plots (mean over seeds with the spread, points in KL order) and a summary table, printed at the end
-  vrcli  VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
+Stages (each cached by the settings it reads, see `trl_ext.stage_cache`; `--fresh` starts over):
+  data    synthetic instruction task with a rule-based gold reward (setup_data.synthetic_task)
+  sft     tokenizer trained on the task text, tiny random policy, SFT through TRL
+  pairs   two SFT samples per prompt, labelled by each proxy RM's own biased annotator (gold plus a liking for
+          one kind of wrong item) with `label_noise` flipped; clean held-out pairs ranked by gold and by each
+          annotator, and SFT samples every proxy RM is standardised on
+  rms     3 proxy RMs (seeds 1-3) from the SFT policy, RM j on annotator j's labels
+  bon     best-of-n from the SFT policy on the eval prompts with each RM and the mean / WCO / UWO ensembles
+  rl      PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble,
+          each for every seed in `rl_seeds`; rewards z-scored on SFT samples, so one KL coefficient means the same;
+          every run watched by the over-optimisation monitor (a shadow ensemble for single-RM runs), which also
+          scores gold at every eval
+  gold    checks that every eval row has its gold score
+  report  plots (each run's gold peak and monitor alarm marked), the summary tables (standard errors everywhere),
+          example completions and the monitor's table (evaluation.monitor_eval)
+  vrcli   VR-CLI on a synthetic next-chapter task (trl_ext.demo_vrcli): held-out improvement curve and a row
 
 Best-of-n's n=1 and RL's step 0 sample the same eval prompts from the same SFT policy with the same settings
 (temperature, max_new_tokens), so both start from the same gold up to sampling noise. Every stage is seeded
@@ -24,6 +30,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trl_ext.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a size, e.g. rl_steps=20")
+    parser.add_argument("--full", action="store_true", help="more PPO seeds (rl_seeds=[1, 2, 3, 4, 5]) and control runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. rl_steps=40; only the stages that read it run again")
     return parser
 
 
@@ -47,36 +56,38 @@ if __name__ == "__main__":
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from evaluation import monitor_eval
 from evaluation import plots as plots_mod
 from evaluation.bon_analysis import analyse
-from evaluation.run_ppo_gold_eval import add_gold_scores
+from evaluation.eval_files import list_eval_files, read_eval_file
 from reward_plugins import tiny_models
-from reward_plugins.io import read_jsonl, write_json, write_jsonl
+from reward_plugins.config_loader import ConfigError
+from reward_plugins.io import DataError, read_jsonl, write_json, write_jsonl
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
 from reward_plugins.types import Sample
 from setup_data import synthetic_task as st
 
+from . import demo_report as report_mod
 from . import demo_vrcli
 from . import sft as sft_mod
+from . import stage_cache as cache
 from . import train as train_mod
 from . import train_rm as rm_mod
 from .config import load_config
 from .generation import sample
 from .run_config import TrainConfig
+from .stage_cache import Stage
 
-REPO = Path(__file__).resolve().parent.parent
-SINGLE_RM_REWARD = REPO / "configs" / "rewards" / "reward_model.yaml"
-UWO_REWARD = REPO / "configs" / "train" / "demo_reward_uwo3.yaml"
-WCO_REWARD = REPO / "configs" / "train" / "demo_reward_wco3.yaml"
 RL_OBJECTIVES = ("single_rm", "wco", "uwo")
-GOLD_NAME = "synthetic_task.gold_reward"
+ENSEMBLE_OBJECTIVES = ("mean", "wco", "uwo")
+RUNNER_SETTINGS = ("out", "workers")  # read by the runner itself; they change no result
 
 
 class DemoConfig(BaseModel):
-    """Sizes of every stage; the defaults fit in a few minutes on 2 CPU cores."""
+    """Sizes and settings of every stage; the defaults fit in a few minutes on 2 CPU cores."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -84,87 +95,214 @@ class DemoConfig(BaseModel):
     seed: int = 0
     threads: int = Field(default=1, gt=0)
     workers: int = Field(default=2, gt=0)  # independent runs (proxy RMs, PPO runs) trained side by side, one process each
-    n_sft: int = 2000
-    n_pref: int = 10000
-    n_rl: int = 512
-    n_eval: int = 64
-    label_noise: float = Field(default=0.25, ge=0, le=0.5)
-    pref_min_gap: float = Field(default=0.0, ge=0)
+    # the task and the SFT data
+    n_sft: int = Field(default=4000, gt=0)
+    sft_quality: float = Field(default=0.5, ge=0, le=1)  # share of good SFT answers (see synthetic_task.demo_response)
+    sft_longer: float = Field(default=0.5, ge=0, le=1)  # share of SFT answers with a wrong count that are too long
+    n_rl: int = Field(default=512, gt=0)
+    n_eval: int = Field(default=128, gt=0)
+    eval_samples: int = Field(default=4, gt=0)  # completions per eval prompt at each RL eval step
+    # the tiny policy
     vocab_size: int = 512  # enough merges that every task word is one token (300 spelt words in bytes)
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 3e-3
+    # the proxy RMs' data: pairs of SFT samples ranked by gold, labels flipped with label_noise
+    n_pref: int = Field(default=8000, gt=0)
+    n_pref_test: int = Field(default=1000, gt=0)
+    label_noise: float = Field(default=0.25, ge=0, lt=0.5)
+    # proxy RM j learns from annotator j: gold + annotator_bias per unit of annotator_features[j] (synthetic_task)
+    annotator_bias: float = Field(default=0.4, ge=0)
+    annotator_features: list[Literal["continuation", "vague", "off_category", "fillers", "extra"]] = Field(
+        default=["continuation", "vague", "off_category"], min_length=1)
+    n_reference: int = Field(default=1024, ge=2)  # SFT samples each proxy RM is standardised on
+    # the proxy RMs
+    rm_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)
     rm_epochs: float = 6.0
     rm_lr: float = 2e-3
-    rm_seeds: list[int] = [1, 2, 3]
-    bon_n: int = 32
-    max_new_tokens: int = 24
-    temperature: float = 1.0  # best-of-n, RL rollouts and RL eval all sample at this temperature
-    rl_seeds: list[int] = [1, 2, 3]  # single-RM seed i optimises RM i, so its curve averages over all the RMs
-    rl_steps: int = 120
-    rl_batch: int = 32
-    rl_mini_batch: int = 16
-    rl_epochs: int = 4
-    rl_lr: float = 1e-4
-    rl_kl_coef: float = 0.02
-    rl_vf_coef: float = 0.1
+    # sampling, shared by pairs, best-of-n, RL rollouts and RL eval
+    max_new_tokens: int = Field(default=24, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    # best-of-n
+    bon_n: int = Field(default=32, gt=0)
+    uwo_weight_bon: float = Field(default=0.5, ge=0)
+    # PPO
+    rl_objectives: list[Literal["single_rm", "mean", "wco", "uwo"]] = Field(default=list(RL_OBJECTIVES), min_length=1)
+    rl_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)  # single-RM seed i optimises RM i
+    rl_steps: int = Field(default=60, gt=0)
+    rl_batch: int = Field(default=32, gt=0)
+    rl_mini_batch: int = Field(default=16, gt=0)
+    rl_epochs: int = Field(default=4, gt=0)
+    rl_lr: float = Field(default=3e-4, gt=0)
+    rl_kl_coef: float = Field(default=0.02, ge=0)
+    rl_vf_coef: float = Field(default=0.1, ge=0)
+    rl_uwo_weight: float = Field(default=0.5, ge=0)
     rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
     missing_eos_penalty: float | None = 1.0
-    rl_eval_samples: int = 4  # completions per eval prompt at each RL eval step
-    eval_every: int = 20
-    uwo_weight_bon: float = 0.5
+    eval_every: int = Field(default=10, gt=0)
+    # the over-optimisation monitor on every PPO run (reward_plugins.monitor): a single-RM run is watched by a shadow
+    # UWO ensemble of all proxy RMs, an ensemble run by its own members; gold (the rule) at every eval
+    monitor_window: int = Field(default=20, gt=0)
+    monitor_patience: int = Field(default=5, gt=0)
+    monitor_divergence: float | None = 1.0
+    monitor_disagreement_rise: float | None = Field(default=0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DemoConfig:
+        problems = []
+        if self.rl_batch % self.rl_mini_batch:
+            problems.append(f"rl_mini_batch {self.rl_mini_batch} must divide rl_batch {self.rl_batch}")
+        if len(set(self.rm_seeds)) != len(self.rm_seeds) or len(set(self.rl_seeds)) != len(self.rl_seeds):
+            problems.append("rm_seeds and rl_seeds must not repeat a seed")
+        if len(set(self.rl_objectives)) != len(self.rl_objectives):
+            problems.append(f"rl_objectives lists an objective twice: {self.rl_objectives}")
+        if len(self.rm_seeds) < 2 and set(self.rl_objectives) & set(ENSEMBLE_OBJECTIVES):
+            problems.append(f"rl_objectives {self.rl_objectives} has an ensemble, which needs at least 2 rm_seeds")
+        if self.annotator_bias > 0 and len(self.annotator_features) < len(self.rm_seeds):
+            problems.append(f"annotator_features {self.annotator_features} names fewer annotators than rm_seeds "
+                            f"{self.rm_seeds}: proxy RM j learns from annotator j")
+        if self.eval_every > self.rl_steps:
+            problems.append(f"eval_every {self.eval_every} is larger than rl_steps {self.rl_steps}: only steps 0 and "
+                            f"{self.rl_steps} would be evaluated, too few to see a peak")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+FULL = {"rl_seeds": [1, 2, 3, 4, 5]}
+"""What `--full` changes: more PPO seeds (given `--set` values win)."""
+
+
+def uses_uwo(cfg: DemoConfig) -> bool:
+    return "uwo" in cfg.rl_objectives
+
+
+STAGES: list[Stage] = [
+    Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "n_rl", "n_eval", "eval_samples"), folder="data"),
+    Stage("sft", ("seed", "threads", "vocab_size", "hidden_size", "layers", "heads", "sft_epochs", "sft_lr"),
+          after=("data",), folder="sft", version=2),
+    Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "n_reference", "max_new_tokens",
+                    "temperature", "rm_seeds", "annotator_bias"), after=("data", "sft"), folder="pairs", version=3,
+          reads_if={"annotator_features": ("annotator_bias > 0", lambda cfg: cfg.annotator_bias > 0)}),
+    Stage("rms", ("threads", "rm_seeds", "rm_epochs", "rm_lr"), after=("sft", "pairs"), folder="rms"),
+    Stage("bon", ("seed", "threads", "bon_n", "uwo_weight_bon", "max_new_tokens", "temperature"),
+          after=("data", "sft", "pairs", "rms"), folder="bon"),
+    Stage("rl", ("threads", "rl_objectives", "rl_seeds", "rl_steps", "rl_batch", "rl_mini_batch", "rl_epochs", "rl_lr",
+                 "rl_kl_coef", "rl_vf_coef", "rl_value_init", "missing_eos_penalty", "eval_every", "max_new_tokens",
+                 "temperature", "monitor_window", "monitor_patience", "monitor_divergence", "monitor_disagreement_rise"),
+          after=("data", "sft", "pairs", "rms"), folder="rl",
+          reads_if={"rl_uwo_weight": ("rl_objectives includes uwo", uses_uwo)}),
+    Stage("gold", (), after=("rl",), marker="rl/gold.json", version=2),
+    Stage("report", (), after=("rms", "bon", "gold"), version=3),
+    Stage("vrcli", ("seed", "threads"), folder="vrcli"),
+]
+"""The demo's stages in order: the settings each reads and the stages whose outputs it reads."""
 
 
 class Paths:
-    """Where every stage writes, under `out`."""
+    """Where every stage writes, under `out` (one folder per stage)."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.data = self.out / "data"
-        self.models = self.out / "models"
-        self.tokenizer = self.models / "tokenizer"
-        self.base = self.models / "base"
-        self.sft = self.models / "sft"
-        self.policy = self.sft / "final"
+        self.sft = self.out / "sft"
+        self.tokenizer = self.sft / "tokenizer"
+        self.base = self.sft / "base"
+        self.sft_run = self.sft / "run"  # the SFT run's own folder (its settings file guards it)
+        self.policy = self.sft_run / "final"
+        self.pairs = self.out / "pairs"
+        self.reference = self.pairs / "reference.jsonl"
+        self.rms = self.out / "rms"
         self.eval_prompts = self.data / "eval_prompts_rl.jsonl"
         self.bon = self.out / "bon"
         self.runs = self.out / "rl"
         self.summary = self.out / "summary.md"
 
     def rm(self, seed: int) -> Path:
-        return self.models / f"rm_seed{seed}"
+        return self.rms / f"rm_seed{seed}"
 
     def rl(self, objective: str, seed: int) -> Path:
         return self.runs / objective / f"seed{seed}"
 
 
 def stage_data(cfg: DemoConfig, paths: Paths) -> None:
-    """Synthetic task files: SFT rows, noisy preference pairs, clean held-out pairs, RL and eval prompts
-    (and the eval prompts repeated `rl_eval_samples` times, what the RL eval files sample)."""
-    if paths.eval_prompts.exists():
-        return
-    files = st.write_task_files(paths.data, cfg.seed, cfg.n_sft, cfg.n_pref, cfg.n_rl, cfg.n_eval, cfg.label_noise,
-                                cfg.pref_min_gap)
-    write_jsonl(paths.eval_prompts, [row for row in read_jsonl(files["eval_prompts"]) for _ in range(cfg.rl_eval_samples)])
+    """Synthetic task files: SFT rows, RL and eval prompts (and the eval prompts repeated `eval_samples` times,
+    what the RL eval files sample)."""
+    rng = random.Random(cfg.seed)
+    write_jsonl(paths.data / "sft.jsonl", st.demo_sft_rows(st.sample_tasks(cfg.n_sft, rng), rng, cfg.sft_quality,
+                                                                cfg.sft_longer))
+    write_jsonl(paths.data / "prompts.jsonl", st.prompt_rows(st.sample_tasks(cfg.n_rl, rng)))
+    eval_rows = list(st.prompt_rows(st.sample_tasks(cfg.n_eval, rng)))
+    write_jsonl(paths.data / "eval_prompts.jsonl", eval_rows)
+    write_jsonl(paths.eval_prompts, [row for row in eval_rows for _ in range(cfg.eval_samples)])
 
 
 def stage_sft(cfg: DemoConfig, paths: Paths) -> None:
     """A tokenizer trained on the task text, a tiny random policy, then SFT on the task."""
-    if (paths.policy / "model.safetensors").exists():
-        return
     tiny_models.build_tokenizer(paths.tokenizer, st.tokenizer_corpus(random.Random(cfg.seed)), vocab_size=cfg.vocab_size)
     tiny_models.build_causal_lm(paths.base, paths.tokenizer, seed=cfg.seed, hidden_size=cfg.hidden_size,
                                 intermediate_size=2 * cfg.hidden_size, max_position_embeddings=128,
                                 num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads // 2)
     run_cfg = sft_mod.SFTRunConfig(
-        model=str(paths.base), train_data=str(paths.data / "sft.jsonl"), output_dir=str(paths.sft), seed=cfg.seed,
+        model=str(paths.base), train_data=str(paths.data / "sft.jsonl"), output_dir=str(paths.sft_run), seed=cfg.seed,
         torch_threads=cfg.threads,
         trl={"num_train_epochs": cfg.sft_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.sft_lr,
              "lr_scheduler_type": "cosine", "warmup_steps": 5, "logging_steps": 20, "report_to": []},
     )
     sft_mod.run(run_cfg)
+
+
+def load_policy(paths: Paths):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(paths.policy).eval(), AutoTokenizer.from_pretrained(paths.policy)
+
+
+def annotators(cfg: DemoConfig) -> dict[int, Callable[[str, int, str], float]]:
+    """Each proxy RM's labeller, by RM seed: the j-th RM's is gold plus `annotator_bias` per unit of the j-th
+    feature (the gold itself at bias 0)."""
+    if cfg.annotator_bias == 0:
+        return {seed: st.gold_reward for seed in cfg.rm_seeds}
+    return {seed: st.annotator(feature, cfg.annotator_bias) for seed, feature in zip(cfg.rm_seeds, cfg.annotator_features)}
+
+
+def annotator_name(cfg: DemoConfig, seed: int) -> str:
+    if cfg.annotator_bias == 0:
+        return "gold"
+    return f"gold + {cfg.annotator_bias:g} x {cfg.annotator_features[cfg.rm_seeds.index(seed)]}"
+
+
+def stage_pairs(cfg: DemoConfig, paths: Paths) -> None:
+    """The proxy RMs' data as in RLHF: two SFT samples per prompt, each pair labelled by every RM's own annotator
+    (`annotators`; ties dropped) with `label_noise` of the labels flipped (`prefs_rm_seed{i}.jsonl`); held-out pairs
+    the same way without noise, ranked by gold (`prefs_test.jsonl`) and by each annotator
+    (`prefs_test_rm_seed{i}.jsonl`); and `n_reference` SFT samples on the RL prompts."""
+    model, tokenizer = load_policy(paths)
+    rng = random.Random(cfg.seed + 1)
+    judges = annotators(cfg)
+    for name, n, noise in (("prefs", cfg.n_pref, cfg.label_noise), ("prefs_test", cfg.n_pref_test, 0.0)):
+        tasks = st.sample_tasks(n, rng)
+        gens = sample(model, tokenizer, [t.prompt for t in tasks for _ in range(2)], cfg.max_new_tokens, cfg.temperature,
+                      batch_size=256, seed=rng.randrange(2**31))
+        first, second = gens.texts[0::2], gens.texts[1::2]
+        labelled = {f"{name}_rm_seed{seed}": list(st.judged_pairs(tasks, first, second, random.Random(f"{cfg.seed}-{seed}"),
+                                                                  noise, judge))
+                    for seed, judge in judges.items()}
+        if noise == 0.0:
+            labelled[name] = list(st.judged_pairs(tasks, first, second, rng, 0.0))
+        for file, rows in labelled.items():
+            if not rows:
+                raise DataError(f"{paths.pairs / file}.jsonl: the SFT policy's two answers tie on all {n} prompts, so "
+                                "there is no pair to learn from; raise n_pref / n_pref_test or train the SFT policy longer")
+            write_jsonl(paths.pairs / f"{file}.jsonl", rows)
+    prompts = read_jsonl(paths.data / "prompts.jsonl")
+    picked = rng.choices(prompts, k=cfg.n_reference)
+    gens = sample(model, tokenizer, [r["prompt"] for r in picked], cfg.max_new_tokens, cfg.temperature, batch_size=256,
+                  seed=rng.randrange(2**31))
+    write_jsonl(paths.reference, [{"prompt": r["prompt"], "response": text, "label": r["label"]}
+                                  for r, text in zip(picked, gens.texts) if text.strip()])
 
 
 def run_side_by_side(function: Callable[..., Any], jobs: Sequence[tuple], cfg: DemoConfig, desc: str) -> list[Any]:
@@ -185,10 +323,10 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     """One proxy RM (resumable: a finished one is read back)."""
     eval_file = paths.rm(seed) / rm_mod.EVAL_FILE
     if eval_file.exists():
-        return read_jsonl_obj(eval_file)
+        return json.loads(eval_file.read_text())
     run_cfg = rm_mod.RMRunConfig(
-        base=str(paths.policy), train_data=str(paths.data / "prefs.jsonl"),
-        test_data=str(paths.data / "prefs_test.jsonl"), output_root=str(paths.models), name="rm", seed=seed,
+        base=str(paths.policy), train_data=str(paths.pairs / f"prefs_rm_seed{seed}.jsonl"),
+        test_data=str(paths.pairs / "prefs_test.jsonl"), output_root=str(paths.rms), name="rm", seed=seed,
         max_length=128, torch_threads=cfg.threads,
         trl={"num_train_epochs": cfg.rm_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.rm_lr,
              "logging_steps": 20, "report_to": [], "disable_tqdm": cfg.workers > 1},
@@ -196,44 +334,124 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     return rm_mod.train_rm(run_cfg)
 
 
-def stage_rms(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
-    """Proxy RMs from the SFT policy, one per seed, on the noisy pairs; held-out accuracy on clean pairs."""
-    return run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg, "proxy RMs")
+def rm_scorer(path: Path) -> RewardModelScorer:
+    return RewardModelScorer(RewardModelConfig(path=str(path), max_length=128, batch_size=256, device="cpu"))
 
 
-def read_jsonl_obj(path: Path) -> Any:
-    return json.loads(path.read_text())
+def stage_rms(cfg: DemoConfig, paths: Paths) -> None:
+    """Proxy RMs from the SFT policy, one per seed, on the noisy pairs; held-out accuracy on clean pairs; each RM's
+    mean and sd on the reference SFT samples (what the rewards are standardised with)."""
+    run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg, "proxy RMs")
+    reference = read_jsonl(paths.reference)
+    stats = {}
+    for seed in cfg.rm_seeds:
+        scorer = rm_scorer(paths.rm(seed))
+        scores = scorer.score_texts([scorer.format_sample(Sample(r["prompt"], r["response"])) for r in reference])[0]
+        own = read_jsonl(paths.pairs / f"prefs_test_rm_seed{seed}.jsonl")
+        chosen, rejected = (scorer.score_texts([scorer.format_sample(Sample(r["prompt"], r[side])) for r in own])[0]
+                            for side in ("chosen", "rejected"))
+        stats[f"rm_seed{seed}"] = {"mean": float(scores.mean()), "std": float(scores.std()),
+                                   "annotator": annotator_name(cfg, seed),
+                                   "annotator_agreement": float(np.mean(chosen > rejected)), "annotator_pairs": len(own)}
+    write_json(paths.rms / "reference_stats.json", stats)
 
 
-def stage_bon(cfg: DemoConfig, paths: Paths) -> dict[str, list[dict[str, float]]]:
-    """N samples per eval prompt from the SFT policy, scored by every RM and by gold; unbiased best-of-n curves."""
-    curves_file = paths.bon / "curves.json"
-    if curves_file.exists():
-        return read_jsonl_obj(curves_file)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def rm_reports(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
+    """Each proxy RM's held-out accuracy on clean pairs, agreement with its own annotator, and reference stats."""
+    stats = json.loads((paths.rms / "reference_stats.json").read_text())
+    return [{**json.loads((paths.rm(seed) / rm_mod.EVAL_FILE).read_text()), **stats[f"rm_seed{seed}"]}
+            for seed in cfg.rm_seeds]
 
+
+def stage_bon(cfg: DemoConfig, paths: Paths) -> None:
+    """N samples per eval prompt from the SFT policy, scored by every RM (standardised as in RL) and by gold;
+    unbiased best-of-n curves."""
     rows = read_jsonl(paths.data / "eval_prompts.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(paths.policy)
-    model = AutoModelForCausalLM.from_pretrained(paths.policy).eval()
+    model, tokenizer = load_policy(paths)
     prompts = [r["prompt"] for r in rows for _ in range(cfg.bon_n)]
     # generation.sample's default batching, as the RL eval files use, so n=1 and RL step 0 sample alike
     gens = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
     labels = [r["label"] for r in rows for _ in range(cfg.bon_n)]
     shape = (len(rows), cfg.bon_n)
     gold = st.gold_rewards(gens.texts, labels).reshape(shape)
+    stats = json.loads((paths.rms / "reference_stats.json").read_text())
     members = {}
     for seed in tqdm(cfg.rm_seeds, desc="best-of-n scoring", leave=False):
-        scorer = RewardModelScorer(RewardModelConfig(path=str(paths.rm(seed)), max_length=128, batch_size=256, device="cpu"))
+        scorer = rm_scorer(paths.rm(seed))
         texts = [scorer.format_sample(Sample(p, t)) for p, t in zip(prompts, gens.texts)]
-        members[f"rm_seed{seed}"] = scorer.score_texts(texts)[0].reshape(shape)
+        ref = stats[f"rm_seed{seed}"]
+        members[f"rm_seed{seed}"] = ((scorer.score_texts(texts)[0] - ref["mean"]) / ref["std"]).reshape(shape)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= cfg.bon_n]
-    curves = analyse(members, gold, ns, objectives=("mean", "wco", "uwo"), uwo_weights=(cfg.uwo_weight_bon,))
-    write_json(curves_file, curves)
-    return curves
+    objectives = ("mean", "wco", "uwo") if len(cfg.rm_seeds) > 1 else ()
+    curves = analyse(members, gold, ns, objectives=objectives, uwo_weights=(cfg.uwo_weight_bon,))
+    per_prompt = [analyse({name: m[i : i + 1] for name, m in members.items()}, gold[i : i + 1], ns, objectives=objectives,
+                          uwo_weights=(cfg.uwo_weight_bon,), workers=1) for i in range(len(rows))]
+    for name, curve in curves.items():  # one SE over prompts of each point's gold
+        for j, point in enumerate(curve):
+            values = [prompt_curves[name][j]["gold_score"] for prompt_curves in per_prompt]
+            point["gold_se"] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    write_json(paths.bon / "curves.json", curves)
+    for name, curve in curves.items():  # the folder layout evaluation.plots reads
+        write_json(paths.bon / name.removeprefix("rm_") / plots_mod.BON_FILE, curve)
+
+
+def reward_spec(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> dict[str, Any]:
+    """One run's reward file: the proxy RMs it optimises as an ensemble plugin (one member for a single RM), each
+    z-scored on the reference SFT samples, so the KL coefficient weighs the same for every objective."""
+    name = "rm" if objective == "single_rm" else objective
+    reward: dict[str, Any] = {
+        "type": "ensemble", "name": name, "objective": "mean" if objective == "single_rm" else objective,
+        "path_template": str(paths.rms.resolve() / "rm_seed{seed}"), "seeds": run_rm_seeds(cfg, objective, seed),
+        "member": {"max_length": 128, "batch_size": 64},
+        "standardize": "reference_set", "reference_set": str(paths.reference.resolve()),
+    }
+    if objective == "uwo":
+        reward["uwo_weight"] = cfg.rl_uwo_weight
+    return {"on_error": "penalty", "error_penalty": -1.0, "reward": reward}
+
+
+def run_rm_seeds(cfg: DemoConfig, objective: str, seed: int) -> list[int]:
+    """The proxy RMs one run optimises: all of them for an ensemble, the i-th for the i-th seed of a single-RM run."""
+    if objective == "single_rm":
+        return [cfg.rm_seeds[cfg.rl_seeds.index(seed) % len(cfg.rm_seeds)]]
+    return list(cfg.rm_seeds)
+
+
+def rl_reward(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Path:
+    """The reward file of one run, written under rl/rewards/ (the same file works for OpenRLHF and TRL)."""
+    name = f"single_rm_seed{seed}" if objective == "single_rm" else objective
+    out = paths.runs / "rewards" / f"{name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "# written by trl_ext.demo: members z-scored on the SFT samples of reference_set\n"
+    out.write_text(header + yaml.safe_dump(reward_spec(cfg, paths, objective, seed), sort_keys=False))
+    return out
+
+
+def shadow_reward(cfg: DemoConfig, paths: Paths) -> Path:
+    """The shadow ensemble that watches a single-RM run: every proxy RM, z-scored as in training (its UWO
+    objective is not used: the monitor reads the member scores)."""
+    out = (paths.runs / "rewards" / "shadow.yaml").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = reward_spec(cfg, paths, "uwo", cfg.rl_seeds[0])
+    spec["reward"]["name"] = "shadow"
+    out.write_text("# written by trl_ext.demo: the monitor's shadow ensemble for single-RM runs\n"
+                   + yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def monitor_section(cfg: DemoConfig, paths: Paths, objective: str) -> dict[str, Any]:
+    """The run's `monitor:` section (action warn: the demo measures when it would act; evaluation.monitor_eval
+    replays it)."""
+    return {"shadow": str(shadow_reward(cfg, paths)) if objective == "single_rm" else None,
+            "reference_steps": 1, "window": cfg.monitor_window, "patience": cfg.monitor_patience,
+            "thresholds": {"divergence": cfg.monitor_divergence, "trend": None,
+                           "disagreement_rise": cfg.monitor_disagreement_rise, "gold_drop": None},
+            "action": "warn", "gold": {"function": "setup_data.synthetic_task:gold_rewards"}}
 
 
 def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> TrainConfig:
-    """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty."""
+    """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty, monitored."""
+    value_model = str(paths.rm(run_rm_seeds(cfg, objective, seed)[0])) if cfg.rl_value_init == "reward_model" else None
     return TrainConfig(
         algorithm="ppo", policy=str(paths.policy), reward_config=str(rl_reward(cfg, paths, objective, seed)),
         train_data=str(paths.data / "prompts.jsonl"), eval_data=str(paths.eval_prompts),
@@ -243,33 +461,14 @@ def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Train
              "ppo_epochs": cfg.rl_epochs, "learning_rate": cfg.rl_lr, "max_new_tokens": cfg.max_new_tokens,
              "temperature": cfg.temperature, "kl_coef": cfg.rl_kl_coef, "vf_coef": cfg.rl_vf_coef,
              "missing_eos_penalty": cfg.missing_eos_penalty, "logging_steps": 5, "sample_rows": 0,
-             "value_init": cfg.rl_value_init,
-             "value_model": str(paths.rm(run_rm_seeds(cfg, objective, seed)[0])) if cfg.rl_value_init == "reward_model" else None},
+             "value_init": cfg.rl_value_init, "value_model": value_model},
+        monitor=monitor_section(cfg, paths, objective),
     )
-
-
-def run_rm_seeds(cfg: DemoConfig, objective: str, seed: int) -> list[int]:
-    """The proxy RMs one run optimises: all of them for an ensemble, the i-th for the i-th seed of a single-RM run."""
-    return [cfg.rm_seeds[cfg.rl_seeds.index(seed) % len(cfg.rm_seeds)]] if objective == "single_rm" else list(cfg.rm_seeds)
-
-
-def rl_reward(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Path:
-    """The reward file of one run: the shipped ensemble files, or the shipped single-RM file pointed at one proxy
-    RM per seed (seed s uses the s-th RM), so the single-RM curve averages over RMs as in Coste et al."""
-    if objective != "single_rm":
-        return {"wco": WCO_REWARD, "uwo": UWO_REWARD}[objective]
-    rm_seed = run_rm_seeds(cfg, objective, seed)[0]
-    spec = yaml.safe_load(SINGLE_RM_REWARD.read_text())
-    spec["reward"]["path"] = str(paths.rm(rm_seed))
-    out = paths.out / "rewards" / f"single_rm_seed{seed}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return out
 
 
 def rl_runs(cfg: DemoConfig, paths: Paths) -> dict[str, list[Path]]:
     """Each objective's run folders, one per seed."""
-    return {objective: [paths.rl(objective, seed) for seed in cfg.rl_seeds] for objective in RL_OBJECTIVES}
+    return {objective: [paths.rl(objective, seed) for seed in cfg.rl_seeds] for objective in cfg.rl_objectives}
 
 
 def train_rl_run(config: TrainConfig) -> None:
@@ -279,119 +478,79 @@ def train_rl_run(config: TrainConfig) -> None:
 
 
 def stage_rl(cfg: DemoConfig, paths: Paths) -> None:
-    """PPO with one proxy RM and with the WCO and UWO ensembles, each for every seed (shipped reward YAML files)."""
-    os.environ["MODELS_DIR"] = str(paths.models)  # the shipped reward files' ${MODELS_DIR}; workers inherit it
-    jobs = [(rl_config(cfg, paths, objective, seed),) for objective in RL_OBJECTIVES for seed in cfg.rl_seeds]
+    """PPO with one proxy RM and with the WCO and UWO ensembles, each for every seed."""
+    jobs = [(rl_config(cfg, paths, objective, seed),) for objective in cfg.rl_objectives for seed in cfg.rl_seeds]
     run_side_by_side(train_rl_run, jobs, cfg, "PPO runs")
 
 
-def _gold_scorer() -> Callable[[Sequence[str]], np.ndarray]:
-    """Gold scores of texts `prompt + answer`; the synthetic prompt always ends with 'Response:'."""
-
-    def score(texts: Sequence[str]) -> np.ndarray:
-        values = []
-        for text in texts:
-            prompt, sep, answer = text.partition("\nResponse:")
-            if not sep:
-                raise ValueError(f"not a synthetic-task text: {text[:80]!r}")
-            task = st.task_from_prompt(prompt + sep)
-            values.append(st.gold_reward(answer, task.k, task.category))
-        return np.array(values)
-
-    return score
-
-
 def stage_gold(cfg: DemoConfig, paths: Paths) -> None:
-    """Gold scores for every row of every eval file (resumable: already scored rows are kept)."""
+    """Check that every eval row has its gold score: the monitor of each run scores the rule
+    (`monitor.gold`, setup_data.synthetic_task:gold_rewards) at every eval."""
     for run_dirs in rl_runs(cfg, paths).values():
         for run_dir in run_dirs:
-            add_gold_scores(run_dir / "eval", _gold_scorer, GOLD_NAME, lambda p, a: p + a, "prompt+answer")
+            for path in list_eval_files(run_dir / "eval"):
+                missing = [i for i, row in enumerate(read_eval_file(path).rows) if row.gold_score is None]
+                if missing:
+                    raise DataError(f"{path}: rows {missing[:5]} have no gold score; the run's monitor.gold scores them")
 
 
-def gold_at_kl(curve: plots_mod.Curve, kl: float) -> float:
-    """Gold interpolated at `kl` along the curve's points sorted by KL."""
-    order = np.argsort(curve.kl, kind="stable")
-    return float(np.interp(kl, curve.kl[order], curve.gold[order]))
+def mistakes_of(prompt: str, answer: str) -> dict[str, int]:
+    task = st.task_from_prompt(prompt)
+    return st.mistakes(answer, task.k, task.category)
 
 
-def rl_summary(cfg: DemoConfig, paths: Paths) -> tuple[dict[str, plots_mod.Curve], float, dict[str, list[float]]]:
-    """Seed-averaged RL curves per objective, the largest KL every objective reaches, and each seed's gold there."""
-    runs = rl_runs(cfg, paths)
-    curves = {obj: plots_mod.rl_curve_from_dirs(obj, obj, [d / "eval" for d in dirs]) for obj, dirs in runs.items()}
-    matched = min(float(c.kl.max()) for c in curves.values())
-    per_seed = {obj: [gold_at_kl(plots_mod.rl_curve(obj, d.name, d / "eval"), matched) for d in dirs]
-                for obj, dirs in runs.items()}
-    return curves, matched, per_seed
+def monitor_results(cfg: DemoConfig, paths: Paths) -> list[monitor_eval.RunResult]:
+    """`evaluation.monitor_eval` over every PPO run, named objective/seedN."""
+    results = []
+    for objective, dirs in rl_runs(cfg, paths).items():
+        for run_dir in dirs:
+            result = monitor_eval.evaluate_run(run_dir)
+            result.name = f"{objective}/{run_dir.name}"
+            results.append(result)
+    return results
 
 
-def summary_table(rm_reports: list[dict], bon: dict[str, list[dict]], rl: dict[str, plots_mod.Curve], matched_kl: float,
-                  per_seed: dict[str, list[float]]) -> str:
-    lines = ["## Proxy reward models (held-out accuracy on clean pairs)", "", "| RM | accuracy | pairs |", "|---|---|---|"]
-    lines += [f"| rm_seed{r['seed']} | {r.get('accuracy', float('nan')):.3f} | {r.get('test_pairs', 0)} |" for r in rm_reports]
-    lines += ["", "## Best-of-n from the SFT policy on the eval prompts (unbiased estimator; KL_bon is an upper bound)", "",
-              "| proxy | n | KL_bon | proxy n=1 -> n | gold n=1 -> n | peak gold (n) |", "|---|---|---|---|---|---|"]
-    for name, curve in bon.items():
-        first, last = curve[0], curve[-1]
-        peak = max(curve, key=lambda p: p["gold_score"])
-        lines.append(f"| {name} | {last['n']} | {last['kl_bon']:.2f} | {first['proxy_score']:.3f} -> {last['proxy_score']:.3f} | "
-                     f"{first['gold_score']:.3f} -> {last['gold_score']:.3f} | {peak['gold_score']:.3f} ({peak['n']}) |")
-    seeds = len(next(iter(per_seed.values()), []))
-    lines += ["", f"## PPO, mean of {seeds} seeds (eval prompts; KL = mean sequence KL to the SFT policy, k1)", "",
-              "| objective | steps | final KL | proxy start -> end | gold start -> end | peak gold (step) | "
-              f"gold at KL {matched_kl:.2f} (mean +- sd) |", "|---|---|---|---|---|---|---|"]
-    for name, c in rl.items():
-        peak = int(np.nanargmax(c.gold))
-        golds = per_seed[name]
-        lines.append(f"| {name} | {int(c.x[-1])} | {c.kl[-1]:.2f} | {c.proxy[0]:.3f} -> {c.proxy[-1]:.3f} | "
-                     f"{c.gold[0]:.3f} -> {c.gold[-1]:.3f} | {c.gold[peak]:.3f} ({int(c.x[peak])}) | "
-                     f"{np.mean(golds):.3f} +- {np.std(golds):.3f} |")
-    matched = ", ".join(f"{name} {np.mean(golds):.3f}" for name, golds in per_seed.items())
-    start = next(iter(bon.values()))[0]["gold_score"] if bon else float("nan")
-    rl_start = np.mean([c.gold[0] for c in rl.values()]) if rl else float("nan")
-    lines += ["", f"**Gold at the largest KL every objective reaches ({matched_kl:.2f} nats):** {matched}.  ",
-              f"**Same start:** best-of-n n=1 gold {start:.3f}, PPO step-0 gold {rl_start:.3f} (same prompts, SFT policy and "
-              "sampling settings; different random draws)."]
-    return "\n".join(lines) + "\n"
+def monitor_marks(curves: dict[str, list[report_mod.RunCurve]],
+                  results: Sequence[monitor_eval.RunResult]) -> list[plots_mod.Mark]:
+    """Each run's gold peak and its alarm on the plot's axis, the eval prompts' KL (at the alarm step, interpolated
+    between the eval steps around it)."""
+    marks = [plots_mod.Mark(objective, "peak", float(c.kl[i]), float(c.gold[i]))
+             for objective, runs in curves.items() for c in runs for i in [int(np.argmax(c.gold))]]
+    by_name = {c.name: c for runs in curves.values() for c in runs}
+    for r in results:
+        if r.alarm_step is not None:
+            c = by_name[r.name]
+            kl = float(np.interp(r.alarm_step, c.steps, report_mod.kl_path(c)))
+            marks.append(plots_mod.Mark(r.name.split("/")[0], "alarm", kl))
+    return marks
 
 
-def bon_run_dirs(curves: dict[str, list[dict]], bon_dir: Path) -> None:
-    """Each best-of-n curve as `bon_sampled_results.json` in the folder layout `evaluation.plots` reads
-    (`seed{S}` folders are averaged into one single-RM curve, `ensemble_*` folders are curves of their own)."""
-    for name, curve in curves.items():
-        write_json(bon_dir / name.removeprefix("rm_") / plots_mod.BON_FILE, curve)
-
-
-def stage_report(cfg: DemoConfig, paths: Paths, rm_reports: list[dict], bon: dict) -> str:
-    """Plots with `evaluation.plots` (best-of-n, PPO, both overlaid; each PNG with its CSV) and the summary table."""
-    bon_run_dirs(bon, paths.bon)
-    rl_dirs = [paths.runs / objective for objective in RL_OBJECTIVES]
+def stage_report(cfg: DemoConfig, paths: Paths) -> None:
+    """Plots with `evaluation.plots` (best-of-n, PPO, both overlaid, the last with each run's gold peak and monitor
+    alarm; each PNG with its CSV), the summary tables and the monitor's table (`evaluation.monitor_eval`)."""
+    rl_dirs = [paths.runs / objective for objective in cfg.rl_objectives]
+    curves = {objective: [report_mod.run_curve(f"{objective}/{d.name}", d / "eval", mistakes_of) for d in dirs]
+              for objective, dirs in rl_runs(cfg, paths).items()}
+    results = monitor_results(cfg, paths)
     plots_mod.plots([paths.bon], paths.out / "bon")
-    plots_mod.plots(rl_dirs, paths.out / "ppo")
-    plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation")
-    table = summary_table(rm_reports, bon, *rl_summary(cfg, paths))
-    paths.summary.write_text(table)
-    return table
+    plots_mod.plots(rl_dirs, paths.out / "ppo", marks=monitor_marks(curves, results))
+    plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation", marks=monitor_marks(curves, results))
+    bon = json.loads((paths.bon / "curves.json").read_text())
+    text = report_mod.summary(rm_reports(cfg, paths), bon, curves)
+    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_window,
+                                       cfg.monitor_patience, cfg.monitor_divergence, cfg.monitor_disagreement_rise)
+    (paths.out / "report.md").write_text(text)
 
 
-def stage_vrcli(cfg: DemoConfig, paths: Paths, report: str) -> str:
-    """VR-CLI on the synthetic next-chapter task; its row joins the summary table."""
-    vrcli_cfg = demo_vrcli.VRCLIDemoConfig(out=str(paths.out / "vrcli"), seed=cfg.seed, threads=cfg.threads)
-    table = report + "\n" + demo_vrcli.run_stage(vrcli_cfg)
-    paths.summary.write_text(table)
-    return table
+def stage_vrcli(cfg: DemoConfig, paths: Paths) -> None:
+    """VR-CLI on the synthetic next-chapter task; its section joins the summary."""
+    demo_vrcli.run_stage(demo_vrcli.VRCLIDemoConfig(out=str(paths.out / "vrcli"), seed=cfg.seed, threads=cfg.threads))
 
 
-STAGES: dict[str, Callable[[DemoConfig, Paths, dict[str, Any]], Any]] = {
-    "data": lambda cfg, paths, done: stage_data(cfg, paths),
-    "sft": lambda cfg, paths, done: stage_sft(cfg, paths),
-    "rms": lambda cfg, paths, done: stage_rms(cfg, paths),
-    "bon": lambda cfg, paths, done: stage_bon(cfg, paths),
-    "rl": lambda cfg, paths, done: stage_rl(cfg, paths),
-    "gold": lambda cfg, paths, done: stage_gold(cfg, paths),
-    "report": lambda cfg, paths, done: stage_report(cfg, paths, done["rms"], done["bon"]),
-    "vrcli": lambda cfg, paths, done: stage_vrcli(cfg, paths, done["report"]),
+RUNNERS: dict[str, Callable[[DemoConfig, Paths], None]] = {
+    "data": stage_data, "sft": stage_sft, "pairs": stage_pairs, "rms": stage_rms, "bon": stage_bon, "rl": stage_rl,
+    "gold": stage_gold, "report": stage_report, "vrcli": stage_vrcli,
 }
-"""The demo's stages in order; each gets the config, the paths and the earlier stages' results by name."""
 
 
 def seed_everything(cfg: DemoConfig) -> None:
@@ -403,35 +562,74 @@ def seed_everything(cfg: DemoConfig) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def check_settings(cfg: DemoConfig, given: Sequence[str]) -> None:
+    """Refuse, in one line each, a given setting that no stage reads with these settings."""
+    problems = []
+    for name in cache.unread(STAGES, cfg, given, RUNNER_SETTINGS):
+        conditions = [f"{stage.name} reads it only when {stage.reads_if[name][0]}"
+                      for stage in STAGES if name in stage.reads_if]
+        why = "; ".join(conditions) or "no stage reads it"
+        problems.append(f"{name}: not read with these settings ({why})")
+    if problems:
+        raise ConfigError(problems, "demo")
+
+
 def run_demo(cfg: DemoConfig) -> str:
-    """Every stage in order (skipping finished ones); returns the summary table. Writes each stage's seconds."""
+    """Every stage in order, skipping those done with the same settings; returns the summary. `timings.json` keeps
+    each stage's seconds from the run that made its outputs; `last_run.json` says what this run did."""
     seed_everything(cfg)
     paths = Paths(cfg.out)
     paths.out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    done: dict[str, Any] = {}
-    with tqdm(list(STAGES), desc="demo", unit="stage") as bar:
+    keys = cache.stage_keys(STAGES, cfg)
+    this_run: dict[str, Any] = {}
+    with tqdm(STAGES, desc="demo", unit="stage") as bar:
         for stage in bar:
-            bar.set_postfix_str(stage)
+            bar.set_postfix_str(stage.name)
+            key = keys[stage.name]
+            if cache.is_done(paths.out, stage, key):
+                this_run[stage.name] = "skipped (done with these settings)"
+                continue
+            if cache.prepare(paths.out, stage, key, cfg) == "restored":
+                this_run[stage.name] = "restored from cache/"
+                continue
             start = time.perf_counter()
-            done[stage] = STAGES[stage](cfg, paths, done)
-            timings[stage] = round(time.perf_counter() - start, 1)
-    write_json(paths.out / "timings.json", timings)
-    return done["vrcli"]
+            RUNNERS[stage.name](cfg, paths)
+            seconds = time.perf_counter() - start
+            cache.finish(paths.out, stage, key, cfg, seconds)
+            this_run[stage.name] = round(seconds, 1)
+    write_json(paths.out / "timings.json", cache.stage_seconds(paths.out, STAGES))
+    write_json(paths.out / "last_run.json", this_run)
+    summary = (paths.out / "report.md").read_text() + "\n" + (paths.out / "vrcli" / "summary.md").read_text()
+    paths.summary.write_text(summary)
+    return summary
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[DemoConfig, argparse.Namespace]:
+    """The settings the command line asks for (`--full`'s preset under any `--set`), refused in one line each
+    when a setting is unknown, contradicts another or is read by nothing."""
+    args = build_parser().parse_args(argv)
+    given = [item.split("=", 1)[0].strip() for item in args.set]
+    preset = [f"{key}={json.dumps(value)}" for key, value in FULL.items() if key not in given] if args.full else []
+    try:
+        cfg = load_config(DemoConfig, None, [f"out={args.out}", *preset, *args.set])
+        check_settings(cfg, given)
+    except ConfigError as exc:
+        sys.exit(f"trl_ext.demo: {exc}")
+    return cfg, args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    cfg, args = config_from_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cfg = load_config(DemoConfig, None, [f"out={args.out}", *args.set])
     if args.fresh and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     start = time.perf_counter()
     table = run_demo(cfg)
     print(table)
-    print("stage seconds:", json.dumps(json.loads((Path(cfg.out) / "timings.json").read_text())))
+    print("stage seconds (when each ran):", json.dumps(json.loads((Path(cfg.out) / "timings.json").read_text())))
+    print("this run:", json.dumps(json.loads((Path(cfg.out) / "last_run.json").read_text())))
     print(f"demo finished in {time.perf_counter() - start:.0f} s; plots and tables in {cfg.out}/ "
           "(summary.md, timings.json, bon.png, ppo.png, overoptimisation.png and their .csv)")
 
