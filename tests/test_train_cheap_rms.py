@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from reward_plugins import RewardPipeline, Sample
 from reward_plugins.config import ConfigError
-from reward_plugins.io import write_jsonl
+from reward_plugins.io import DataError, write_jsonl
 from reward_plugins.lora_ensemble import read_lora_index
 from reward_plugins.multihead import HEADS_FILE, read_heads
 from setup_data import synthetic_task as st
@@ -160,3 +160,52 @@ def test_lora_rerun_keeps_saved_adapters_and_trains_the_missing_one(data, lm_dir
     assert first.stat().st_mtime_ns == stamp, "the finished adapter is kept, not retrained"
     again = load_file(adapters[1] / "adapter_model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights), "the missing one is retrained from its own seed"
+
+
+def _labelled(data, path):
+    """Every training pair twice: member 0 as labelled, member 1 with chosen and rejected swapped."""
+    rows = [json.loads(line) for line in (data / "prefs.jsonl").read_text().splitlines()]
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "member": 1} for r in rows]
+    write_jsonl(path, [{**r, "member": 0} for r in rows] + swapped)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["heads=2", "lora={adapters: 2, r: 4, top_layers: 1}"])
+def test_labelled_rows_train_only_their_own_member(data, lm_dir, tmp_path, kind):
+    train = _labelled(data, tmp_path / "labelled.jsonl")
+    report = train_rm.train_rm(_config(data, lm_dir, tmp_path, "name=m", kind, "head_data=labelled",
+                                       f"train_data={train}", "trl.num_train_epochs=12"))
+    right, reversed_ = report["member_accuracy"]  # on the clean held-out pairs
+    # trained on its own rows only: member 1 learns the reversed preference (all rows would leave both near 0.5,
+    # member 0's rows alone both near member 0's accuracy)
+    assert right >= 0.6 and reversed_ <= 0.4, report["member_accuracy"]
+
+
+def test_labelled_rows_are_checked_against_k(data, lm_dir, tmp_path):
+    rows = [json.loads(line) for line in (data / "prefs.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "member": 0}, {**rows[1], "member": 2}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: 'member' must be an integer from 0 to 1 .* got 2"):
+        train_rm.train_rm(_config(data, lm_dir, tmp_path, "name=m", "heads=2", "head_data=labelled",
+                                  f"train_data={tmp_path / 'bad.jsonl'}"))
+    write_jsonl(tmp_path / "one.jsonl", [{**rows[0], "member": 0}, {**rows[1], "member": True}])
+    with pytest.raises(DataError, match=r"one.jsonl:2: 'member' .* got True"):
+        rm_members.labelled_weights([{**rows[0], "member": 0}, {**rows[1], "member": True}], 2, tmp_path / "one.jsonl")
+    write_jsonl(tmp_path / "gap.jsonl", [{**rows[0], "member": 0}])
+    with pytest.raises(DataError, match=r"gap.jsonl: no rows for member\(s\) \[1\] of 2"):
+        rm_members.labelled_weights([{**rows[0], "member": 0}], 2, tmp_path / "gap.jsonl")
+    with pytest.raises(ConfigError, match="head_data applies to a multi-head RM"):
+        _config(data, lm_dir, tmp_path, "head_data=labelled")
+
+
+def test_labelled_pairs_are_merged_with_signed_weights_and_the_loss_follows_the_sign(tmp_path):
+    a = {"prompt": "p", "chosen": "x", "rejected": "y"}
+    rows = [{**a, "member": 0}, {**a, "chosen": "y", "rejected": "x", "member": 1},
+            {"prompt": "q", "chosen": "u", "rejected": "v", "member": 1}, {**a, "member": 2}]
+    write_jsonl(tmp_path / "m.jsonl", rows)
+    merged, weights = rm_members.merge_labelled(rows, 3, tmp_path / "m.jsonl")
+    assert [(r["prompt"], r["chosen"]) for r in merged] == [("p", "x"), ("q", "u")]
+    assert weights.tolist() == [[1.0, -1.0, 1.0], [0.0, 1.0, 0.0]]
+    scores = torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])  # chosen rows first
+    softplus = lambda x: float(np.log1p(np.exp(-x)))  # -log sigmoid(x)
+    by_hand = softplus(1.0) / 2 + (softplus(-1.0) + softplus(-0.5)) / 2 + softplus(1.0) / 2  # per head: mean over pairs
+    assert rm_members.multihead_loss(scores, weights).item() == pytest.approx(by_hand, rel=1e-6)

@@ -83,3 +83,36 @@ def test_strip_special_tokens():
     assert strip_special_tokens("<|im_start|>In summary: go<|im_end|>", ["<|im_end|>", "<|im_start|>"]) == "In summary: go"
     assert strip_special_tokens("<eos>", ["<eos>"]) == ""
     assert strip_special_tokens("a<|im_end|>b", ["<|im_end|>", "<|im_end"]) == "ab"  # the longest match first
+
+
+def test_improvement_is_float64_whatever_the_inputs():
+    # a label may carry an integer too large for int64; float32 inputs must not lose digits to float32 arithmetic
+    np.testing.assert_allclose(improvement([10**20], [10**19]), [90.0])
+    out = improvement(np.array([3.0], dtype=np.float32), np.array([10**20], dtype=object))
+    assert out.dtype == np.float64 and out[0] == pytest.approx(100.0 * (3.0 - 1e20) / 3.0)
+    # a perplexity is at least 1, and exactly 1 is a valid baseline (the gold tokens predicted with certainty)
+    np.testing.assert_allclose(improvement([1.0, 0.5], [1.0, 0.25]), [0.0, 50.0])
+    with pytest.raises(ValueError, match="^baseline perplexities must be finite and positive$"):
+        improvement([0.0], [1.0])
+
+
+def test_shape_defaults_and_refusals_by_hand():
+    assert shape([1.5]).tolist() == [0.9]  # stepped is the default: 0.9 from 1 % up to 2 %
+    assert shape([2.5], "clipped_linear").tolist() == [0.5]  # clip_max defaults to 5 (percent)
+    assert shape([0.25], "clipped_linear", clip_max=0.5).tolist() == [0.5]  # any positive clip_max, also below 1
+    assert shape([10**20], "stepped").tolist() == [1.0]  # huge integers are numbers, not objects
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="^clip_max must be positive$"):
+            shape([1.0], "clipped_linear", clip_max=bad)
+    with pytest.raises(ValueError, match="^stepped shaping needs ascending thresholds, one level per threshold$"):
+        shape([1.0], thresholds=[1.0], levels=[0.5, 1.0])
+
+
+def test_plan_errors_name_the_markers_and_the_cause():
+    assert extract_plan("Plan: go west", markers=("Plan:",)) == "go west"  # the markers given are used
+    with pytest.raises(ValueError, match=r"^no plan marker \('A:', 'B:'\) in the response$"):
+        extract_plan("go west", markers=("A:", "B:"), whole_response_fallback=False)
+    with pytest.raises(ValueError, match="^empty plan after the last marker$"):
+        extract_plan("text In summary:  ")
+    with pytest.raises(ValueError, match="^empty plan: the response is empty$"):
+        extract_plan("   ")

@@ -82,3 +82,14 @@ def test_fingerprint_differences_name_each_key_and_skip_what_the_reward_does_not
 def test_dtype_names():
     assert [dtype_name(v) for v in ("bf16", torch.bfloat16, "fp16", "half", "fp32", "float", None, "float64")] == [
         "bfloat16", "bfloat16", "float16", "float16", "float32", "float32", None, "float64"]
+
+
+def test_eval_metrics_small_gains_count_and_empty_inputs_warn_nothing():
+    import warnings
+
+    # an improvement of half a percent is an improvement (> 0), not only those above 1 %
+    assert eval_metrics([0.5], [{"improvement": 0.5}])["vrcli_improved_share"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the mean of nothing is NaN by decision, not numpy's warning
+        empty = eval_metrics([], [])
+    assert all(math.isnan(v) for v in empty.values())

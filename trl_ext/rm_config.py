@@ -56,7 +56,7 @@ class RMRunConfig(BaseModel):
     seed: int = 1
     heads: int | None = Field(default=None, ge=1)
     backbone: Literal["train", "frozen"] = "train"
-    head_data: Literal["bootstrap", "shared"] = "bootstrap"
+    head_data: Literal["bootstrap", "shared", "labelled"] = "bootstrap"  # labelled: each row's `member` (0..k-1)
     lora: LoraSettings | None = None
     template: str = "{prompt}{response}"  # the reward_model plugin's fields; {answer} is read as {response}, deprecated
     max_length: int = Field(default=1024, gt=1)
@@ -76,8 +76,10 @@ class RMRunConfig(BaseModel):
         multihead_only = {"backbone": "train", "head_data": "bootstrap"}
         if self.heads is None:
             for key, default in multihead_only.items():
-                if getattr(self, key) != default:
-                    raise ValueError(f"{key} applies to a multi-head RM; set heads: k")
+                if getattr(self, key) != default and not (key == "head_data" and self.lora is not None
+                                                          and self.head_data == "labelled"):
+                    also = " (labelled: also to LoRA adapters)" if key == "head_data" else ""
+                    raise ValueError(f"{key} applies to a multi-head RM{also}; set heads: k")
         return self
 
     def config_problems(self) -> list[tuple[tuple[str, ...], str]]:

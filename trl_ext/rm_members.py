@@ -7,7 +7,8 @@ Member diversity therefore comes from each head's own seed twice over: its initi
 pair (the online bootstrap), which costs nothing extra. The papers diversify the heads through their
 initialisation on shared data (`head_data: shared` does exactly that); Eisenstein et al. 2023 (arXiv 2312.09244)
 find that members sharing most of their training err alike, so the bootstrap adds data diversity where the
-shared backbone removes it. The backbone is trained on the sum of the heads' losses (`backbone: train`) or kept
+shared backbone removes it. With `head_data: labelled` each training row names the one member it trains
+(`member`: 0..k-1), e.g. the same pairs as judged by k different annotators: k RMs' data in one training run. The backbone is trained on the sum of the heads' losses (`backbone: train`) or kept
 frozen (`backbone: frozen`, only the heads learn).
 
 LoRA: adapter j is trained as one RM through TRL's RewardTrainer with peft, its seed setting the adapter's
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, Trainer
 
 from reward_plugins.batching import right_pad
+from reward_plugins.io import DataError, iter_jsonl
 from reward_plugins.cli import loading
 from reward_plugins.lora_ensemble import save_lora_index
 from reward_plugins.member_info import MemberInfo
@@ -57,13 +59,50 @@ def bootstrap_weights(pairs: int, seeds: Sequence[int]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def labelled_weights(rows: Sequence[dict], k: int, path: str | Path) -> torch.Tensor:
+    """(rows, k) one-hot weights from each row's `member` (head_data: labelled); a missing or out-of-range
+    member, or a member with no rows, is refused naming the file (and line)."""
+    members = []
+    for (line, _), row in zip(iter_jsonl(path), rows):
+        member = row.get("member")
+        if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < k:
+            raise DataError(f"{path}:{line}: 'member' must be an integer from 0 to {k - 1} (head_data: labelled "
+                            f"names the one member each row trains), got {member!r}")
+        members.append(member)
+    empty = sorted(set(range(k)) - set(members))
+    if empty:
+        raise DataError(f"{path}: no rows for member(s) {empty} of {k} (head_data: labelled)")
+    return F.one_hot(torch.tensor(members), k).to(torch.float32)
+
+
+def merge_labelled(rows: Sequence[dict], k: int, path: str | Path) -> tuple[list[dict], torch.Tensor]:
+    """The labelled rows with each pair once, and (pairs, k) signed weights: +1 where the member prefers the stored
+    chosen answer, -1 where it prefers the other, 0 where it did not label the pair. k annotators judging the same
+    pairs then cost one pass per pair, not k."""
+    onehot = labelled_weights(rows, k, path)
+    merged: list[dict] = []
+    weights: list[torch.Tensor] = []
+    where: dict[tuple, int] = {}
+    for row, member in zip(rows, onehot.argmax(1).tolist()):
+        key = (repr(row["prompt"]), *sorted((repr(row["chosen"]), repr(row["rejected"]))))
+        if key not in where:
+            where[key] = len(merged)
+            merged.append(row)
+            weights.append(torch.zeros(k))
+        first = merged[where[key]]
+        weights[where[key]][member] += 1.0 if row["chosen"] == first["chosen"] else -1.0
+    return merged, torch.stack(weights)
+
+
 def multihead_loss(scores: torch.Tensor, weights: torch.Tensor | None, center: float | None = None) -> torch.Tensor:
     """Sum over heads of each head's Bradley-Terry loss on (2B, k) scores (chosen rows first), each pair weighted
-    by that head's bootstrap count; plus TRL's reward-centring term per head when `center` is set."""
+    by that head's weight: a bootstrap count, or for labelled pairs +1 / -1 (the head prefers the chosen / the
+    rejected answer) and 0 (not its pair); plus TRL's reward-centring term per head when `center` is set."""
     chosen, rejected = scores.chunk(2)
-    per_pair = -F.logsigmoid(chosen - rejected)
-    if weights is not None:
-        per_pair = per_pair * weights
+    if weights is None:
+        per_pair = -F.logsigmoid(chosen - rejected)
+    else:
+        per_pair = -F.logsigmoid(weights.sign() * (chosen - rejected)) * weights.abs()
     loss = per_pair.mean(dim=0).sum()
     if center is not None:
         loss = loss + center * ((chosen + rejected) ** 2).mean(dim=0).sum()
@@ -112,8 +151,12 @@ def train_multihead(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: 
         backbone.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout_in_model(model)
+    weights = None
+    if cfg.head_data == "bootstrap":
+        weights = bootstrap_weights(len(rows), seeds)
+    elif cfg.head_data == "labelled":
+        rows, weights = merge_labelled(rows, len(seeds), cfg.train_data)
     data = {**encode_pairs(rows, tokenizer, cfg), "pair_index": list(range(len(rows)))}
-    weights = bootstrap_weights(len(rows), seeds) if cfg.head_data == "bootstrap" else None
     trainer = MultiHeadTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data),
                                data_collator=PairCollator(tokenizer.pad_token_id), weights=weights,
                                center=args.center_rewards_coefficient)
@@ -148,8 +191,10 @@ def train_lora(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Seque
         total = AutoConfig.from_pretrained(cfg.base).num_hidden_layers
         layers = list(range(max(0, total - settings.top_layers), total))
     dataset = Dataset.from_dict(encode_pairs(rows, tokenizer, cfg))
+    member_of = labelled_weights(rows, len(cfg.member_seeds), cfg.train_data).argmax(1).tolist() \
+        if cfg.head_data == "labelled" else None
     names, seconds = [], 0.0
-    for seed in cfg.member_seeds:
+    for member, seed in enumerate(cfg.member_seeds):
         names.append(f"adapters/seed{seed}")
         if (out / names[-1] / "adapter_config.json").is_file():
             continue  # trained by an earlier run of these settings (the run folder checked them)
@@ -159,7 +204,8 @@ def train_lora(cfg: RMRunConfig, tokenizer: PreTrainedTokenizerBase, rows: Seque
         lora = LoraConfig(task_type="SEQ_CLS", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                           target_modules=list(settings.target_modules), layers_to_transform=layers)
         scratch = out / "adapters" / f".train_seed{seed}"
-        trainer = RewardTrainer(model=model, args=rm_args(cfg, scratch, seed), train_dataset=dataset,
+        own = dataset if member_of is None else dataset.select([i for i, m in enumerate(member_of) if m == member])
+        trainer = RewardTrainer(model=model, args=rm_args(cfg, scratch, seed), train_dataset=own,
                                 processing_class=tokenizer, peft_config=lora)
         use_bar_and_table(trainer)
         start = time.perf_counter()
@@ -177,7 +223,7 @@ def _training_record(cfg: RMRunConfig) -> dict[str, Any]:
     if cfg.kind == "multihead":
         record.update(backbone=cfg.backbone, head_data=cfg.head_data)
     else:
-        record.update(lora=cfg.lora.model_dump())
+        record.update(lora=cfg.lora.model_dump(), head_data=cfg.head_data)
     return record
 
 

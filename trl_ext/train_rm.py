@@ -102,6 +102,8 @@ def run_settings(cfg: RMRunConfig) -> dict[str, Any]:
         settings.update(heads=cfg.heads, backbone=cfg.backbone, head_data=cfg.head_data)
     elif cfg.kind == "lora":
         settings.update(lora=cfg.lora.model_dump())
+        if cfg.head_data == "labelled":
+            settings.update(head_data=cfg.head_data)
     return settings
 
 
