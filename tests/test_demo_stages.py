@@ -7,6 +7,7 @@ import csv
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,7 @@ def test_the_multi_head_ensemble_stands_beside_the_separate_rms(first):
         assert name in summary
     with pytest.raises(ValueError, match="rl_objectives has lora_uwo, which needs lora in cheap_ensembles"):
         demo.DemoConfig(rl_objectives=["single_rm", "lora_uwo"])
+    # best-of-n scores the heads as texts, like the proxy RMs: an empty answer too (the plugin would refuse it)
+    prompt = read_jsonl(paths.data / "eval_prompts.jsonl")[0]["prompt"]
+    scores = demo.cheap_member_scores(cfg, paths, "multihead", [prompt, prompt], [" cat, dog", ""])
+    assert scores.shape == (len(cfg.rm_seeds), 2) and np.isfinite(scores).all()

@@ -438,11 +438,10 @@ def cheap_member_scores(cfg: DemoConfig, paths: Paths, kind: str, prompts: Seque
     RMs' (what the RL reward does with `standardize: reference_set`)."""
     pipeline = build_pipeline(parse_pipeline_config({"reward": {**cheap_plugin(cfg, paths, kind), "objective": "mean"}},
                                                      source=f"the demo's {kind} ensemble"))
-    names = pipeline.root.config.member_names
+    scorer = pipeline.root.scorer  # scored as texts, like the proxy RMs' (an empty answer is scored too)
 
     def members(samples: list[Sample]) -> np.ndarray:
-        results = pipeline.score(samples).results
-        return np.array([[result.components[name] for result in results] for name in names])
+        return np.asarray(scorer.member_scores_texts([scorer.format_sample(sample) for sample in samples])[0])
 
     reference = read_jsonl(paths.reference)
     ref = members([Sample(r["prompt"], r["response"]) for r in reference])
