@@ -7,6 +7,7 @@ import csv
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,3 +252,24 @@ def test_rerun_with_new_rl_steps_reruns_rl_and_what_reads_it_and_keeps_the_first
     assert [read_eval_file(f).step for f in list_eval_files(paths.rl("uwo", 1) / "eval")] == [0, 1, 2]
     back = json.loads((paths.out / "timings.json").read_text())
     assert {k: v for k, v in back.items() if k != "report"} == {k: v for k, v in timings.items() if k != "report"}
+
+
+def test_the_multi_head_ensemble_stands_beside_the_separate_rms(first):
+    cfg, paths, summary = first
+    assert cfg.cheap_ensembles == ["multihead"] and "multihead_uwo" in cfg.rl_objectives
+    rows = read_jsonl(paths.pairs / "prefs_members.jsonl")  # every annotator's pairs, each naming its head
+    for member, seed in enumerate(cfg.rm_seeds):
+        own = read_jsonl(paths.pairs / f"prefs_rm_seed{seed}.jsonl")
+        assert [{k: v for k, v in r.items() if k != "member"} for r in rows if r["member"] == member] == own
+    spec = demo.reward_spec(cfg, paths, "multihead_uwo", 1)["reward"]
+    assert spec["type"] == "multihead_ensemble" and spec["heads"] == len(cfg.rm_seeds)
+    assert spec["objective"] == "uwo" and spec["standardize"] == "reference_set"
+    assert demo.rl_config(cfg, paths, "multihead_uwo", 1).ppo.value_model == str(paths.cheap("multihead"))
+    for name in ("| multihead_UWO-0.5 |", "| multihead_uwo |", "One-model ensembles against", "2 separate RMs"):
+        assert name in summary
+    with pytest.raises(ValueError, match="rl_objectives has lora_uwo, which needs lora in cheap_ensembles"):
+        demo.DemoConfig(rl_objectives=["single_rm", "lora_uwo"])
+    # best-of-n scores the heads as texts, like the proxy RMs: an empty answer too (the plugin would refuse it)
+    prompt = read_jsonl(paths.data / "eval_prompts.jsonl")[0]["prompt"]
+    scores = demo.cheap_member_scores(cfg, paths, "multihead", [prompt, prompt], [" cat, dog", ""])
+    assert scores.shape == (len(cfg.rm_seeds), 2) and np.isfinite(scores).all()

@@ -61,9 +61,10 @@ from tqdm.auto import tqdm
 
 from evaluation import monitor_eval
 from evaluation import plots as plots_mod
-from evaluation.bon_analysis import analyse
+from evaluation.bon_analysis import analyse, ensemble_run_name
 from evaluation.eval_files import list_eval_files, read_eval_file
-from reward_plugins import tiny_models
+from reward_plugins import build_pipeline, tiny_models
+from reward_plugins.config import parse_pipeline_config
 from reward_plugins.config_loader import ConfigError
 from reward_plugins.io import DataError, read_jsonl, write_json, write_jsonl
 from reward_plugins.reward_model import RewardModelConfig, RewardModelScorer
@@ -81,7 +82,8 @@ from .generation import sample
 from .run_config import TrainConfig
 from .stage_cache import Stage
 
-RL_OBJECTIVES = ("single_rm", "wco", "uwo")
+RL_OBJECTIVES = ("single_rm", "wco", "uwo", "multihead_uwo")
+CHEAP_OBJECTIVES = {"multihead_uwo": "multihead", "lora_uwo": "lora"}  # one-model ensembles of the k annotators' RMs
 ENSEMBLE_OBJECTIVES = ("mean", "wco", "uwo")
 RUNNER_SETTINGS = ("out", "workers")  # read by the runner itself; they change no result
 
@@ -122,6 +124,10 @@ class DemoConfig(BaseModel):
     rm_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)
     rm_epochs: float = 6.0
     rm_lr: float = 2e-3
+    # one-model ensembles of the same k annotators (reward_plugins.multihead / lora_ensemble, head_data: labelled):
+    # multihead = one backbone with a head per annotator, lora = a LoRA adapter per annotator on the SFT policy
+    cheap_ensembles: list[Literal["multihead", "lora"]] = Field(default=["multihead"])
+    lora_r: int = Field(default=8, gt=0)
     # sampling, shared by pairs, best-of-n, RL rollouts and RL eval
     max_new_tokens: int = Field(default=24, gt=0)
     temperature: float = Field(default=1.0, gt=0)
@@ -129,7 +135,8 @@ class DemoConfig(BaseModel):
     bon_n: int = Field(default=32, gt=0)
     uwo_weight_bon: float = Field(default=0.5, ge=0)
     # PPO
-    rl_objectives: list[Literal["single_rm", "mean", "wco", "uwo"]] = Field(default=list(RL_OBJECTIVES), min_length=1)
+    rl_objectives: list[Literal["single_rm", "mean", "wco", "uwo", "multihead_uwo", "lora_uwo"]] = Field(
+        default=list(RL_OBJECTIVES), min_length=1)
     rl_seeds: list[int] = Field(default=[1, 2, 3], min_length=1)  # single-RM seed i optimises RM i
     rl_steps: int = Field(default=60, gt=0)
     rl_batch: int = Field(default=32, gt=0)
@@ -160,6 +167,12 @@ class DemoConfig(BaseModel):
             problems.append(f"rl_objectives lists an objective twice: {self.rl_objectives}")
         if len(self.rm_seeds) < 2 and set(self.rl_objectives) & set(ENSEMBLE_OBJECTIVES):
             problems.append(f"rl_objectives {self.rl_objectives} has an ensemble, which needs at least 2 rm_seeds")
+        for objective in self.rl_objectives:
+            if objective in CHEAP_OBJECTIVES and CHEAP_OBJECTIVES[objective] not in self.cheap_ensembles:
+                problems.append(f"rl_objectives has {objective}, which needs {CHEAP_OBJECTIVES[objective]} in "
+                                f"cheap_ensembles {self.cheap_ensembles}")
+        if self.cheap_ensembles and len(self.rm_seeds) < 2:
+            problems.append(f"cheap_ensembles {self.cheap_ensembles} needs at least 2 rm_seeds (one member each)")
         if self.annotator_bias > 0 and len(self.annotator_features) < len(self.rm_seeds):
             problems.append(f"annotator_features {self.annotator_features} names fewer annotators than rm_seeds "
                             f"{self.rm_seeds}: proxy RM j learns from annotator j")
@@ -171,12 +184,18 @@ class DemoConfig(BaseModel):
         return self
 
 
-FULL = {"rl_seeds": [1, 2, 3, 4, 5]}
-"""What `--full` changes: more PPO seeds (given `--set` values win)."""
+FULL = {"rl_seeds": [1, 2, 3, 4, 5], "cheap_ensembles": ["multihead", "lora"],
+        "rl_objectives": [*RL_OBJECTIVES, "lora_uwo"]}
+"""What `--full` changes: more PPO seeds, and the LoRA ensemble beside the multi-head one (given `--set` values
+win)."""
 
 
 def uses_uwo(cfg: DemoConfig) -> bool:
-    return "uwo" in cfg.rl_objectives
+    return bool({"uwo", *CHEAP_OBJECTIVES} & set(cfg.rl_objectives))
+
+
+def uses_lora(cfg: DemoConfig) -> bool:
+    return "lora" in cfg.cheap_ensembles
 
 
 STAGES: list[Stage] = [
@@ -186,7 +205,8 @@ STAGES: list[Stage] = [
     Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "n_reference", "max_new_tokens",
                     "temperature", "rm_seeds", "annotator_bias"), after=("data", "sft"), folder="pairs", version=3,
           reads_if={"annotator_features": ("annotator_bias > 0", lambda cfg: cfg.annotator_bias > 0)}),
-    Stage("rms", ("threads", "rm_seeds", "rm_epochs", "rm_lr"), after=("sft", "pairs"), folder="rms"),
+    Stage("rms", ("threads", "rm_seeds", "rm_epochs", "rm_lr", "cheap_ensembles"), after=("sft", "pairs"), folder="rms",
+          version=2, reads_if={"lora_r": ("cheap_ensembles includes lora", uses_lora)}),
     Stage("bon", ("seed", "threads", "bon_n", "uwo_weight_bon", "max_new_tokens", "temperature"),
           after=("data", "sft", "pairs", "rms"), folder="bon"),
     Stage("rl", ("threads", "rl_objectives", "rl_seeds", "rl_steps", "rl_batch", "rl_mini_batch", "rl_epochs", "rl_lr",
@@ -222,6 +242,9 @@ class Paths:
 
     def rm(self, seed: int) -> Path:
         return self.rms / f"rm_seed{seed}"
+
+    def cheap(self, kind: str) -> Path:
+        return self.rms / f"{kind}_seed1"
 
     def rl(self, objective: str, seed: int) -> Path:
         return self.runs / objective / f"seed{seed}"
@@ -319,6 +342,11 @@ def run_side_by_side(function: Callable[..., Any], jobs: Sequence[tuple], cfg: D
     return results
 
 
+def call(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)`: lets one pool run jobs of several kinds."""
+    return function(*args)
+
+
 def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     """One proxy RM (resumable: a finished one is read back)."""
     eval_file = paths.rm(seed) / rm_mod.EVAL_FILE
@@ -334,6 +362,35 @@ def train_proxy_rm(cfg: DemoConfig, paths: Paths, seed: int) -> dict[str, Any]:
     return rm_mod.train_rm(run_cfg)
 
 
+def member_rows(cfg: DemoConfig, paths: Paths) -> Path:
+    """Every annotator's labelled pairs in one file, each row naming its member (RM seed j -> member j), for the
+    one-model ensembles (head_data: labelled)."""
+    out = paths.pairs / "prefs_members.jsonl"
+    rows = [{**row, "member": member} for member, seed in enumerate(cfg.rm_seeds)
+            for row in read_jsonl(paths.pairs / f"prefs_rm_seed{seed}.jsonl")]
+    write_jsonl(out, rows)
+    return out
+
+
+def train_cheap_rm(cfg: DemoConfig, paths: Paths, kind: str) -> dict[str, Any]:
+    """A multi-head RM (a head per annotator) or a LoRA ensemble (an adapter per annotator), from the SFT policy,
+    on `member_rows`, with the proxy RMs' training settings (resumable: a finished one is read back)."""
+    eval_file = paths.cheap(kind) / rm_mod.EVAL_FILE
+    if eval_file.exists():
+        return json.loads(eval_file.read_text())
+    k = len(cfg.rm_seeds)
+    layout: dict[str, Any] = ({"heads": k} if kind == "multihead" else
+                              {"lora": {"adapters": k, "r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r}})
+    run_cfg = rm_mod.RMRunConfig(
+        base=str(paths.policy), train_data=str(paths.pairs / "prefs_members.jsonl"),
+        test_data=str(paths.pairs / "prefs_test.jsonl"), output_root=str(paths.rms), name=kind, seed=1,
+        head_data="labelled", max_length=128, torch_threads=cfg.threads, **layout,
+        trl={"num_train_epochs": cfg.rm_epochs, "per_device_train_batch_size": 32, "learning_rate": cfg.rm_lr,
+             "logging_steps": 20, "report_to": [], "disable_tqdm": cfg.workers > 1},
+    )
+    return rm_mod.train_rm(run_cfg)
+
+
 def rm_scorer(path: Path) -> RewardModelScorer:
     return RewardModelScorer(RewardModelConfig(path=str(path), max_length=128, batch_size=256, device="cpu"))
 
@@ -341,7 +398,11 @@ def rm_scorer(path: Path) -> RewardModelScorer:
 def stage_rms(cfg: DemoConfig, paths: Paths) -> None:
     """Proxy RMs from the SFT policy, one per seed, on the noisy pairs; held-out accuracy on clean pairs; each RM's
     mean and sd on the reference SFT samples (what the rewards are standardised with)."""
-    run_side_by_side(train_proxy_rm, [(cfg, paths, seed) for seed in cfg.rm_seeds], cfg, "proxy RMs")
+    if cfg.cheap_ensembles:
+        member_rows(cfg, paths)
+    jobs = [(train_proxy_rm, cfg, paths, seed) for seed in cfg.rm_seeds]
+    jobs += [(train_cheap_rm, cfg, paths, kind) for kind in cfg.cheap_ensembles]
+    run_side_by_side(call, jobs, cfg, "proxy RMs")
     reference = read_jsonl(paths.reference)
     stats = {}
     for seed in cfg.rm_seeds:
@@ -361,6 +422,31 @@ def rm_reports(cfg: DemoConfig, paths: Paths) -> list[dict[str, Any]]:
     stats = json.loads((paths.rms / "reference_stats.json").read_text())
     return [{**json.loads((paths.rm(seed) / rm_mod.EVAL_FILE).read_text()), **stats[f"rm_seed{seed}"]}
             for seed in cfg.rm_seeds]
+
+
+def cheap_plugin(cfg: DemoConfig, paths: Paths, kind: str) -> dict[str, Any]:
+    """The reward plugin of a one-model ensemble: one member per annotator, read in one pass."""
+    k = len(cfg.rm_seeds)
+    count = {"heads": k} if kind == "multihead" else {"adapters": k}
+    return {"type": f"{kind}_ensemble", "path": str(paths.cheap(kind).resolve()), **count, "max_length": 128,
+            "batch_size": 64}
+
+
+def cheap_member_scores(cfg: DemoConfig, paths: Paths, kind: str, prompts: Sequence[str],
+                        texts: Sequence[str]) -> np.ndarray:
+    """(k, N) member scores of a one-model ensemble, each z-scored on the reference SFT samples like the proxy
+    RMs' (what the RL reward does with `standardize: reference_set`)."""
+    pipeline = build_pipeline(parse_pipeline_config({"reward": {**cheap_plugin(cfg, paths, kind), "objective": "mean"}},
+                                                     source=f"the demo's {kind} ensemble"))
+    scorer = pipeline.root.scorer  # scored as texts, like the proxy RMs' (an empty answer is scored too)
+
+    def members(samples: list[Sample]) -> np.ndarray:
+        return np.asarray(scorer.member_scores_texts([scorer.format_sample(sample) for sample in samples])[0])
+
+    reference = read_jsonl(paths.reference)
+    ref = members([Sample(r["prompt"], r["response"]) for r in reference])
+    scores = members([Sample(p, t) for p, t in zip(prompts, texts)])
+    return (scores - ref.mean(1, keepdims=True)) / ref.std(1, keepdims=True)
 
 
 def stage_bon(cfg: DemoConfig, paths: Paths) -> None:
@@ -383,13 +469,23 @@ def stage_bon(cfg: DemoConfig, paths: Paths) -> None:
         members[f"rm_seed{seed}"] = ((scorer.score_texts(texts)[0] - ref["mean"]) / ref["std"]).reshape(shape)
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= cfg.bon_n]
     objectives = ("mean", "wco", "uwo") if len(cfg.rm_seeds) > 1 else ()
-    curves = analyse(members, gold, ns, objectives=objectives, uwo_weights=(cfg.uwo_weight_bon,))
-    per_prompt = [analyse({name: m[i : i + 1] for name, m in members.items()}, gold[i : i + 1], ns, objectives=objectives,
-                          uwo_weights=(cfg.uwo_weight_bon,), workers=1) for i in range(len(rows))]
-    for name, curve in curves.items():  # one SE over prompts of each point's gold
-        for j, point in enumerate(curve):
-            values = [prompt_curves[name][j]["gold_score"] for prompt_curves in per_prompt]
-            point["gold_se"] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    sets = {"": (members, objectives)}  # the proxy RMs and their ensembles; then each one-model ensemble's UWO
+    for kind in cfg.cheap_ensembles:
+        scores = cheap_member_scores(cfg, paths, kind, prompts, gens.texts)
+        sets[kind] = ({f"{kind}{j}": column.reshape(shape) for j, column in enumerate(scores)}, ("uwo",))
+    curves: dict[str, Any] = {}
+    for kind, (scored, wanted) in sets.items():
+        found = analyse(scored, gold, ns, objectives=wanted, uwo_weights=(cfg.uwo_weight_bon,))
+        per_prompt = [analyse({name: m[i : i + 1] for name, m in scored.items()}, gold[i : i + 1], ns,
+                              objectives=wanted, uwo_weights=(cfg.uwo_weight_bon,), workers=1) for i in range(len(rows))]
+        for name, curve in found.items():  # one SE over prompts of each point's gold
+            for j, point in enumerate(curve):
+                values = [prompt_curves[name][j]["gold_score"] for prompt_curves in per_prompt]
+                point["gold_se"] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+        if kind:  # only the combined curve, named after the model: multihead_UWO-0.5
+            uwo = ensemble_run_name("uwo", cfg.uwo_weight_bon)
+            found = {uwo.replace("ensemble", kind): found[uwo]}
+        curves.update(found)
     write_json(paths.bon / "curves.json", curves)
     for name, curve in curves.items():  # the folder layout evaluation.plots reads
         write_json(paths.bon / name.removeprefix("rm_") / plots_mod.BON_FILE, curve)
@@ -399,13 +495,15 @@ def reward_spec(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> dic
     """One run's reward file: the proxy RMs it optimises as an ensemble plugin (one member for a single RM), each
     z-scored on the reference SFT samples, so the KL coefficient weighs the same for every objective."""
     name = "rm" if objective == "single_rm" else objective
-    reward: dict[str, Any] = {
-        "type": "ensemble", "name": name, "objective": "mean" if objective == "single_rm" else objective,
-        "path_template": str(paths.rms.resolve() / "rm_seed{seed}"), "seeds": run_rm_seeds(cfg, objective, seed),
-        "member": {"max_length": 128, "batch_size": 64},
-        "standardize": "reference_set", "reference_set": str(paths.reference.resolve()),
-    }
-    if objective == "uwo":
+    if objective in CHEAP_OBJECTIVES:
+        reward: dict[str, Any] = {**cheap_plugin(cfg, paths, CHEAP_OBJECTIVES[objective]), "name": name,
+                                  "objective": "uwo"}
+    else:
+        reward = {"type": "ensemble", "name": name, "objective": "mean" if objective == "single_rm" else objective,
+                  "path_template": str(paths.rms.resolve() / "rm_seed{seed}"), "seeds": run_rm_seeds(cfg, objective, seed),
+                  "member": {"max_length": 128, "batch_size": 64}}
+    reward.update(standardize="reference_set", reference_set=str(paths.reference.resolve()))
+    if objective == "uwo" or objective in CHEAP_OBJECTIVES:
         reward["uwo_weight"] = cfg.rl_uwo_weight
     return {"on_error": "penalty", "error_penalty": -1.0, "reward": reward}
 
@@ -451,7 +549,8 @@ def monitor_section(cfg: DemoConfig, paths: Paths, objective: str) -> dict[str, 
 
 def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> TrainConfig:
     """PPO with the objective's reward file (Coste et al.'s algorithm) at a small fixed KL penalty, monitored."""
-    value_model = str(paths.rm(run_rm_seeds(cfg, objective, seed)[0])) if cfg.rl_value_init == "reward_model" else None
+    value_from = paths.cheap("multihead") if objective == "multihead_uwo" else paths.rm(run_rm_seeds(cfg, objective, seed)[0])
+    value_model = str(value_from) if cfg.rl_value_init == "reward_model" else None  # a multi-head: the heads' mean
     return TrainConfig(
         algorithm="ppo", policy=str(paths.policy), reward_config=str(rl_reward(cfg, paths, objective, seed)),
         train_data=str(paths.data / "prompts.jsonl"), eval_data=str(paths.eval_prompts),
@@ -537,6 +636,10 @@ def stage_report(cfg: DemoConfig, paths: Paths) -> None:
     plots_mod.plots([paths.bon, *rl_dirs], paths.out / "overoptimisation", marks=monitor_marks(curves, results))
     bon = json.loads((paths.bon / "curves.json").read_text())
     text = report_mod.summary(rm_reports(cfg, paths), bon, curves)
+    seconds = {f"{len(cfg.rm_seeds)} separate RMs": sum(r["train_seconds"] for r in rm_reports(cfg, paths))}
+    seconds.update({f"{kind} (one model)": json.loads((paths.cheap(kind) / rm_mod.EVAL_FILE).read_text())["train_seconds"]
+                    for kind in cfg.cheap_ensembles})
+    text += "\n".join(report_mod.cheap_section(curves, list(CHEAP_OBJECTIVES), train_seconds=seconds)) + "\n"
     text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_window,
                                        cfg.monitor_patience, cfg.monitor_divergence, cfg.monitor_disagreement_rise)
     (paths.out / "report.md").write_text(text)

@@ -285,3 +285,25 @@ def monitor_section(table: str, window: int, patience: int, divergence: float | 
             f"batch's; window {window}, patience {patience}, thresholds divergence {divergence}, disagreement_rise "
             f"{disagreement_rise}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, any other is a "
             "control)\n\n" + table)
+
+
+def cheap_section(curves: Mapping[str, Sequence[RunCurve]], cheap: Sequence[str], full: str = "uwo",
+                  baseline: str = "single_rm", train_seconds: Mapping[str, float] | None = None) -> list[str]:
+    """How much of the k-RM ensemble's gold gain over one RM (at matched KL) each one-model ensemble recovers, and
+    what the reward models cost to train."""
+    present = [name for name in cheap if name in curves]
+    if not present or full not in curves or baseline not in curves:
+        return []
+    kl = matched_kl([c for runs in curves.values() for c in runs])
+    at = {name: SeedStats([gold_at_kl(c, kl) for c in curves[name]]) for name in (baseline, full, *present)}
+    gain, gain_se = difference(at[full], at[baseline])
+    lines = ["", f"## One-model ensembles against the {len(curves[full])}-seed k-RM ensemble ({full}), gold at matched "
+             f"KL {kl:.2f}", "", f"| objective | gold ± SE | gain over {baseline} ± SE | share of {full}'s gain |",
+             "|---|---|---|---|", f"| {full} | {_pm(at[full].mean, at[full].se)} | {_pm(gain, gain_se)} | 1.00 |"]
+    for name in present:
+        own, own_se = difference(at[name], at[baseline])
+        share = own / gain if gain > 0 else math.nan
+        lines.append(f"| {name} | {_pm(at[name].mean, at[name].se)} | {_pm(own, own_se)} | {share:.2f} |")
+    if train_seconds:
+        lines += ["", "Reward-model training, seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in train_seconds.items())]
+    return lines
