@@ -6,9 +6,12 @@ Stages (each cached by the settings it reads, see `trl_ext.stage_cache`; `--fres
   pairs   two SFT samples per prompt, labelled by each proxy RM's own biased annotator (gold plus a liking for
           one kind of wrong item) with `label_noise` flipped; clean held-out pairs ranked by gold and by each
           annotator, and SFT samples every proxy RM is standardised on
-  rms     3 proxy RMs (seeds 1-3) from the SFT policy, RM j on annotator j's labels
-  bon     best-of-n from the SFT policy on the eval prompts with each RM and the mean / WCO / UWO ensembles
-  rl      PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble,
+  rms     3 proxy RMs (seeds 1-3) from the SFT policy, RM j on annotator j's labels; beside them one multi-head RM
+          with a head per annotator (and with --full a LoRA ensemble, an adapter per annotator), head_data: labelled
+  bon     best-of-n from the SFT policy on the eval prompts with each RM, the mean / WCO / UWO ensembles and the
+          one-model ensembles' UWO
+  rl      PPO (Coste et al.'s algorithm) at a small KL penalty with one proxy RM, the WCO and the UWO ensemble and
+          the multi-head UWO,
           each for every seed in `rl_seeds`; rewards z-scored on SFT samples, so one KL coefficient means the same;
           every run watched by the over-optimisation monitor (a shadow ensemble for single-RM runs), which also
           scores gold at every eval
