@@ -146,10 +146,11 @@ def slope(x: ArrayLike, y: ArrayLike) -> float:
 
 def per_kl(steps: ArrayLike, kl: ArrayLike, values: ArrayLike, min_kl_rise: float) -> float:
     """Slope of `values` against KL over a window: the ratio of both least-squares slopes against the step (one
-    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window."""
+    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window, or
+    did not rise at all (no slope per nat, even with `min_kl_rise` 0)."""
     steps = np.asarray(steps, dtype=np.float64)
     kl_slope = slope(steps, kl)
-    if kl_slope * (steps[-1] - steps[0]) < min_kl_rise:
+    if kl_slope <= 0 or kl_slope * (steps[-1] - steps[0]) < min_kl_rise:
         return 0.0
     return slope(steps, values) / kl_slope
 
@@ -276,11 +277,16 @@ class Monitor:
         return self.observe_signals(step, kl, *self._signals_of(batch))
 
     def _fix_reference(self, step: int) -> None:
+        """Each member's and the proxy's location and scale over the reference steps so far. A flat one is refused
+        once the reference is complete; before, its scale is provisionally 1 (its standardised scores are 0 anyway)."""
         self.means, self.stds = member_reference([b.scores for b in self._reference])
         proxy = np.concatenate([b.proxy for b in self._reference])
         self.proxy_mean, self.proxy_std = float(proxy.mean()), float(proxy.std())
         flat = [name for name, std in zip(self._reference[0].names, self.stds) if not std > 0]
-        if flat or not self.proxy_std > 0:
+        if len(self._reference) < self.config.reference_steps:
+            self.stds = np.where(self.stds > 0, self.stds, 1.0)
+            self.proxy_std = self.proxy_std if self.proxy_std > 0 else 1.0
+        elif flat or not self.proxy_std > 0:
             what = f"member(s) {', '.join(flat)}" if flat else "the proxy reward"
             raise MonitorError(f"step {step}: {what} gave every reference sample the same score, so there is no scale "
                                "to standardise by; raise monitor.reference_steps or the batch size")
