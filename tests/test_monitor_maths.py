@@ -53,6 +53,22 @@ def test_slope_against_polyfit_and_its_no_variation_tolerance():
     assert slope([0, 1.7e-6], [0, 1]) == pytest.approx(1 / 1.7e-6)  # spread 1.4e-12, just over the 1e-12 floor
     assert slope([0, 1e-6], [0, 1]) == 0.0  # spread 5e-13: under the floor
     assert slope([1e6, 1e6 + 1e-3], [0, 1]) == 0.0  # a relative spread of 1e-9: rounding, not variation
+    # y far from 0: centring y too keeps the rounding of sum(x - mean x) out of the slope
+    assert slope([0.1, 0.2, 0.7], [1e12, 1e12 + 1, 1e12 + 2]) == pytest.approx(fit([0.1, 0.2, 0.7], [0, 1, 2]), rel=1e-9)
+
+
+def test_float32_inputs_are_computed_in_float64():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(100, 1, 50).astype(np.float32), rng.normal(7, 3, 50).astype(np.float32)
+    assert slope(x, y) == pytest.approx(fit(x.astype(float), y.astype(float)), rel=1e-11)
+    scores = rng.normal(3, 2, (3, 40)).astype(np.float32)
+    means, stds = member_reference([scores[:, :20], scores[:, 20:]])
+    wide = scores.astype(np.float64)
+    assert means.tolist() == pytest.approx([math.fsum(row) / 40 for row in wide.tolist()], rel=1e-14, abs=0)
+    assert stds.tolist() == pytest.approx(np.sqrt(((wide - wide.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)), rel=1e-12)
+    mean32, std32 = means.astype(np.float32), stds.astype(np.float32)
+    z = (wide - mean32.astype(float)[:, None]) / std32.astype(float)[:, None]
+    assert disagreement(scores, mean32, std32) == pytest.approx(z.std(axis=0).mean(), rel=1e-13)
 
 
 def test_per_kl_gate_is_the_fitted_rise_over_the_window():
@@ -109,6 +125,7 @@ def test_member_batch_shapes_refused_word_for_word(scores, proxy, shapes):
 def test_member_batch_takes_two_members_and_stores_float64():
     batch = MemberBatch([[1, 2], [3, 4]], [5, 6], ("a", "b"))
     assert batch.scores.dtype == np.float64 and batch.proxy.dtype == np.float64
+    assert MemberBatch.concat([batch]).scores.tolist() == [[1, 2], [3, 4]]
     both = MemberBatch.concat([batch, MemberBatch([[7], [8]], [9], ("a", "b"))])
     assert both.scores.tolist() == [[1, 2, 7], [3, 4, 8]] and both.proxy.tolist() == [5, 6, 9] and both.names == ("a", "b")
 
@@ -152,6 +169,8 @@ def test_a_fresh_monitor_logs_zeros_and_a_kl_scale_of_one():
     assert plain.logs() == {**dict.fromkeys(monitor_keys(False), 0.0), "monitor/kl_scale": 1.0}
     assert plain.alarm is None and plain.score == 0.0 and plain.best_checkpoint() is None and plain.kl_scale == 1.0
     assert plain.streaks == dict.fromkeys(("gold_drop", "divergence", "trend", "disagreement_rise"), 0)
+    assert plain.signal_values() == {**dict.fromkeys(KEYS, 0.0), "alarm": 0.0, "kl_scale": 1.0}  # before any step
+    assert plain.means is None and plain.stds is None and (plain.proxy_mean, plain.proxy_std) == (0.0, 0.0)  # no reference yet
     gold = MonitorConfig(gold={"function": "m:f"})
     assert tuple(Monitor(gold).logs()) == monitor_keys(True)
     assert tuple(Monitor(gold, has_gold=False).logs()) == monitor_keys(False)
@@ -225,6 +244,18 @@ def test_member_scores_standardised_by_the_pooled_reference_steps():
     assert monitor.logs()["monitor/disagreement_rise"] == pytest.approx(np.mean(want[2:]) - np.mean(want[:3]))
 
 
+def test_provisional_values_use_the_reference_steps_so_far():
+    names = ("a", "b")
+    monitor = Monitor(MonitorConfig(reference_steps=3, thresholds=NO_ALARM))
+    monitor.observe(0, 0.0, MemberBatch([[0.0, 2.0], [1.0, 3.0]], [0.0, 0.2], names))
+    monitor.observe(1, 0.1, MemberBatch([[1.0, 1.0], [4.0, 2.0]], [0.4, 0.6], names))
+    # steps 0-1 pooled: a 0, 2, 1, 1 (mean 1, std sqrt(1/2)); b 1, 3, 4, 2 (mean 2.5, std sqrt(5/4));
+    # proxy 0, 0.2, 0.4, 0.6 (mean 0.3, std sqrt(0.05), under 1)
+    za, zb = np.array([0.0, 0.0]), (np.array([4.0, 2.0]) - 2.5) / math.sqrt(5 / 4)
+    assert monitor.logs()["monitor/disagreement"] == pytest.approx(np.mean(np.abs(za - zb) / 2))
+    assert monitor.logs()["monitor/proxy"] == pytest.approx((0.5 - 0.3) / math.sqrt(0.05))
+
+
 # ---------------------------------------------------------------- streaks and the alarm
 
 def first_fire(config: MonitorConfig, rows) -> tuple[int | None, Monitor]:
@@ -277,6 +308,8 @@ def test_the_alarm_fires_once_at_the_expected_step_and_names_the_first_signal():
     trend = fit([0, 1, 2], [0.0, 0.1, 0.4]) / 0.1
     assert monitor.alarm.value == pytest.approx(2 * trend) and monitor.alarm.threshold == 0.5
     assert monitor.logs()["monitor/alarm"] == 1.0 and monitor.streaks["divergence"] == 8
+    monitor.scale_kl(9)
+    assert monitor.signal_values()["alarm"] == 1.0 and monitor.signal_values()["kl_scale"] == 2.0
 
 
 def test_gold_drop_fires_strictly_beyond_its_threshold_and_only_once():
@@ -287,6 +320,7 @@ def test_gold_drop_fires_strictly_beyond_its_threshold_and_only_once():
     assert monitor.observe_gold(1, 0.25) is None  # a drop of exactly 0.25
     alarm = monitor.observe_gold(2, 0.125)
     assert (alarm.step, alarm.kl, alarm.signal, alarm.value, alarm.threshold) == (2, 0.0, "gold_drop", 0.375, 0.25)
+    assert alarm.action == "warn"
     assert monitor.logs()["monitor/alarm"] == 1.0 and monitor.logs()["monitor/score"] == 0.125
     assert monitor.observe_gold(3, -1.0) is None and monitor.alarm is alarm
     # the best so far is the reference: a rise then a fall from the new best
@@ -379,7 +413,7 @@ def gold_at(step: int) -> float | None:
 
 
 def drive(monitor: Monitor, runs, resumed_at: int | None = None, states: dict | None = None) -> list[dict[str, float]]:
-    """A trainer: gold before the step's batch (its eval), a checkpoint every 6 steps (its state in `states`),
+    """A trainer: gold before the step's batch (its eval), a checkpoint every 5 steps (its state in `states`),
     adapt_kl when the alarm fires. Resumed at a step, that step's gold and checkpoint are in the loaded state."""
     logs = []
     for step, kl, batch in runs:
@@ -388,7 +422,7 @@ def drive(monitor: Monitor, runs, resumed_at: int | None = None, states: dict | 
         redo = step == resumed_at
         if gold_at(step) is not None and not redo and monitor.observe_gold(step, gold_at(step)) is not None:
             monitor.scale_kl(step)
-        if step % 6 == 0 and not redo:
+        if step % 5 == 0 and not redo:
             monitor.note_checkpoint(step)
             if states is not None:
                 states[step] = json.loads(json.dumps(monitor.state_dict(before_step=step)))  # as written to disk
@@ -420,9 +454,12 @@ def test_resume_from_each_checkpoint_continues_the_stream_identically(reference_
         drive(resumed, runs[:3])  # whatever it held before is replaced
         resumed.load_state_dict(state)
         assert resumed.kl_scale == whole.kl_scale ** (whole.alarm.step < cut), cut
+        assert resumed.logs()["monitor/kl_scale"] == resumed.kl_scale, cut
         assert drive(resumed, runs, resumed_at=cut) == whole_logs[cut:], cut
         assert snapshot(resumed) == snapshot(whole), cut
-    assert set(whole.checkpoints) == {0, 6, 12, 18} and whole.best_checkpoint() in whole.checkpoints
+    assert set(whole.checkpoints) == {0, 5, 10, 15, 20} and whole.best_checkpoint() in whole.checkpoints
+    if reference_steps == 1:
+        assert whole.alarm.step in states  # a checkpoint of the step that scaled the KL: that step redoes it
 
 
 def test_state_dict_of_everything_reloads_to_the_same_monitor():
@@ -434,6 +471,28 @@ def test_state_dict_of_everything_reloads_to_the_same_monitor():
     again = Monitor(config)
     again.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert snapshot(again) == snapshot(monitor) and again.logs() == monitor.logs()
+    told = Monitor(MonitorConfig(), has_gold=True)  # gold fed without a gold config (a replay of logged gold)
+    told.load_state_dict(monitor.state_dict())
+    assert tuple(told.logs()) == monitor_keys(True)
+
+
+def test_streaks_of_the_last_reference_step_survive_a_resume():
+    config = MonitorConfig(reference_steps=2, window=1, patience=2, thresholds={"divergence": -0.5, "disagreement_rise": None})
+    runs = list(training(4))
+    whole = Monitor(config)
+    fired = [whole.observe(step, kl, batch) is not None for step, kl, batch in runs]
+    assert fired == [False, False, True, False]  # over from step 1, the last reference step
+    resumed = Monitor(config)
+    resumed.load_state_dict(whole.state_dict(before_step=2))
+    assert resumed.streaks["divergence"] == 1 and resumed.observe(*runs[2]) == whole.alarm
+
+
+def test_a_hand_edited_state_with_a_flat_reference_is_refused():
+    state = {"series": {"steps": [4], "kl": [0.0], "disagreement": [0.0], "proxy": [0.0], "gold_steps": [], "gold": []},
+             "reference": [{"step": 4, "scores": [[1.0, 1.0], [0.0, 2.0]], "proxy": [0.0, 1.0], "names": ["a", "b"]}],
+             "kl_scalings": [], "checkpoints": {}}
+    assert refusal(lambda: Monitor(MonitorConfig()).load_state_dict(state)).startswith(
+        "step 4: member(s) a gave every reference sample the same score")
 
 
 def records_of(monitor: Monitor) -> list[dict[str, float]]:
