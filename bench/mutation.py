@@ -51,7 +51,8 @@ TESTS_FOR = {
                                    "tests/test_vrcli_tokenization.py"],
     "reward_plugins/monitor.py": ["tests/test_monitor.py", "tests/test_monitor_maths.py"],
     "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py", "tests/test_wire_faults.py"],
-    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_serve.py", "tests/test_wire_faults.py"],
+    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_server_protocol_values.py",
+                                        "tests/test_serve.py", "tests/test_wire_faults.py"],
     "reward_plugins/placement.py": ["tests/test_placement.py", "tests/test_placement_config.py"],
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
