@@ -61,6 +61,11 @@ def test_response_found_after_exactly_min_overlap_characters_and_not_fewer():
     assert str(error.value) == (
         f"the query does not start with the prompt (query begins {(tail[1:] + 'ANSWER')[:40]!r}, prompt begins "
         f"{prompt[:40]!r}); cannot tell the response apart")
+    long_query, long_prompt = "q" * 30 + "Q" * 30, "p" * 30 + "P" * 30
+    with pytest.raises(ValueError) as error:
+        derive_response(long_query, long_prompt)
+    assert str(error.value) == (f"the query does not start with the prompt (query begins {'q' * 30 + 'Q' * 10!r}, "
+                                f"prompt begins {'p' * 30 + 'P' * 10!r}); cannot tell the response apart")
     assert longest_prompt_overlap("", "abc") == 0 and longest_prompt_overlap("abc", "") == 0
     assert longest_prompt_overlap("xabab", "ababz") == 4 and longest_prompt_overlap("aaa", "aaaa") == 3
 
@@ -115,8 +120,9 @@ def test_penalised_keeps_the_error_and_counts_it():
     settled = ErrorPolicy("penalty", -2).penalised(failed)
     assert settled == Outcome(-2.0, {"reward/mean": -2.0, "reward/errors": 1.0, "rm/score": 0.0}, SampleError("plugin_error"))
     assert isinstance(settled.reward, float)
-    with pytest.raises(AssertionError):
-        ErrorPolicy("raise").penalised(failed)
+    for policy in (ErrorPolicy("raise"), ErrorPolicy("raise", 2.0)):
+        with pytest.raises(AssertionError):
+            policy.penalised(failed)
 
 
 # ---------------------------------------------------------------- the scorer's side
@@ -128,13 +134,17 @@ def scripted(scorer, results, rewards, extra_keys=()):
     scorer.pipeline.score = lambda samples: ScoredBatch(list(results), list(rewards), {}, keys)
 
 
-def test_scorer_codes_each_failed_sample_and_keeps_the_others():
+def test_scorer_codes_each_failed_sample_and_keeps_the_others(caplog):
     scorer = chars_scorer()
     results = [RewardResult.ok(1.0, {"c": 0.5}), RewardResult.failed("boom", {"c": 0.25}), RewardResult.skipped("long"),
                RewardResult.ok(1.0, {"c": 1e39}), RewardResult.ok(2.0, {"c": 1.0})]
     rewards = [1.0, None, None, 1.0, 1e39]
     scripted(scorer, results, rewards, ["reward/c"])
-    out = scorer.score([Sample("p", "r")] * 5)
+    with caplog.at_level(logging.WARNING, logger="openrlhf_ext.server_protocol"):
+        out = scorer.score([Sample("p", "r")] * 5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample 3: not finite in float32: reward 1.0, logs reward/c",
+        "sample 4: not finite in float32: reward 1e+39, logs reward/mean"]
     assert out[0] == Outcome(1.0, {"reward/mean": 1.0, "reward/errors": 0.0, "reward/skipped": 0.0, "reward/c": 0.5})
     assert out[1] == Outcome(None, {"reward/mean": 0.0, "reward/errors": 1.0, "reward/skipped": 0.0, "reward/c": 0.25},
                              SampleError("plugin_error", "boom"))
@@ -146,6 +156,13 @@ def test_scorer_codes_each_failed_sample_and_keeps_the_others():
         "non_finite", "not finite in float32: reward 1e+39, logs reward/mean"))
     scripted(scorer, [RewardResult.failed("")], [None])
     assert scorer.score([Sample("p", "r")])[0].error == SampleError("plugin_error", "plugin_error")
+    scripted(scorer, [RewardResult.failed("bad", {"c": 1e39, "d": 2.0})], [None], ["reward/c", "reward/d"])
+    assert scorer.score([Sample("p", "r")])[0].logs == {"reward/mean": 0.0, "reward/errors": 1.0, "reward/skipped": 0.0,
+                                                       "reward/c": 0.0, "reward/d": 2.0}  # unsendable numbers: 0
+    scripted(scorer, [RewardResult.ok(1.0, {"c": 1e39, "d": -1e39})], [1.0], ["reward/c", "reward/d"])
+    assert scorer.score([Sample("p", "r")])[0].error.message == "not finite in float32: reward 1.0, logs reward/c, reward/d"
+    scripted(scorer, [RewardResult.ok(1.0)], [None])
+    assert scorer.score([Sample("p", "r")])[0].error.message == "not finite in float32: reward None, logs finite"
     scripted(scorer, [RewardResult.ok(float("nan"))], [float("nan")])
     assert scorer.score([Sample("p", "r")])[0].error.code == "plugin_error"  # RewardResult.ok already refused NaN
 
@@ -164,9 +181,11 @@ def test_scorer_turns_a_failed_batch_into_retryable_codes(caplog):
     with caplog.at_level(logging.WARNING):
         assert scorer.score([Sample("p", "a"), Sample("p", "b")]) == [Outcome(None, logs, SampleError("unavailable", "no replica"))] * 2
     scorer.pipeline.score = broken
-    assert scorer.score([Sample("p", "a")]) == [Outcome(None, logs, SampleError("internal", "KeyError: 'x'"))]
+    with caplog.at_level(logging.WARNING):
+        assert scorer.score([Sample("p", "a")]) == [Outcome(None, logs, SampleError("internal", "KeyError: 'x'"))]
     assert scorer.score([]) == []
-    assert "unavailable for a batch of 2: no replica" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == ["reward pipeline unavailable for a batch of 2: no replica",
+                                                        "reward pipeline failed on a batch of 1: KeyError: 'x'"]
 
 
 def test_scorer_announces_the_pipelines_policy_and_scores_with_skip():
@@ -176,26 +195,39 @@ def test_scorer_announces_the_pipelines_policy_and_scores_with_skip():
     assert chars_scorer(on_error="raise", error_penalty=None).policy == ErrorPolicy("raise")
 
 
-def test_prepare_caps_the_sample_size_inclusively_and_fails_only_that_sample():
+def test_prepare_caps_the_sample_size_inclusively_and_fails_only_that_sample(caplog):
     scorer = chars_scorer()
-    outcomes, samples, positions = scorer.prepare(["ab" + "x" * 8, "ab" + "y" * 9, "zz"], ["ab", "ab", "ab"], [1, 2, 3],
-                                                  max_sample_chars=12)
+    with caplog.at_level(logging.WARNING, logger="openrlhf_ext.server_protocol"):
+        outcomes, samples, positions = scorer.prepare(["ab" + "x" * 8, "ab" + "y" * 9, "zz"], ["ab", "ab", "ab"],
+                                                      [1, 2, 3], max_sample_chars=12)
+    unfound = ("the query does not start with the prompt (query begins 'zz', prompt begins 'ab'); "
+               "cannot tell the response apart")
+    assert [r.getMessage() for r in caplog.records] == [
+        "sample 1: sample of 13 characters (query + prompt) is over the 12 cap", f"sample 2: {unfound}"]
     assert positions == [0] and samples == [Sample("ab", "x" * 8, "ab" + "x" * 8, 1)]
     assert outcomes[0] is None
     assert outcomes[1].error == SampleError("too_large", "sample of 13 characters (query + prompt) is over the 12 cap")
-    assert outcomes[2].error.code == "no_response" and outcomes[2].logs["reward/errors"] == 1.0
+    assert outcomes[2].error == SampleError("no_response", unfound) and outcomes[2].logs["reward/errors"] == 1.0
     outcomes, samples, positions = scorer.prepare(["q1", "q2"], None, None)
     assert outcomes == [None, None] and positions == [0, 1] and samples == [Sample("", "q1", "q1"), Sample("", "q2", "q2")]
     outcomes, samples, positions = scorer.prepare(["q1", "q2"], ["q"], None)
     assert samples == [] and positions == [] and outcomes == [Outcome(None, FAILED_LOGS, SampleError("internal", "query, prompts and labels differ in length (2, 1, 2)"))] * 2
-    assert scorer.prepare(["q"], ["q"], [1, 2])[0][0].error.message == (
-        "query, prompts and labels differ in length (1, 1, 2)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="openrlhf_ext.server_protocol"):
+        assert scorer.prepare(["q"], ["q"], [1, 2])[0][0].error.message == (
+            "query, prompts and labels differ in length (1, 1, 2)")
+    assert [r.getMessage() for r in caplog.records] == ["query, prompts and labels differ in length (1, 1, 2)"]
 
 
 def test_score_raw_puts_each_outcome_at_its_query():
     scorer = chars_scorer()
     out = scorer.score_raw(["Pabc", "nope", "Pabcdefg"], ["P", "Q", "P"], None)
     assert [o.reward for o in out] == [-3.0, None, -7.0] and out[1].error.code == "no_response"
+    seen = []
+    score = scorer.pipeline.score
+    scorer.pipeline.score = lambda samples: seen.extend(samples) or score(samples)
+    scorer.score_raw(["Pa", "Pb"], ["P", "P"], [{"id": 1}, "two"])
+    assert [s.label for s in seen] == [{"id": 1}, "two"]
 
 
 # ---------------------------------------------------------------- the answer on the wire
@@ -230,6 +262,8 @@ def test_read_answer_values_and_refusals_word_for_word():
         "answer's 'extra_logs' is not an object (got dict)")
     assert refused(lambda: read_answer({"rewards": 1.0, "extra_logs": {"a": 1.0}}, 1, ["b", "c"])) == (
         "answer's 'extra_logs' keys differ from the declared ones (2 missing, 1 unknown)")
+    assert refused(lambda: read_answer({"rewards": 1.0, "extra_logs": {"b": 1.0}}, 1, ["b", "c"])) == (
+        "answer's 'extra_logs' keys differ from the declared ones (1 missing, 0 unknown)")
     assert refused(lambda: read_answer({"rewards": 1.0, "extra_logs": {"c": 1.0, "b": 1.0}}, 1, ["b", "c"])) == (
         "answer's 'extra_logs' keys differ from the declared ones (0 missing, 0 unknown, other order)")
     assert refused(lambda: read_answer({"rewards": [1.0, 2.0], "extra_logs": {"a": [1.0]}}, 2, None)) == (
