@@ -114,6 +114,7 @@ def test_choose_rotates_from_start_and_skips_what_is_aside():
     assert book.choose(URLS, 1, 100.0, {URLS[2]: 101.0}).url == URLS[0]
     book.state(URLS[0]).probing = True
     assert book.choose(URLS, 1, 100.0, {URLS[2]: 101.0}) is None
+    assert ServerBook().choose(URLS, 0, 0.5, {}).url == URLS[0]  # no entry to avoid: free at any clock reading
 
 
 def test_wake_at_is_the_earliest_time_any_server_may_be_tried():
@@ -126,6 +127,9 @@ def test_wake_at_is_the_earliest_time_any_server_may_be_tried():
     assert book.wake_at(URLS, 100.0, {}) == 100.0  # c is free now
     book.state(URLS[2]).probing = True
     assert book.wake_at(URLS, 100.0, {}) == pytest.approx(100.2)  # c is being probed: look again shortly
+    book.state(URLS[2]).blocked_until = 100.0
+    assert book.wake_at(URLS, 100.0, {}) == pytest.approx(100.2)  # its block ends now, but the probe is in flight
+    assert ServerBook().wake_at(URLS, 0.25, {}) == 0.25  # nothing aside: now, at any clock reading
 
 
 @pytest.fixture
