@@ -25,7 +25,8 @@ test: $(STAMP)
 # Mutation score of the core modules with mutmut (bench/mutation.py); minutes to hours, never part of `make test`.
 # Each entry is MODULE[:FUNC,...][=TEST,...]; e.g. make mutation MUTATION_MODULES=evaluation/bon.py
 MUTATION_MODULES ?= reward_plugins/config_loader.py evaluation/bon.py reward_plugins/ensemble.py trl_ext/ppo.py \
-	reward_plugins/vrcli/scoring.py reward_plugins/vrcli/plan.py openrlhf_ext/reward_client.py openrlhf_ext/server_protocol.py reward_plugins/placement.py
+	reward_plugins/vrcli/scoring.py reward_plugins/vrcli/plan.py openrlhf_ext/reward_client.py openrlhf_ext/server_protocol.py reward_plugins/placement.py \
+	reward_plugins/monitor.py
 mutation: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/mutation.py $(MUTATION_MODULES)
 

@@ -49,9 +49,11 @@ TESTS_FOR = {
     "reward_plugins/vrcli/plugin.py": ["tests/test_vrcli_plugin.py", "tests/test_vrcli_numbers.py"],
     "reward_plugins/logprobs.py": ["tests/test_vrcli_numbers.py", "tests/test_vrcli_plugin.py",
                                    "tests/test_vrcli_tokenization.py"],
-    "reward_plugins/monitor.py": ["tests/test_monitor.py"],
-    "openrlhf_ext/reward_client.py": ["tests/test_reward_client.py", "tests/test_wire_faults.py"],
-    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_serve.py", "tests/test_wire_faults.py"],
+    "reward_plugins/monitor.py": ["tests/test_monitor.py", "tests/test_monitor_maths.py"],
+    "openrlhf_ext/reward_client.py": ["tests/test_reward_client_values.py", "tests/test_reward_client.py",
+                                      "tests/test_wire_faults.py"],
+    "openrlhf_ext/server_protocol.py": ["tests/test_server_protocol.py", "tests/test_server_protocol_values.py",
+                                        "tests/test_serve.py", "tests/test_wire_faults.py"],
     "reward_plugins/placement.py": ["tests/test_placement.py", "tests/test_placement_config.py"],
 }
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}

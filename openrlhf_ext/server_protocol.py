@@ -86,7 +86,7 @@ def longest_prompt_overlap(prompt: str, query: str) -> int:
         if text[i] == text[k]:
             k += 1
         fail[i] = k
-    return fail[-1] if text else 0
+    return fail[-1]  # text holds at least the separator
 
 
 def derive_response(query: str, prompt: str) -> str:

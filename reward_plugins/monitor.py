@@ -129,8 +129,8 @@ def member_reference(batches: Sequence[ArrayLike]) -> tuple[np.ndarray, np.ndarr
 
 def disagreement(member_scores: ArrayLike, means: ArrayLike, stds: ArrayLike) -> float:
     """Mean over samples of the std across members of the member scores standardised by (means, stds)."""
-    scores = np.asarray(member_scores, dtype=np.float64)
-    z = (scores - np.asarray(means, dtype=np.float64)[:, None]) / np.asarray(stds, dtype=np.float64)[:, None]
+    scores = np.asarray(member_scores, dtype=np.float64)  # float64 whatever the rest: numpy promotes them to it
+    z = (scores - np.asarray(means)[:, None]) / np.asarray(stds)[:, None]
     return float(z.std(axis=0).mean())
 
 
@@ -146,10 +146,10 @@ def slope(x: ArrayLike, y: ArrayLike) -> float:
 
 def per_kl(steps: ArrayLike, kl: ArrayLike, values: ArrayLike, min_kl_rise: float) -> float:
     """Slope of `values` against KL over a window: the ratio of both least-squares slopes against the step (one
-    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window."""
-    steps = np.asarray(steps, dtype=np.float64)
+    batch's KL is too noisy to regress on); 0 while the fitted KL rose less than `min_kl_rise` over the window, or
+    did not rise at all (no slope per nat, even with `min_kl_rise` 0)."""
     kl_slope = slope(steps, kl)
-    if kl_slope * (steps[-1] - steps[0]) < min_kl_rise:
+    if kl_slope <= 0 or kl_slope * (float(steps[-1]) - float(steps[0])) < min_kl_rise:
         return 0.0
     return slope(steps, values) / kl_slope
 
@@ -187,8 +187,8 @@ def member_batch(results: Sequence[RewardResult], proxy: Sequence[float | None],
     member and a proxy reward; errored and skipped samples are left out (the pipeline counts them)."""
     columns = [i for i, (r, p) in enumerate(zip(results, proxy, strict=True))
                if p is not None and r.status is Status.OK and all(k in r.components for k in keys)]
-    scores = np.array([[results[i].components[k] for i in columns] for k in keys], dtype=np.float64).reshape(len(keys), -1)
-    return MemberBatch(scores, np.array([proxy[i] for i in columns], dtype=np.float64), tuple(keys))
+    scores = [[results[i].components[k] for i in columns] for k in keys]  # (k, 0) when no sample is left
+    return MemberBatch(scores, [proxy[i] for i in columns], tuple(keys))
 
 
 def member_keys(component_keys: Sequence[str], groups: Sequence[Sequence[str]], source: str) -> tuple[str, ...]:
@@ -267,20 +267,24 @@ class Monitor:
             raise MonitorError(f"step {step}: the KL to the initial policy is {kl}; the monitor needs it every step")
         if batch.scores.shape[1] == 0:
             raise MonitorError(f"step {step}: no sample had every member score and a proxy reward")
-        if len(self._reference) < self.config.reference_steps:
+        if len(self._reference) < self.config.reference_steps:  # provisional values until the reference is complete
             self._reference.append(batch)
             self._fix_reference(step)
-            if len(self._reference) < self.config.reference_steps:  # provisional values until the reference is complete
-                return self.observe_signals(step, kl, *self._signals_of(batch), provisional=True)
-            return self._rewrite_reference(step, kl, batch)
+            if len(self._reference) == self.config.reference_steps:
+                return self._rewrite_reference(step, kl, batch)
         return self.observe_signals(step, kl, *self._signals_of(batch))
 
     def _fix_reference(self, step: int) -> None:
+        """Each member's and the proxy's location and scale over the reference steps so far. A flat one is refused
+        once the reference is complete; before, its scale is provisionally 1 (its standardised scores are 0 anyway)."""
         self.means, self.stds = member_reference([b.scores for b in self._reference])
         proxy = np.concatenate([b.proxy for b in self._reference])
         self.proxy_mean, self.proxy_std = float(proxy.mean()), float(proxy.std())
         flat = [name for name, std in zip(self._reference[0].names, self.stds) if not std > 0]
-        if flat or not self.proxy_std > 0:
+        if len(self._reference) < self.config.reference_steps:
+            self.stds = np.where(self.stds > 0, self.stds, 1.0)
+            self.proxy_std = self.proxy_std if self.proxy_std > 0 else 1.0
+        elif flat or not self.proxy_std > 0:
             what = f"member(s) {', '.join(flat)}" if flat else "the proxy reward"
             raise MonitorError(f"step {step}: {what} gave every reference sample the same score, so there is no scale "
                                "to standardise by; raise monitor.reference_steps or the batch size")
@@ -298,9 +302,9 @@ class Monitor:
         self.reference_disagreement = float(np.mean([*self.series.disagreement[len(self.series.steps) - n:], d]))
         return self.observe_signals(step, kl, d, p)
 
-    def observe_signals(self, step: int, kl: float, disagreement_value: float, proxy_value: float,
-                        provisional: bool = False) -> Alarm | None:
-        """One step from precomputed values (online after `observe`, or replaying a logged run)."""
+    def observe_signals(self, step: int, kl: float, disagreement_value: float, proxy_value: float) -> Alarm | None:
+        """One step from precomputed values (online after `observe`, or replaying a logged run); no streak counts
+        before the reference steps are complete."""
         s = self.series
         if s.steps and step <= s.steps[-1]:
             raise MonitorError(f"step {step} comes after step {s.steps[-1]}; steps must increase")
@@ -311,7 +315,7 @@ class Monitor:
         if len(s.steps) == self.config.reference_steps and not self._reference:  # replay: the reference from the series
             self.reference_disagreement = float(np.mean(s.disagreement))
         values = self.signal_values()
-        if provisional or len(s.steps) < self.config.reference_steps:
+        if len(s.steps) < self.config.reference_steps:
             return None
         fired = self._update_streaks(values)
         return self._fire(step, fired, values) if fired else None
@@ -350,7 +354,7 @@ class Monitor:
             "kl": s.kl[-1] if s.kl else 0.0, "disagreement": d,
             "disagreement_rise": float(np.mean(s.disagreement[-w:])) - self.reference_disagreement if s.steps else 0.0,
             "trend": trend, "proxy": s.proxy[-1] if s.proxy else 0.0, "proxy_trend": proxy_trend,
-            "divergence": weight * trend - proxy_trend if full else 0.0, "score": score,
+            "divergence": weight * trend - proxy_trend, "score": score,
             "alarm": float(self.alarm is not None), "kl_scale": self.kl_scale,
         }
         self._last.update({PREFIX + key: float(value) for key, value in values.items()})
@@ -436,16 +440,14 @@ class Monitor:
             self._reference = reference
             self._fix_reference(int(state["reference"][-1]["step"]))
         series = state["series"]
-        done = len(reference) >= self.config.reference_steps
-        if done:
-            n = self.config.reference_steps
+        n = self.config.reference_steps
+        if len(reference) >= n:
             self.reference_disagreement = float(np.mean(series["disagreement"][:n]))
         gold = list(zip(series["gold_steps"], series["gold"]))
         for i, step in enumerate(series["steps"]):
             while gold and gold[0][0] <= step:
                 self.observe_gold(*gold.pop(0))
-            provisional = not done and i < len(reference)
-            self.observe_signals(step, series["kl"][i], series["disagreement"][i], series["proxy"][i], provisional)
+            self.observe_signals(step, series["kl"][i], series["disagreement"][i], series["proxy"][i])
         for step, value in gold:
             self.observe_gold(step, value)
         self.kl_scalings = [int(step) for step in state["kl_scalings"]]
