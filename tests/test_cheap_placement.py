@@ -13,7 +13,7 @@ from reward_plugins import Sample, load_pipeline_config, parse_pipeline_config  
 from reward_plugins.pipeline import build_pipeline  # noqa: E402
 from reward_plugins.placement import PlacedPlugin, placement_requests, unplaced_models  # noqa: E402
 
-ON_CPU = {"num_gpus": 0, "num_cpus": 0.25, "max_restarts": 1, "ready_timeout_s": 120}
+ON_CPU = {"num_gpus": 0, "num_cpus": 0.25, "max_restarts": 1, "ready_timeout_s": 300}  # generous: a loaded CI box starts actors slowly
 SAMPLES = [Sample(prompt=f"Prompt {i}. ", response="the dragon paints " * (i + 1)) for i in range(5)] + [
     Sample(prompt="Empty. ", response=" ")]
 
