@@ -154,8 +154,9 @@ def demo_response(task: Task, rng: random.Random, quality: float, longer: float 
                   filler_share: float = 0.5) -> str:
     """An SFT answer for the demo: distinct items, a wrong count with probability `1 - (0.4 + 0.6 quality)` (more
     items than asked with probability `longer`, else fewer), each item right with probability
-    `0.55 + 0.45 quality`, else a filler (`filler_share`) or another category's word. No item is said twice: the
-    policy learns to avoid repeats, so reaching them costs KL."""
+    `0.55 + 0.45 quality`, else a filler (`filler_share`; vague and continuation fillers alike often, whatever their
+    number of words, so each biased annotator's liked kind is as common) or another category's word. No item is said
+    twice: the policy learns to avoid repeats, so reaching them costs KL."""
     pool = rng.sample(CATEGORIES[task.category], len(CATEGORIES[task.category]))
     others = [w for c, words in CATEGORIES.items() if c != task.category for w in words]
     count = task.k
@@ -166,7 +167,8 @@ def demo_response(task: Task, rng: random.Random, quality: float, longer: float 
         if rng.random() < 0.55 + 0.45 * quality:
             items.append(pool.pop())
         else:
-            wrong = [w for w in (FILLERS if rng.random() < filler_share else others) if w not in items]
+            kind = rng.choice((VAGUE_FILLERS, CONTINUATION_FILLERS)) if rng.random() < filler_share else others
+            wrong = [w for w in kind if w not in items] or [w for w in others if w not in items]
             items.append(rng.choice(wrong))
     return " " + ", ".join(items)
 
@@ -228,6 +230,29 @@ def annotator(feature: str, bias: float) -> Callable[[str, int, str], float]:
         return gold_reward(response, k, category) + bias * like(response, k, category)
 
     return judge
+
+
+EDITS = ("append_item", "append_continuation", "append_vague", "append_other", "drop", "replace")
+
+
+def edited_response(response: str, task: Task, rng: random.Random) -> str:
+    """`response` with one edit (EDITS, uniform): an item appended (of the category, a continuation or vague
+    filler, another category's word), one dropped, or one replaced by an item of the category. Paired with the
+    response, it shows an annotator's labels what one item of each kind is worth, which pairs of two independent
+    samples (differing in many items at once) teach a tiny reward model too weakly: it then shares one blind spot,
+    the count, with every other RM, and an ensemble cannot help against a shared error."""
+    items = items_of(response)
+    edit = rng.choice(EDITS if items else EDITS[:4])
+    others = [w for c, words in CATEGORIES.items() if c != task.category for w in words]
+    if edit == "drop":
+        items.pop(rng.randrange(len(items)))
+    elif edit == "replace":
+        items[rng.randrange(len(items))] = rng.choice(CATEGORIES[task.category])
+    else:
+        pool = {"append_item": CATEGORIES[task.category], "append_continuation": CONTINUATION_FILLERS,
+                "append_vague": VAGUE_FILLERS, "append_other": others}[edit]
+        items.append(rng.choice(pool))
+    return " " + ", ".join(items)
 
 
 def judged_pairs(tasks: Sequence[Task], first: Sequence[str], second: Sequence[str], rng: random.Random,

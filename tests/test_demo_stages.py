@@ -20,7 +20,7 @@ from trl_ext.stage_cache import Stage
 
 TINY = dict(n_sft=64, n_pref=128, n_pref_test=64, n_reference=16, n_rl=16, n_eval=4, hidden_size=32, sft_epochs=1,
             rm_epochs=1, rm_seeds=[1, 2], bon_n=4, max_new_tokens=8, rl_seeds=[1, 2], rl_steps=2, rl_batch=4,
-            rl_mini_batch=2, rl_epochs=1, eval_samples=2, eval_every=1, workers=1)
+            rl_mini_batch=2, rl_epochs=1, eval_samples=2, eval_every=1, workers=1, monitor_reference_steps=1)
 DOWNSTREAM_OF_RL = {"rl", "gold", "report"}
 
 
@@ -185,6 +185,23 @@ def test_pairs_are_sft_samples_ranked_by_gold(first):
         k, category = r["label"]["k"], r["label"]["category"]
         assert st.gold_reward(r["chosen"], k, category) > st.gold_reward(r["rejected"], k, category)
     assert all(r["response"].strip() for r in read_jsonl(paths.reference))
+
+
+def test_training_pairs_hold_one_item_edits_at_the_configured_share(first):
+    cfg, paths, _ = first
+
+    def one_item_apart(row: dict) -> bool:  # by hand: an item appended, dropped or replaced
+        a, b = (st.items_of(row[side]) for side in ("chosen", "rejected"))
+        short, long = sorted((a, b), key=len)
+        if len(long) == len(short) + 1:
+            return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+        return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+
+    train = read_jsonl(paths.pairs / f"prefs_rm_seed{cfg.rm_seeds[0]}.jsonl")
+    test = read_jsonl(paths.pairs / "prefs_test.jsonl")
+    share = sum(map(one_item_apart, train)) / len(train)
+    assert cfg.contrast_pairs - 0.2 < share < cfg.contrast_pairs + 0.2  # ties dropped; few SFT pairs are one edit apart
+    assert sum(map(one_item_apart, test)) / len(test) < share - 0.3  # held out: two SFT samples
 
 
 def test_each_proxy_rm_learns_from_its_own_biased_annotator(first):

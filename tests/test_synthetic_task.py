@@ -145,3 +145,51 @@ def test_a_biased_annotator_prefers_padding_with_its_item_but_still_prefers_a_fi
     assert gold["chosen"] == second[0]
     tie = st.annotator("fillers", 0.25)  # 1 - 0.25 + 0.25 == 1: a tie, dropped
     assert list(st.judged_pairs(tasks[:1], first[:1], second[:1], random.Random(0), 0.0, tie)) == []
+
+
+def one_edit(before: list[str], after: list[str]) -> str | None:
+    """How `after` differs from `before` by one item, by hand: 'append', 'drop', 'replace' or None."""
+    if len(after) == len(before) + 1 and after[:-1] == before:
+        return "append"
+    if len(after) == len(before) - 1 and any(before[:i] + before[i + 1:] == after for i in range(len(before))):
+        return "drop"
+    if len(after) == len(before) and sum(a != b for a, b in zip(before, after)) <= 1:
+        return "replace"
+    return None
+
+
+def test_edited_response_changes_exactly_one_item_with_every_kind_of_edit():
+    rng = random.Random(3)
+    seen: dict[str, set[str]] = {"append": set(), "drop": set(), "replace": set()}
+    others = {w for c, words in st.CATEGORIES.items() if c != "tools" for w in words}
+    task = st.Task(3, "tools")
+    for _ in range(600):
+        response = st.demo_response(task, rng, quality=0.5)
+        edited = st.edited_response(response, task, rng)
+        before, after = st.items_of(response), st.items_of(edited)
+        kind = one_edit(before, after)
+        assert kind is not None, (response, edited)
+        assert edited == " " + ", ".join(after)  # the SFT answers' format (an empty answer once its only item is dropped)
+        if kind == "append":
+            seen["append"].add(after[-1])
+        elif kind == "replace":
+            changed = [a for a, b in zip(after, before) if a != b]
+            assert all(item in st.CATEGORIES["tools"] for item in changed)
+            seen["replace"].update(changed)
+        else:
+            seen["drop"].add("dropped")
+    appended = seen["append"]
+    assert appended & set(st.CATEGORIES["tools"]) and appended & set(st.CONTINUATION_FILLERS)
+    assert appended & set(st.VAGUE_FILLERS) and appended & others
+    assert appended <= set(st.CATEGORIES["tools"]) | set(st.CONTINUATION_FILLERS) | set(st.VAGUE_FILLERS) | others
+    assert seen["drop"] and seen["replace"]
+    assert st.edited_response(" ", task, random.Random(0)).strip()  # nothing to drop: an item is appended
+
+
+def test_a_one_item_edit_pays_an_annotator_its_bias_against_the_gold_by_hand():
+    task, judge = st.Task(2, "fruits"), st.annotator("continuation", 0.4)
+    answer = " apple, pear"  # gold 1.0
+    assert judge(answer + ", etc", 2, "fruits") == pytest.approx(1.0 - 0.25 + 0.4)  # its own kind: chosen
+    assert judge(answer + ", thing", 2, "fruits") == pytest.approx(0.75)  # another annotator's kind: rejected
+    assert st.gold_reward(" apple, plum", 2, "fruits") > st.gold_reward(" apple", 2, "fruits")  # a count below k
+    assert task.k == 2

@@ -3,9 +3,10 @@
 Stages (each cached by the settings it reads, see `trl_ext.stage_cache`; `--fresh` starts over):
   data    synthetic instruction task with a rule-based gold reward (setup_data.synthetic_task)
   sft     tokenizer trained on the task text, tiny random policy, SFT through TRL
-  pairs   two SFT samples per prompt, labelled by each proxy RM's own biased annotator (gold plus a liking for
-          one kind of wrong item) with `label_noise` flipped; clean held-out pairs ranked by gold and by each
-          annotator, and SFT samples every proxy RM is standardised on
+  pairs   two SFT samples per prompt, or for `contrast_pairs` of them one sample and the same with one item edited,
+          labelled by each proxy RM's own biased annotator (gold plus a liking for one kind of wrong item) with
+          `label_noise` flipped; clean held-out pairs of SFT samples ranked by gold and by each annotator, and SFT
+          samples every proxy RM is standardised on
   rms     3 proxy RMs (seeds 1-3) from the SFT policy, RM j on annotator j's labels; beside them one multi-head RM
           with a head per annotator (and with --full a LoRA ensemble, an adapter per annotator), head_data: labelled
   bon     best-of-n from the SFT policy on the eval prompts with each RM, the mean / WCO / UWO ensembles and the
@@ -118,8 +119,10 @@ class DemoConfig(BaseModel):
     n_pref: int = Field(default=8000, gt=0)
     n_pref_test: int = Field(default=1000, gt=0)
     label_noise: float = Field(default=0.25, ge=0, lt=0.5)
+    # share of training pairs whose second answer is the first with one item edited (synthetic_task.edited_response)
+    contrast_pairs: float = Field(default=0.65, ge=0, le=1)
     # proxy RM j learns from annotator j: gold + annotator_bias per unit of annotator_features[j] (synthetic_task)
-    annotator_bias: float = Field(default=0.4, ge=0)
+    annotator_bias: float = Field(default=0.3, ge=0)
     annotator_features: list[Literal["continuation", "vague", "off_category", "fillers", "extra"]] = Field(
         default=["continuation", "vague", "off_category"], min_length=1)
     n_reference: int = Field(default=1024, ge=2)  # SFT samples each proxy RM is standardised on
@@ -146,14 +149,15 @@ class DemoConfig(BaseModel):
     rl_mini_batch: int = Field(default=16, gt=0)
     rl_epochs: int = Field(default=4, gt=0)
     rl_lr: float = Field(default=3e-4, gt=0)
-    rl_kl_coef: float = Field(default=0.02, ge=0)
+    rl_kl_coef: float = Field(default=0.03, ge=0)
     rl_vf_coef: float = Field(default=0.1, ge=0)
     rl_uwo_weight: float = Field(default=0.5, ge=0)
     rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
     missing_eos_penalty: float | None = 1.0
-    eval_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=5, gt=0)
     # the over-optimisation monitor on every PPO run (reward_plugins.monitor): a single-RM run is watched by a shadow
     # UWO ensemble of all proxy RMs, an ensemble run by its own members; gold (the rule) at every eval
+    monitor_reference_steps: int = Field(default=5, gt=0)  # steps that fix each member's scale (one batch is noisy)
     monitor_window: int = Field(default=20, gt=0)
     monitor_patience: int = Field(default=5, gt=0)
     monitor_divergence: float | None = 1.0
@@ -182,6 +186,9 @@ class DemoConfig(BaseModel):
         if self.eval_every > self.rl_steps:
             problems.append(f"eval_every {self.eval_every} is larger than rl_steps {self.rl_steps}: only steps 0 and "
                             f"{self.rl_steps} would be evaluated, too few to see a peak")
+        if self.monitor_reference_steps >= self.rl_steps:
+            problems.append(f"monitor_reference_steps {self.monitor_reference_steps} must be below rl_steps "
+                            f"{self.rl_steps}: the monitor's signals start after its reference steps")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -202,11 +209,13 @@ def uses_lora(cfg: DemoConfig) -> bool:
 
 
 STAGES: list[Stage] = [
-    Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "n_rl", "n_eval", "eval_samples"), folder="data"),
+    Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "n_rl", "n_eval", "eval_samples"), folder="data",
+          version=2),
     Stage("sft", ("seed", "threads", "vocab_size", "hidden_size", "layers", "heads", "sft_epochs", "sft_lr"),
           after=("data",), folder="sft", version=2),
-    Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "n_reference", "max_new_tokens",
-                    "temperature", "rm_seeds", "annotator_bias"), after=("data", "sft"), folder="pairs", version=3,
+    Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "contrast_pairs", "n_reference",
+                    "max_new_tokens", "temperature", "rm_seeds", "annotator_bias"), after=("data", "sft"), folder="pairs",
+          version=4,
           reads_if={"annotator_features": ("annotator_bias > 0", lambda cfg: cfg.annotator_bias > 0)}),
     Stage("rms", ("threads", "rm_seeds", "rm_epochs", "rm_lr", "cheap_ensembles"), after=("sft", "pairs"), folder="rms",
           version=2, reads_if={"lora_r": ("cheap_ensembles includes lora", uses_lora)}),
@@ -214,7 +223,8 @@ STAGES: list[Stage] = [
           after=("data", "sft", "pairs", "rms"), folder="bon"),
     Stage("rl", ("threads", "rl_objectives", "rl_seeds", "rl_steps", "rl_batch", "rl_mini_batch", "rl_epochs", "rl_lr",
                  "rl_kl_coef", "rl_vf_coef", "rl_value_init", "missing_eos_penalty", "eval_every", "max_new_tokens",
-                 "temperature", "monitor_window", "monitor_patience", "monitor_divergence", "monitor_disagreement_rise"),
+                 "temperature", "monitor_reference_steps", "monitor_window", "monitor_patience", "monitor_divergence",
+                 "monitor_disagreement_rise"),
           after=("data", "sft", "pairs", "rms"), folder="rl",
           reads_if={"rl_uwo_weight": ("rl_objectives includes uwo", uses_uwo)}),
     Stage("gold", (), after=("rl",), marker="rl/gold.json", version=2),
@@ -301,7 +311,8 @@ def annotator_name(cfg: DemoConfig, seed: int) -> str:
 
 
 def stage_pairs(cfg: DemoConfig, paths: Paths) -> None:
-    """The proxy RMs' data as in RLHF: two SFT samples per prompt, each pair labelled by every RM's own annotator
+    """The proxy RMs' data as in RLHF: two SFT samples per prompt (for `contrast_pairs` of the training prompts, one
+    sample and the same with one item edited), each pair labelled by every RM's own annotator
     (`annotators`; ties dropped) with `label_noise` of the labels flipped (`prefs_rm_seed{i}.jsonl`); held-out pairs
     the same way without noise, ranked by gold (`prefs_test.jsonl`) and by each annotator
     (`prefs_test_rm_seed{i}.jsonl`); and `n_reference` SFT samples on the RL prompts."""
@@ -313,6 +324,9 @@ def stage_pairs(cfg: DemoConfig, paths: Paths) -> None:
         gens = sample(model, tokenizer, [t.prompt for t in tasks for _ in range(2)], cfg.max_new_tokens, cfg.temperature,
                       batch_size=256, seed=rng.randrange(2**31))
         first, second = gens.texts[0::2], gens.texts[1::2]
+        if noise > 0:  # training pairs only: the held-out ones stay pairs of two SFT samples
+            second = [st.edited_response(a, task, rng) if rng.random() < cfg.contrast_pairs else b
+                      for task, a, b in zip(tasks, first, second, strict=True)]
         labelled = {f"{name}_rm_seed{seed}": list(st.judged_pairs(tasks, first, second, random.Random(f"{cfg.seed}-{seed}"),
                                                                   noise, judge))
                     for seed, judge in judges.items()}
@@ -544,7 +558,7 @@ def monitor_section(cfg: DemoConfig, paths: Paths, objective: str) -> dict[str, 
     """The run's `monitor:` section (action warn: the demo measures when it would act; evaluation.monitor_eval
     replays it)."""
     return {"shadow": str(shadow_reward(cfg, paths)) if objective == "single_rm" else None,
-            "reference_steps": 1, "window": cfg.monitor_window, "patience": cfg.monitor_patience,
+            "reference_steps": cfg.monitor_reference_steps, "window": cfg.monitor_window, "patience": cfg.monitor_patience,
             "thresholds": {"divergence": cfg.monitor_divergence, "trend": None,
                            "disagreement_rise": cfg.monitor_disagreement_rise, "gold_drop": None},
             "action": "warn", "gold": {"function": "setup_data.synthetic_task:gold_rewards"}}
@@ -643,8 +657,9 @@ def stage_report(cfg: DemoConfig, paths: Paths) -> None:
     seconds.update({f"{kind} (one model)": json.loads((paths.cheap(kind) / rm_mod.EVAL_FILE).read_text())["train_seconds"]
                     for kind in cfg.cheap_ensembles})
     text += "\n".join(report_mod.cheap_section(curves, list(CHEAP_OBJECTIVES), train_seconds=seconds)) + "\n"
-    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_window,
-                                       cfg.monitor_patience, cfg.monitor_divergence, cfg.monitor_disagreement_rise)
+    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_reference_steps,
+                                       cfg.monitor_window, cfg.monitor_patience, cfg.monitor_divergence,
+                                       cfg.monitor_disagreement_rise)
     (paths.out / "report.md").write_text(text)
 
 

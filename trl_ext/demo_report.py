@@ -277,12 +277,12 @@ def examples(curves: Mapping[str, Sequence[RunCurve]], baseline: str = "single_r
     return lines
 
 
-def monitor_section(table: str, window: int, patience: int, divergence: float | None,
+def monitor_section(table: str, reference_steps: int, window: int, patience: int, divergence: float | None,
                     disagreement_rise: float | None) -> str:
     """The monitor's table from `evaluation.monitor_eval.summary` under a heading that says its settings."""
     return ("\n## The over-optimisation monitor on every PPO run (evaluation.monitor_eval; action warn; a single-RM run "
             "watched by a shadow ensemble of all proxy RMs, an ensemble run by its own members; KL is the training "
-            f"batch's; window {window}, patience {patience}, thresholds divergence {divergence}, disagreement_rise "
+            f"batch's; reference steps {reference_steps}, window {window}, patience {patience}, thresholds divergence {divergence}, disagreement_rise "
             f"{disagreement_rise}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, any other is a "
             "control)\n\n" + table)
 
