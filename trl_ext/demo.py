@@ -122,7 +122,7 @@ class DemoConfig(BaseModel):
     # share of training pairs whose second answer is the first with one item edited (synthetic_task.edited_response)
     contrast_pairs: float = Field(default=0.65, ge=0, le=1)
     # proxy RM j learns from annotator j: gold + annotator_bias per unit of annotator_features[j] (synthetic_task)
-    annotator_bias: float = Field(default=0.3, ge=0)
+    annotator_bias: float = Field(default=0.4, ge=0)
     annotator_features: list[Literal["continuation", "vague", "off_category", "fillers", "extra"]] = Field(
         default=["continuation", "vague", "off_category"], min_length=1)
     n_reference: int = Field(default=1024, ge=2)  # SFT samples each proxy RM is standardised on
@@ -149,7 +149,7 @@ class DemoConfig(BaseModel):
     rl_mini_batch: int = Field(default=16, gt=0)
     rl_epochs: int = Field(default=4, gt=0)
     rl_lr: float = Field(default=3e-4, gt=0)
-    rl_kl_coef: float = Field(default=0.03, ge=0)
+    rl_kl_coef: float = Field(default=0.05, ge=0)
     rl_vf_coef: float = Field(default=0.1, ge=0)
     rl_uwo_weight: float = Field(default=0.5, ge=0)
     rl_value_init: Literal["reward_model", "policy"] = "reward_model"  # reward_model: the run's first proxy RM
