@@ -193,3 +193,29 @@ def test_a_one_item_edit_pays_an_annotator_its_bias_against_the_gold_by_hand():
     assert judge(answer + ", thing", 2, "fruits") == pytest.approx(0.75)  # another annotator's kind: rejected
     assert st.gold_reward(" apple, plum", 2, "fruits") > st.gold_reward(" apple", 2, "fruits")  # a count below k
     assert task.k == 2
+
+
+def test_demo_sft_answers_follow_their_count_and_item_distributions_by_hand():
+    rng, task, n = random.Random(5), st.Task(5, "tools"), 20000
+    answers = [st.items_of(st.demo_response(task, rng, quality=0.5, longer=0.5)) for _ in range(n)]
+    others = {w for c, words in st.CATEGORIES.items() if c != "tools" for w in words}
+    assert all(set(a) <= set(st.CATEGORIES["tools"]) | set(st.FILLERS) | others for a in answers)
+    # right count with p 0.4 + 0.6 * 0.5 = 0.7; else longer (p 0.5) by 1 or 2, or shorter by 1 or 2, alike often
+    expected = {5: 0.7, 6: 0.075, 7: 0.075, 4: 0.075, 3: 0.075}
+    for count, p in expected.items():
+        assert abs(sum(len(a) == count for a in answers) / n - p) < 0.012, count
+    # each item right with p 0.55 + 0.45 * 0.5; a wrong one a filler half the time, vague and continuation alike
+    items = [item for a in answers for item in a]
+    wrong = [item for item in items if item not in st.CATEGORIES["tools"]]
+    assert abs(len(wrong) / len(items) - 0.225) < 0.01
+    for kind, p in ((st.VAGUE_FILLERS, 0.25), (st.CONTINUATION_FILLERS, 0.25), (others, 0.5)):
+        assert abs(sum(item in kind for item in wrong) / len(wrong) - p) < 0.02
+    fillers = [st.items_of(st.demo_response(task, rng, quality=0.0)) for _ in range(2000)]  # default filler_share
+    wrong = [item for a in fillers for item in a if item not in st.CATEGORIES["tools"]]
+    assert abs(sum(item in st.FILLERS for item in wrong) / len(wrong) - 0.5) < 0.04
+
+
+def test_edited_response_of_an_empty_answer_always_appends():
+    task = st.Task(2, "fruits")
+    for seed in range(60):
+        assert len(st.items_of(st.edited_response(" ", task, random.Random(seed)))) == 1
