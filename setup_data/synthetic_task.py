@@ -131,6 +131,17 @@ def sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.6) ->
         yield {"prompt": task.prompt, "completion": noisy_response(task, rng, quality)}
 
 
+def ranked_row(task: Task, first: tuple[str, float], second: tuple[str, float], rng: random.Random,
+               label_noise: float) -> dict:
+    """An RM row {prompt, chosen, rejected, label} from two (answer, score) pairs that differ in score: the higher
+    one chosen, the two swapped with probability `label_noise` (the label records it as `flipped`)."""
+    (chosen, _), (rejected, _) = sorted((first, second), key=lambda pair: pair[1], reverse=True)
+    flipped = rng.random() < label_noise
+    if flipped:
+        chosen, rejected = rejected, chosen
+    return {"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "label": {**task.label, "flipped": flipped}}
+
+
 def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: float = 0.25,
                     min_gap: float = 0.0) -> Iterator[dict]:
     """RM rows {prompt, chosen, rejected, label}: two responses whose gold differs by more than `min_gap`
@@ -143,11 +154,7 @@ def preference_rows(tasks: Sequence[Task], rng: random.Random, label_noise: floa
                 break
         else:
             continue
-        chosen, rejected = (a, b) if ga > gb else (b, a)
-        flipped = rng.random() < label_noise
-        if flipped:
-            chosen, rejected = rejected, chosen
-        yield {"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "label": {**task.label, "flipped": flipped}}
+        yield ranked_row(task, (a, ga), (b, gb), rng, label_noise)
 
 
 def demo_response(task: Task, rng: random.Random, quality: float, longer: float = 0.15,
@@ -264,11 +271,7 @@ def judged_pairs(tasks: Sequence[Task], first: Sequence[str], second: Sequence[s
         ga, gb = judge(a, task.k, task.category), judge(b, task.k, task.category)
         if ga == gb:
             continue
-        chosen, rejected = (a, b) if ga > gb else (b, a)
-        flipped = rng.random() < label_noise
-        if flipped:
-            chosen, rejected = rejected, chosen
-        yield {"prompt": task.prompt, "chosen": chosen, "rejected": rejected, "label": {**task.label, "flipped": flipped}}
+        yield ranked_row(task, (a, ga), (b, gb), rng, label_noise)
 
 
 def prompt_rows(tasks: Sequence[Task]) -> Iterator[dict]:
