@@ -251,7 +251,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
 
 def assign_rewards(samples_list, scored: ScoredBatch) -> None:
     """Set rewards, scores and the same info keys on every micro-batch, in batch order."""
-    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)  # CPU, as OpenRLHF's samples_generator makes them
     logs = [scored.sample_logs(i) for i in range(len(scored.results))]
     start = 0
     for experience in samples_list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,6 +204,21 @@ def test_training_pairs_hold_one_item_edits_at_the_configured_share(first):
     expected, sd = cfg.n_pref * p, (cfg.n_pref * p * (1 - p)) ** 0.5
     assert abs(sum(map(appended, train)) - expected) < 4 * sd + 3
     assert sum(map(appended, test)) <= 3  # held out: two SFT samples, rarely one the other plus an item
+
+
+def test_noise_free_training_pairs_still_hold_the_one_item_edits(first, tmp_path):
+    cfg, paths, _ = first
+    quiet = cfg.model_copy(update={"out": str(tmp_path), "label_noise": 0.0})
+    for folder in ("data", "sft"):
+        shutil.copytree(paths.out / folder, tmp_path / folder)
+    demo.stage_pairs(quiet, demo.Paths(tmp_path))
+    train = read_jsonl(tmp_path / "pairs" / f"prefs_rm_seed{cfg.rm_seeds[0]}.jsonl")
+    assert not any(r["label"]["flipped"] for r in train)
+    edits = sum(len(st.items_of(long)) == len(st.items_of(short)) + 1 and st.items_of(long)[:-1] == st.items_of(short)
+                and st.items_of(short) != [] for r in train
+                for short, long in [sorted((r["chosen"], r["rejected"]), key=lambda a: len(st.items_of(a)))])
+    assert edits > 0.2 * len(train)  # contrast_pairs applies to the training pairs whatever their label noise
+    assert not (tmp_path / "pairs" / "prefs.jsonl").exists()  # only the held-out split gets a gold-ranked file
 
 
 def test_each_proxy_rm_learns_from_its_own_biased_annotator(first):

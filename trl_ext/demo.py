@@ -319,18 +319,19 @@ def stage_pairs(cfg: DemoConfig, paths: Paths) -> None:
     model, tokenizer = load_policy(paths)
     rng = random.Random(cfg.seed + 1)
     judges = annotators(cfg)
-    for name, n, noise in (("prefs", cfg.n_pref, cfg.label_noise), ("prefs_test", cfg.n_pref_test, 0.0)):
+    for name, n, noise, held_out in (("prefs", cfg.n_pref, cfg.label_noise, False),
+                                     ("prefs_test", cfg.n_pref_test, 0.0, True)):
         tasks = st.sample_tasks(n, rng)
         gens = sample(model, tokenizer, [t.prompt for t in tasks for _ in range(2)], cfg.max_new_tokens, cfg.temperature,
                       batch_size=256, seed=rng.randrange(2**31))
         first, second = gens.texts[0::2], gens.texts[1::2]
-        if noise > 0:  # training pairs only: the held-out ones stay pairs of two SFT samples
+        if not held_out:  # the held-out pairs stay pairs of two SFT samples
             second = [st.edited_response(a, task, rng) if rng.random() < cfg.contrast_pairs else b
                       for task, a, b in zip(tasks, first, second, strict=True)]
         labelled = {f"{name}_rm_seed{seed}": list(st.judged_pairs(tasks, first, second, random.Random(f"{cfg.seed}-{seed}"),
                                                                   noise, judge))
                     for seed, judge in judges.items()}
-        if noise == 0.0:
+        if held_out:
             labelled[name] = list(st.judged_pairs(tasks, first, second, rng, 0.0))
         for file, rows in labelled.items():
             if not rows:
