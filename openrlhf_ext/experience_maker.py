@@ -224,7 +224,7 @@ class PluginExperienceMaker(RemoteExperienceMaker):
         if self.monitor is None:
             return
         plain = [Sample(prompt=s.prompt, response=a, label=s.label) for s, a in zip(samples, answers)]
-        for row, value in zip(rows, self.monitor.score_gold(step, plain, observe) or []):
+        for row, value in zip(rows, self.monitor.score_eval(step, plain, [row.components for row in rows], observe) or []):
             row.gold_score = value
 
     def _history_before(self, step: int) -> list[float]:

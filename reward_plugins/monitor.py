@@ -16,8 +16,17 @@ mean sequence KL to the initial policy. Without any gold it computes:
   proxy's gains are bought with disagreement. With k members whose errors are independent and a proxy that shares
   one member's error, that penalised reward tracks the true reward for a weight of k / sqrt(k - 1) (2.1 for 3
   members, 2.5 for 5): the default 2 is that estimate for small ensembles.
-- `score`: `proxy - divergence_weight * (disagreement - reference disagreement)`, averaged over the window (the
-  penalised reward's level); with gold, the last gold.
+- `worst_member`: the lowest member's batch mean of its standardised scores (the worst-case objective of Coste et
+  al. on the watched members).
+
+At every eval the watched members also score the eval samples (many prompts, several samples each: far less noisy
+than one training batch), each member standardised by its mean and standard deviation at the first eval:
+- `eval_worst_member`: the lowest member's mean there;
+- `worst_member_drop`: its best value at any eval so far minus its latest value. When the policy exploits an error
+  of the reward it is trained on, that reward's member rises while the members that do not share the error fall,
+  and the worst one falls first; while every member agrees that the policy improves, it keeps rising.
+- `score` (what `stop` maximises when it keeps a checkpoint): the latest gold where there is gold, else the latest
+  `eval_worst_member`, else `worst_member`'s mean over the last `window` steps.
 
 Where gold exists (a gold RM or function), `gold` is its mean on the eval prompts at every eval. An alarm fires
 once, when a signal stays beyond its threshold for `patience` consecutive steps (gold: at one eval). Everything
@@ -27,7 +36,7 @@ here is pure maths and state (no I/O); trainers adapt it (`reward_plugins.monito
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,10 +48,11 @@ from .config import ExistingPath
 from .types import RewardResult, Status
 
 Action = Literal["warn", "checkpoint", "adapt_kl", "stop"]
-SIGNALS = ("gold_drop", "divergence", "trend", "disagreement_rise")  # reported in this order when several fire at once
+SIGNALS = ("gold_drop", "worst_member_drop", "divergence", "trend", "disagreement_rise")  # reported in this order when several fire at once
+STEP_SIGNALS = SIGNALS[2:]  # computed every step; gold_drop and worst_member_drop come at evals
 PREFIX = "monitor/"
-BASE_KEYS = ("kl", "disagreement", "disagreement_rise", "trend", "proxy", "proxy_trend", "divergence", "score",
-             "alarm", "kl_scale")
+BASE_KEYS = ("kl", "disagreement", "disagreement_rise", "trend", "proxy", "proxy_trend", "divergence", "worst_member",
+             "eval_worst_member", "worst_member_drop", "score", "alarm", "kl_scale")
 
 
 class MonitorError(ValueError):
@@ -57,6 +67,7 @@ class Thresholds(BaseModel):
     disagreement_rise: float | None = Field(default=0.05, gt=0)  # disagreement's level above its reference value
     trend: float | None = Field(default=None, gt=0)  # disagreement's slope against KL above this
     divergence: float | None = 1.0  # weighted disagreement's slope minus the proxy's, per nat, above this
+    worst_member_drop: float | None = Field(default=0.1, gt=0)  # eval worst member below its best eval so far
     gold_drop: float | None = Field(default=None, gt=0)  # gold below its best eval so far by this much (needs gold)
 
 
@@ -134,6 +145,13 @@ def disagreement(member_scores: ArrayLike, means: ArrayLike, stds: ArrayLike) ->
     return float(z.std(axis=0).mean())
 
 
+def worst_member(member_scores: ArrayLike, means: ArrayLike, stds: ArrayLike) -> float:
+    """The lowest over members of the batch mean of each member's scores standardised by (means, stds)."""
+    scores = np.asarray(member_scores, dtype=np.float64)
+    z = (scores - np.asarray(means)[:, None]) / np.asarray(stds)[:, None]
+    return float(z.mean(axis=1).min())
+
+
 def slope(x: ArrayLike, y: ArrayLike) -> float:
     """Least-squares slope of y against x; 0 when x does not vary."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -191,6 +209,12 @@ def member_batch(results: Sequence[RewardResult], proxy: Sequence[float | None],
     return MemberBatch(scores, [proxy[i] for i in columns], tuple(keys))
 
 
+def eval_member_scores(components: Sequence[Mapping[str, float] | None], keys: Sequence[str]) -> np.ndarray:
+    """(k, n) member scores of the eval samples whose components hold every member (errored ones are left out)."""
+    rows = [c for c in components if c is not None and all(k in c for k in keys)]
+    return np.array([[row[k] for row in rows] for k in keys], dtype=np.float64).reshape(len(keys), len(rows))
+
+
 def member_keys(component_keys: Sequence[str], groups: Sequence[Sequence[str]], source: str) -> tuple[str, ...]:
     """The pipeline's component keys of the first member group found, whether the plugin is the root (`seed1`) or
     nested in a composite (`uwo/seed1`). `groups` are the member names of every plugin with members, root first."""
@@ -231,6 +255,9 @@ class Series:
     kl: list[float] = field(default_factory=list)
     disagreement: list[float] = field(default_factory=list)
     proxy: list[float] = field(default_factory=list)
+    worst: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_worst: list[float] = field(default_factory=list)
     gold_steps: list[int] = field(default_factory=list)
     gold: list[float] = field(default_factory=list)
 
@@ -250,6 +277,8 @@ class Monitor:
         self.stds: np.ndarray | None = None
         self.proxy_mean = self.proxy_std = 0.0
         self.reference_disagreement = 0.0
+        self.eval_means: np.ndarray | None = None
+        self.eval_stds: np.ndarray | None = None
         self.streaks = dict.fromkeys(SIGNALS, 0)
         self.alarm: Alarm | None = None
         self.kl_scale = 1.0
@@ -289,20 +318,23 @@ class Monitor:
             raise MonitorError(f"step {step}: {what} gave every reference sample the same score, so there is no scale "
                                "to standardise by; raise monitor.reference_steps or the batch size")
 
-    def _signals_of(self, batch: MemberBatch) -> tuple[float, float]:
+    def _signals_of(self, batch: MemberBatch) -> tuple[float, float, float]:
         return (disagreement(batch.scores, self.means, self.stds),
-                standardised(float(batch.proxy.mean()), self.proxy_mean, self.proxy_std))
+                standardised(float(batch.proxy.mean()), self.proxy_mean, self.proxy_std),
+                worst_member(batch.scores, self.means, self.stds))
 
     def _rewrite_reference(self, step: int, kl: float, batch: MemberBatch) -> Alarm | None:
         """The reference is complete: recompute the reference steps' values with it, then take this step."""
         n = len(self._reference) - 1
         for index, earlier in zip(range(len(self.series.steps) - n, len(self.series.steps)), self._reference[:-1]):
-            self.series.disagreement[index], self.series.proxy[index] = self._signals_of(earlier)
-        d, p = self._signals_of(batch)
+            (self.series.disagreement[index], self.series.proxy[index],
+             self.series.worst[index]) = self._signals_of(earlier)
+        d, p, w = self._signals_of(batch)
         self.reference_disagreement = float(np.mean([*self.series.disagreement[len(self.series.steps) - n:], d]))
-        return self.observe_signals(step, kl, d, p)
+        return self.observe_signals(step, kl, d, p, w)
 
-    def observe_signals(self, step: int, kl: float, disagreement_value: float, proxy_value: float) -> Alarm | None:
+    def observe_signals(self, step: int, kl: float, disagreement_value: float, proxy_value: float,
+                        worst_value: float) -> Alarm | None:
         """One step from precomputed values (online after `observe`, or replaying a logged run); no streak counts
         before the reference steps are complete."""
         s = self.series
@@ -312,6 +344,7 @@ class Monitor:
         s.kl.append(float(kl))
         s.disagreement.append(float(disagreement_value))
         s.proxy.append(float(proxy_value))
+        s.worst.append(float(worst_value))
         if len(s.steps) == self.config.reference_steps and not self._reference:  # replay: the reference from the series
             self.reference_disagreement = float(np.mean(s.disagreement))
         values = self.signal_values()
@@ -327,13 +360,50 @@ class Monitor:
         self.series.gold_steps.append(step)
         self.series.gold.append(float(gold))
         self._last[PREFIX + "gold"] = float(gold)
-        self._last[PREFIX + "score"] = float(gold)  # with gold, the score is the latest gold
-        threshold = self.config.thresholds.gold_drop
-        drop = max(self.series.gold) - gold
+        self._last[PREFIX + "score"] = self._score()
+        return self._eval_alarm(step, "gold_drop", max(self.series.gold) - gold)
+
+    def observe_eval_members(self, step: int, member_scores: ArrayLike, names: Sequence[str]) -> Alarm | None:
+        """The watched members' (k, n) scores of the eval samples at an eval: the first eval fixes each member's
+        location and scale; every eval gives the worst member's mean (may fire `worst_member_drop` at once)."""
+        scores = np.asarray(member_scores, dtype=np.float64)
+        if scores.ndim != 2 or scores.shape[0] < 2 or scores.shape[1] < 2:
+            raise MonitorError(f"step {step}: eval member scores must be (k >= 2 members, n >= 2 samples); got "
+                               f"{scores.shape}")
+        if self.eval_means is None:
+            means, stds = member_reference([scores])
+            flat = [name for name, std in zip(names, stds) if not std > 0]
+            if flat:
+                raise MonitorError(f"step {step}: member(s) {', '.join(flat)} gave every eval sample the same score, "
+                                   "so there is no scale to standardise by; use more eval prompts or samples")
+            self.eval_means, self.eval_stds = means, stds
+        return self.observe_eval_worst(step, worst_member(scores, self.eval_means, self.eval_stds))
+
+    def observe_eval_worst(self, step: int, value: float) -> Alarm | None:
+        """The eval's worst member mean (online after `observe_eval_members`, or replaying a logged run)."""
+        if not math.isfinite(value):
+            raise MonitorError(f"step {step}: the eval's worst member score is {value}")
+        self.series.eval_steps.append(step)
+        self.series.eval_worst.append(float(value))
+        drop = max(self.series.eval_worst) - float(value)
+        self._last.update({PREFIX + "eval_worst_member": float(value), PREFIX + "worst_member_drop": drop,
+                           PREFIX + "score": self._score()})
+        return self._eval_alarm(step, "worst_member_drop", drop)
+
+    def _eval_alarm(self, step: int, signal: str, drop: float) -> Alarm | None:
+        threshold = getattr(self.config.thresholds, signal)
         if threshold is not None and self.alarm is None and drop > threshold:
             kl = self.series.kl[-1] if self.series.kl else 0.0
-            return self._set_alarm(Alarm(step, kl, "gold_drop", drop, threshold, self.config.action))
+            return self._set_alarm(Alarm(step, kl, signal, drop, threshold, self.config.action))
         return None
+
+    def _score(self) -> float:
+        s = self.series
+        if self.has_gold and s.gold:
+            return s.gold[-1]
+        if s.eval_worst:
+            return s.eval_worst[-1]
+        return float(np.mean(s.worst[-self.config.window:])) if s.worst else 0.0
 
     # ------------------------------------------------ signals
 
@@ -346,15 +416,13 @@ class Monitor:
         trend = per_kl(s.steps[-w:], s.kl[-w:], s.disagreement[-w:], rise) if full else 0.0
         proxy_trend = per_kl(s.steps[-w:], s.kl[-w:], s.proxy[-w:], rise) if full else 0.0
         weight = self.config.divergence_weight
-        conservative = [p - weight * (x - self.reference_disagreement) for p, x in zip(s.proxy[-w:], s.disagreement[-w:])]
-        score = float(np.mean(conservative)) if conservative else 0.0
-        if self.has_gold and s.gold:
-            score = s.gold[-1]
         values = {
             "kl": s.kl[-1] if s.kl else 0.0, "disagreement": d,
             "disagreement_rise": float(np.mean(s.disagreement[-w:])) - self.reference_disagreement if s.steps else 0.0,
             "trend": trend, "proxy": s.proxy[-1] if s.proxy else 0.0, "proxy_trend": proxy_trend,
-            "divergence": weight * trend - proxy_trend, "score": score,
+            "divergence": weight * trend - proxy_trend, "worst_member": s.worst[-1] if s.worst else 0.0,
+            "eval_worst_member": s.eval_worst[-1] if s.eval_worst else 0.0,
+            "worst_member_drop": max(s.eval_worst) - s.eval_worst[-1] if s.eval_worst else 0.0, "score": self._score(),
             "alarm": float(self.alarm is not None), "kl_scale": self.kl_scale,
         }
         self._last.update({PREFIX + key: float(value) for key, value in values.items()})
@@ -364,9 +432,9 @@ class Monitor:
         thresholds = self.config.thresholds
         full = len(self.series.steps) >= max(self.config.window, self.config.reference_steps)
         fired = []
-        for name in SIGNALS[1:]:
+        for name in STEP_SIGNALS:
             threshold = getattr(thresholds, name)
-            needs_window = name != "disagreement_rise"
+            needs_window = name != "disagreement_rise"  # the slopes need a full window; the level does not
             over = threshold is not None and (full or not needs_window) and values[name] > threshold
             self.streaks[name] = self.streaks[name] + 1 if over else 0
             if self.streaks[name] >= self.config.patience:
@@ -384,6 +452,24 @@ class Monitor:
         self.alarm = alarm
         self._last[PREFIX + "alarm"] = 1.0
         return alarm
+
+    def feed(self, records: Iterable[Mapping[str, float]], gold: Iterable[tuple[int, float]] = (),
+             evals: Iterable[tuple[int, float]] = ()) -> None:
+        """Logged steps and evals in training order: the evals of step s (of the policy that samples step s; gold
+        first) come before step s's record."""
+        pending = sorted([(int(step), 0, float(value)) for step, value in gold]
+                         + [(int(step), 1, float(value)) for step, value in evals])
+
+        def take(until: float) -> None:
+            while pending and pending[0][0] <= until:
+                step, kind, value = pending.pop(0)
+                (self.observe_gold if kind == 0 else self.observe_eval_worst)(step, value)
+
+        for record in records:
+            take(int(record["step"]))
+            self.observe_signals(int(record["step"]), record["kl"], record["disagreement"], record["proxy"],
+                                 record["worst_member"])
+        take(math.inf)
 
     # ------------------------------------------------ what trainers read
 
@@ -420,10 +506,15 @@ class Monitor:
         s = self.series
         keep = [i for i, step in enumerate(s.steps) if step < cut]
         gold = [i for i, step in enumerate(s.gold_steps) if step <= cut]
+        evals = [i for i, step in enumerate(s.eval_steps) if step <= cut]
         return {
             "series": {"steps": [s.steps[i] for i in keep], "kl": [s.kl[i] for i in keep],
                        "disagreement": [s.disagreement[i] for i in keep], "proxy": [s.proxy[i] for i in keep],
-                       "gold_steps": [s.gold_steps[i] for i in gold], "gold": [s.gold[i] for i in gold]},
+                       "worst": [s.worst[i] for i in keep],
+                       "gold_steps": [s.gold_steps[i] for i in gold], "gold": [s.gold[i] for i in gold],
+                       "eval_steps": [s.eval_steps[i] for i in evals], "eval_worst": [s.eval_worst[i] for i in evals]},
+            "eval_reference": None if self.eval_means is None or not evals else
+            {"means": self.eval_means.tolist(), "stds": self.eval_stds.tolist()},
             "reference": [{"step": step, "scores": b.scores.tolist(), "proxy": b.proxy.tolist(), "names": list(b.names)}
                           for step, b in zip(s.steps, self._reference) if step < cut],
             "kl_scalings": [step for step in self.kl_scalings if step < cut],
@@ -443,13 +534,12 @@ class Monitor:
         n = self.config.reference_steps
         if len(reference) >= n:
             self.reference_disagreement = float(np.mean(series["disagreement"][:n]))
-        gold = list(zip(series["gold_steps"], series["gold"]))
-        for i, step in enumerate(series["steps"]):
-            while gold and gold[0][0] <= step:
-                self.observe_gold(*gold.pop(0))
-            self.observe_signals(step, series["kl"][i], series["disagreement"][i], series["proxy"][i])
-        for step, value in gold:
-            self.observe_gold(step, value)
+        records = [{"step": step, "kl": series["kl"][i], "disagreement": series["disagreement"][i],
+                    "proxy": series["proxy"][i], "worst_member": series["worst"][i]} for i, step in enumerate(series["steps"])]
+        self.feed(records, zip(series["gold_steps"], series["gold"]), zip(series["eval_steps"], series["eval_worst"]))
+        if state["eval_reference"] is not None:
+            self.eval_means = np.array(state["eval_reference"]["means"])
+            self.eval_stds = np.array(state["eval_reference"]["stds"])
         self.kl_scalings = [int(step) for step in state["kl_scalings"]]
         self.kl_scale = self.config.kl_factor ** len(self.kl_scalings)
         self._last[PREFIX + "kl_scale"] = self.kl_scale
@@ -463,17 +553,10 @@ def best_step(scores: Mapping[int, float]) -> int | None:
     return min(scores, key=lambda step: (-scores[step], step))
 
 
-def replay(config: MonitorConfig, records: Sequence[Mapping[str, float]],
-           gold: Sequence[tuple[int, float]] = ()) -> Monitor:
-    """A monitor run over logged per-step records ({step, kl, disagreement, proxy}) and gold evals, with `config`'s
-    thresholds: re-evaluates a finished run without retraining. Gold of step s (an eval of the policy that samples
-    step s) is seen before step s's record, as in training."""
+def replay(config: MonitorConfig, records: Sequence[Mapping[str, float]], gold: Sequence[tuple[int, float]] = (),
+           evals: Sequence[tuple[int, float]] = ()) -> Monitor:
+    """A monitor run over logged per-step records ({step, kl, disagreement, proxy, worst_member}), gold evals and the
+    evals' worst member means, with `config`'s thresholds: re-evaluates a finished run without retraining."""
     monitor = Monitor(config, has_gold=bool(gold))
-    pending = sorted(gold)
-    for record in records:
-        while pending and pending[0][0] <= record["step"]:
-            monitor.observe_gold(*pending.pop(0))
-        monitor.observe_signals(int(record["step"]), record["kl"], record["disagreement"], record["proxy"])
-    for step, value in pending:
-        monitor.observe_gold(step, value)
+    monitor.feed(records, gold, evals)
     return monitor

@@ -2,8 +2,9 @@
 
 It takes each scored training batch (`observe_scored`), scores it with the shadow ensemble when one is configured,
 feeds the step's member scores and KL to `reward_plugins.monitor.Monitor`, prints the alarm line once, writes
-`RUN/monitor/steps.jsonl` (one record per step: what `evaluation.monitor_eval` replays), `config.json`,
-`alarm.json` and `stop.json`, scores gold on eval rows, and saves / restores the monitor with each checkpoint.
+`RUN/monitor/steps.jsonl` (one record per step) and `evals.jsonl` (one per eval: the watched members' worst mean on
+the eval samples, and gold), which `evaluation.monitor_eval` replays, `config.json`, `alarm.json` and `stop.json`,
+and saves / restores the monitor with each checkpoint.
 The trainer takes the action (`warn`, `checkpoint`, `adapt_kl`, `stop`), since only it holds the coefficient and
 the checkpoints.
 """
@@ -17,7 +18,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,19 @@ import numpy as np
 
 from .config_loader import load_model
 from .io import DataError, atomic_open, iter_jsonl, write_json
-from .monitor import Alarm, GoldSpec, MemberBatch, Monitor, MonitorConfig, MonitorError, member_batch, member_keys
+from .monitor import (
+    Alarm, GoldSpec, MemberBatch, Monitor, MonitorConfig, MonitorError, eval_member_scores, member_batch, member_keys,
+)
 from .pipeline import RewardPipeline, ScoredBatch
 from .registry import RewardPlugin, plugin_tree
-from .types import Sample
+from .types import Sample, Status
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "monitor_state.json"
 STEPS_FILE = "steps.jsonl"
+EVALS_FILE = "evals.jsonl"  # one record per observed eval: its worst member mean (null when left out) and gold
+RECORD_VALUES = ("kl", "disagreement", "proxy", "worst_member")  # what a replay reads from each step's record
 
 
 def load_monitor_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> MonitorConfig:
@@ -114,6 +119,7 @@ class MonitorSession:
         self.dir = Path(run_dir) / "monitor" if run_dir is not None else None
         self.main = main
         self._pending: list[MemberBatch] = []
+        self._eval_alarm: Alarm | None = None
         self._written = 0
         self._snapshots: list[dict[str, float]] = []
         if self.dir is not None and main:
@@ -140,8 +146,10 @@ class MonitorSession:
         return MemberBatch.concat(batches) if batches else None
 
     def step(self, step: int, kl: float, batch: MemberBatch) -> Alarm | None:
-        """Feed one step; prints the alarm line and writes alarm.json when it fires. A step without a sample that
-        every member scored (all errored) is left out with a warning; the logs keep their last values."""
+        """Feed one step; prints the alarm line and writes alarm.json when it fires. Returns the alarm for the
+        trainer to act on: this step's, or one that fired at the eval before it (`gold_drop`, `worst_member_drop`).
+        A step without a sample that every member scored (all errored) is left out with a warning; the logs keep
+        their last values."""
         if batch.scores.shape[1] == 0:
             logger.warning("monitor: step %d has no sample with every member score and a reward; left out", step)
             return None
@@ -150,6 +158,8 @@ class MonitorSession:
         self._write_steps()
         if alarm is not None:
             self.announce(alarm)
+        elif self._eval_alarm is not None:  # fired at the eval before this step: the trainer acts on it now
+            alarm, self._eval_alarm = self._eval_alarm, None
         return alarm
 
     def announce(self, alarm: Alarm) -> None:
@@ -169,7 +179,8 @@ class MonitorSession:
         lines = []
         for i in range(self._written, len(s.steps)):
             record = {key.removeprefix("monitor/"): value for key, value in self._snapshots[i].items()}
-            record.update(step=s.steps[i], kl=s.kl[i], disagreement=s.disagreement[i], proxy=s.proxy[i])
+            record.update(step=s.steps[i], kl=s.kl[i], disagreement=s.disagreement[i], proxy=s.proxy[i],
+                          worst_member=s.worst[i])
             lines.append(json.dumps(record) + "\n")
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / STEPS_FILE, "a", encoding="utf-8") as handle:
@@ -178,20 +189,45 @@ class MonitorSession:
 
     # ------------------------------------------------ gold at evals
 
-    def score_gold(self, step: int, samples: Sequence[Sample], observe: bool = True) -> list[float] | None:
-        """Gold for eval samples (None without gold); with `observe` its mean goes to the monitor (may fire
-        `gold_drop`)."""
-        if self.gold is None:
-            return None
-        scores = self.gold(samples)
-        if observe:
-            self.observe_gold(step, float(np.mean(scores)))
-        return scores
+    def score_eval(self, step: int, samples: Sequence[Sample], components: Sequence[Mapping[str, float] | None],
+                   observe: bool = True) -> list[float] | None:
+        """An eval's samples: gold for each (None without gold) and the watched members' scores (the shadow scores
+        them; else they are the eval's own reward `components`). With `observe`, the gold mean and the members go to
+        the monitor (may fire `gold_drop` or `worst_member_drop`) and to `evals.jsonl`."""
+        gold = self.gold(samples) if self.gold is not None else None
+        if not observe:
+            return gold
+        if gold is not None:
+            self._announce(self.monitor.observe_gold(step, float(np.mean(gold))))
+        if self.shadow is not None:
+            components = [r.components if r.status is Status.OK else None for r in self.shadow.score(samples).results]
+        scores = eval_member_scores(components, self.member_keys)
+        if scores.shape[1] < 2:
+            logger.warning("monitor: the eval of step %d has %d sample(s) with every member score; its members are "
+                           "left out", step, scores.shape[1])
+        else:
+            self._announce(self.monitor.observe_eval_members(step, scores, self.member_keys))
+        self._write_eval(step, None if gold is None else float(np.mean(gold)))
+        return gold
 
     def observe_gold(self, step: int, value: float) -> None:
-        alarm = self.monitor.observe_gold(step, value)
+        self._announce(self.monitor.observe_gold(step, value))
+
+    def _announce(self, alarm: Alarm | None) -> None:
+        """An alarm fired at an eval: printed now, handed to the trainer with the next `step`."""
         if alarm is not None:
             self.announce(alarm)
+            self._eval_alarm = alarm
+
+    def _write_eval(self, step: int, gold: float | None) -> None:
+        s = self.monitor.series
+        if not self.main or self.dir is None:
+            return
+        record = {"step": step, "worst_member": s.eval_worst[-1] if s.eval_steps and s.eval_steps[-1] == step else None,
+                  "gold": gold}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / EVALS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def eval_meta(self) -> dict[str, Any]:
         """What an eval file records about the monitor: every key's value now, and the gold's name."""
@@ -228,6 +264,7 @@ class MonitorSession:
         self._written = len(self.monitor.series.steps)
         if self.main and self.dir is not None:
             keep_records_before(self.dir / STEPS_FILE, step)
+            keep_records_before(self.dir / EVALS_FILE, step + 1)  # the evals of `step` are in the state
             if self.monitor.alarm is None:
                 for name in ("alarm.json", "stop.json"):
                     (self.dir / name).unlink(missing_ok=True)
@@ -287,7 +324,24 @@ def read_steps(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         raise DataError(f"{run_dir}: no {path.relative_to(run_dir)}; was the run trained with a monitor: section?")
     rows = [row for _, row in iter_jsonl(path)]
     for number, row in enumerate(rows, 1):
-        missing = [key for key in ("step", "kl", "disagreement", "proxy") if key not in row]
-        if missing or not all(math.isfinite(float(row[k])) for k in ("kl", "disagreement", "proxy") if k in row):
-            raise DataError(f"{path}:{number}: a record needs finite step, kl, disagreement and proxy")
+        missing = [key for key in ("step", *RECORD_VALUES) if key not in row]
+        if missing or not all(math.isfinite(float(row[k])) for k in RECORD_VALUES if k in row):
+            raise DataError(f"{path}:{number}: a record needs finite step, {', '.join(RECORD_VALUES)}"
+                            + (f" (missing: {', '.join(missing)})" if missing else ""))
     return rows
+
+
+def read_evals(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """Each observed eval's step and worst member mean (`RUN/monitor/evals.jsonl`; none for a run without evals)."""
+    path = Path(run_dir) / "monitor" / EVALS_FILE
+    if not path.exists():
+        return []
+    evals = []
+    for number, row in iter_jsonl(path):
+        if "step" not in row or "worst_member" not in row:
+            raise DataError(f"{path}:{number}: a record needs step and worst_member (null when left out)")
+        if row["worst_member"] is not None:
+            if not math.isfinite(float(row["worst_member"])):
+                raise DataError(f"{path}:{number}: worst_member is {row['worst_member']}")
+            evals.append((int(row["step"]), float(row["worst_member"])))
+    return evals

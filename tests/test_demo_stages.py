@@ -175,7 +175,20 @@ def test_every_rl_run_is_monitored_and_the_summary_has_the_monitor_table(first):
             steps = [json.loads(line) for line in (run_dir / "monitor" / "steps.jsonl").read_text().splitlines()]
             assert [s["step"] for s in steps] == list(range(cfg.rl_steps))
             assert f"| {objective}/{run_dir.name} |" in summary.split("over-optimisation monitor")[1]
-    assert "hit rate" in summary and "false alarms" in summary
+            evals = [json.loads(line) for line in (run_dir / "monitor" / "evals.jsonl").read_text().splitlines()]
+            assert [e["step"] for e in evals] == list(range(0, cfg.rl_steps + 1, cfg.eval_every))
+            assert all(e["gold"] is not None for e in evals) and evals[0]["worst_member"] == pytest.approx(0.0, abs=1e-9)
+            assert monitor["thresholds"]["worst_member_drop"] == cfg.monitor_worst_member_drop
+    assert "hit rate" in summary and "false alarms" in summary and "action warn;" in summary
+
+
+@pytest.mark.parametrize(("action", "save_steps"), [("warn", 0), ("adapt_kl", 0), ("checkpoint", 1), ("stop", 1)])
+def test_monitor_action_reaches_every_run_with_checkpoints_to_keep(first, action, save_steps):
+    cfg, paths, _ = first
+    acting = cfg.model_copy(update={"monitor_action": action, "monitor_kl_factor": 3.0})
+    config = demo.rl_config(acting, paths, "single_rm", 1)
+    assert config.monitor.action == action and config.monitor.kl_factor == 3.0
+    assert config.ppo.save_steps == save_steps * cfg.eval_every  # `stop` chooses among the evals' checkpoints
 
 
 def test_pairs_are_sft_samples_ranked_by_gold(first):

@@ -3,6 +3,7 @@ synthetic score streams built to over-optimise or not."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -40,7 +41,9 @@ def test_slope_and_trend_per_kl_by_hand():
 
 
 def test_monitor_values_by_hand():
-    config = MonitorConfig(window=2, patience=1, thresholds={"divergence": None, "disagreement_rise": None, "trend": 100.0})
+    config = MonitorConfig(window=2, patience=1,
+                           thresholds={"divergence": None, "disagreement_rise": None, "trend": 100.0,
+                                       "worst_member_drop": None})
     monitor = Monitor(config)
     names = ("a", "b", "c")
     assert monitor.observe(0, 0.0, MemberBatch(STEP0, [1.0, 3.0], names)) is None
@@ -55,31 +58,45 @@ def test_monitor_values_by_hand():
     assert logs["monitor/trend"] == pytest.approx(d1 / 0.5)  # two points: rise over run
     assert logs["monitor/proxy_trend"] == pytest.approx(3.0 / 0.5)
     assert logs["monitor/divergence"] == pytest.approx(2 * d1 / 0.5 - 6.0)  # divergence_weight 2
-    assert logs["monitor/score"] == pytest.approx(np.mean([0.0, 3.0 - 2 * d1]))  # proxy - 2 x rise, over the window
+    assert logs["monitor/worst_member"] == 0.0  # member means of z: a 0, b 1, c 1
+    assert logs["monitor/score"] == 0.0  # no eval, no gold: the worst member over the window, (0 + 0) / 2
     assert logs["monitor/kl"] == 0.5 and logs["monitor/alarm"] == 0.0 and logs["monitor/kl_scale"] == 1.0
+    monitor.observe(2, 0.7, MemberBatch([[0.0, 2.0], [2.0, 2.0], [4.0, 6.0]], [4.0, 6.0], names))
+    # z: a -2, 0 (mean -1); b -1, -1 (-1); c 1, 2 (1.5): worst -1; over the last 2 steps (0 - 1) / 2
+    logs = monitor.logs()
+    assert logs["monitor/worst_member"] == -1.0 and logs["monitor/score"] == -0.5
+    assert logs["monitor/worst_member_drop"] == 0.0 and logs["monitor/eval_worst_member"] == 0.0  # no eval yet
+
+
+def member_scores(rng, kl: float, over_optimise: bool, batch: int) -> np.ndarray:
+    """Three members' scores of `batch` samples of a policy whose true quality rises like sqrt(KL); member 0 is the
+    proxy. Built to over-optimise: past KL 2 the true quality falls while each member's own error grows (the policy
+    leaves the members' data) and the proxy's error, the one the policy exploits, is positive, so the proxy keeps
+    rising. Built not to: the same without either."""
+    excess = max(0.0, kl - 2.0) if over_optimise else 0.0
+    quality = rng.normal(math.sqrt(kl) - 0.6 * excess, 1.0, batch)
+    errors = rng.normal(0.0, 1.0, (3, batch)) * excess
+    errors[0] = np.abs(errors[0])
+    return quality + errors + rng.normal(0.0, 0.3, (3, batch))
 
 
 def stream(over_optimise: bool, steps: int = 100, batch: int = 64, seed: int = 0):
-    """Three members score samples of a policy whose true quality rises like sqrt(KL); the proxy is member 0 and the
-    KL is measured with noise. Built to over-optimise: past KL 2 the true quality falls while each member's own error
-    grows (the policy leaves the members' data) and the proxy's error, the one the policy exploits, is positive,
-    so the proxy keeps rising. Built not to: the same without either."""
+    """Each step's member batch at KL 0.04 per step (measured with noise), and an eval of 256 samples every 10
+    steps (None between evals)."""
     rng = np.random.default_rng(seed)
     for step in range(steps):
         kl = 0.04 * step
-        excess = max(0.0, kl - 2.0) if over_optimise else 0.0
-        quality = rng.normal(math.sqrt(kl) - 0.6 * excess, 1.0, batch)
-        errors = rng.normal(0.0, 1.0, (3, batch)) * excess
-        errors[0] = np.abs(errors[0])
-        scores = quality + errors + rng.normal(0.0, 0.3, (3, batch))
-        yield step, kl + rng.normal(0.0, 0.05), MemberBatch(scores, scores[0], ("m0", "m1", "m2"))
+        scores = member_scores(rng, kl, over_optimise, batch)
+        evals = member_scores(rng, kl, over_optimise, 256) if step % 10 == 0 else None
+        yield step, kl + rng.normal(0.0, 0.05), MemberBatch(scores, scores[0], ("m0", "m1", "m2")), evals
 
 
 def first_alarm(over_optimise: bool, seed: int = 0, **config):
     monitor = Monitor(MonitorConfig(**config))
-    for step, kl, batch in stream(over_optimise, seed=seed):
-        alarm = monitor.observe(step, kl, batch)
-        if alarm is not None:
+    for step, kl, batch, evals in stream(over_optimise, seed=seed):
+        if evals is not None and (alarm := monitor.observe_eval_members(step, evals, batch.names)) is not None:
+            return alarm
+        if (alarm := monitor.observe(step, kl, batch)) is not None:
             return alarm
     return None
 
@@ -87,12 +104,12 @@ def first_alarm(over_optimise: bool, seed: int = 0, **config):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_alarm_fires_on_a_stream_that_over_optimises_and_not_on_one_that_does_not(seed):
     alarm = first_alarm(True, seed)  # the default settings
-    assert alarm is not None and alarm.signal == "disagreement_rise"
-    assert 2.2 < alarm.step * 0.04 < 3.0, alarm  # after gold's peak at KL 2, well before the stream ends at 3.96
+    assert alarm is not None and alarm.signal in ("worst_member_drop", "disagreement_rise")
+    assert 2.0 < alarm.step * 0.04 < 3.0, alarm  # after gold's peak at KL 2, well before the stream ends at 3.96
     assert first_alarm(False, seed) is None
-    # the slopes, alone, see it too (later) and stay silent on the control
-    for name, threshold in (("trend", 0.3), ("divergence", 0.3)):
-        thresholds = {"divergence": None, "disagreement_rise": None, name: threshold}
+    # each signal alone sees it too and stays silent on the control
+    for name, threshold in (("trend", 0.3), ("divergence", 0.3), ("worst_member_drop", 0.1), ("disagreement_rise", 0.05)):
+        thresholds = {"divergence": None, "disagreement_rise": None, "worst_member_drop": None, name: threshold}
         alarm = first_alarm(True, seed, thresholds=thresholds)
         assert alarm is not None and alarm.signal == name and 2.2 < alarm.step * 0.04 < 3.8, alarm
         assert first_alarm(False, seed, thresholds=thresholds) is None
@@ -102,25 +119,27 @@ def test_alarm_line_is_one_line_with_step_kl_and_signal(capsys):
     alarm = first_alarm(True, action="stop")
     line = alarm.line()
     assert "\n" not in line and f"step {alarm.step}" in line and f"KL {alarm.kl:.3f}" in line
-    assert "disagreement_rise" in line and "action: stop" in line
+    assert alarm.signal in line and "action: stop" in line
 
 
 def test_patience_counts_consecutive_steps():
     config = MonitorConfig(window=1, patience=3, thresholds={"divergence": None, "disagreement_rise": 0.5})
     monitor = Monitor(config)
-    monitor.observe_signals(0, 0.0, 0.0, 0.0)
-    fired = [monitor.observe_signals(step, 0.1 * step, d, 0.0) for step, d in enumerate([1, 1, 0, 1, 1, 1], 1)]
+    monitor.observe_signals(0, 0.0, 0.0, 0.0, 0.0)
+    fired = [monitor.observe_signals(step, 0.1 * step, d, 0.0, 0.0) for step, d in enumerate([1, 1, 0, 1, 1, 1], 1)]
     assert [a is not None for a in fired] == [False, False, False, False, False, True]
     assert monitor.alarm.step == 6 and monitor.alarm.kl == pytest.approx(0.6)
-    assert monitor.observe_signals(7, 0.7, 5.0, 0.0) is None  # it fires once
+    assert monitor.observe_signals(7, 0.7, 5.0, 0.0, 0.0) is None  # it fires once
 
 
 def test_keys_are_the_same_on_every_step_before_and_after_the_alarm():
     monitor = Monitor(MonitorConfig(gold={"function": "setup_data.synthetic_task:gold_rewards"}))
     seen = set()
-    for step, kl, batch in stream(True):
-        if step % 10 == 0:
+    for step, kl, batch, evals in stream(True):
+        if evals is not None:
             monitor.observe_gold(step, 0.1)
+            monitor.observe_eval_members(step, evals, batch.names)
+            seen.add(tuple(monitor.logs()))
         monitor.observe(step, kl, batch)
         seen.add(tuple(monitor.logs()))
     assert monitor.alarm is not None
@@ -128,13 +147,14 @@ def test_keys_are_the_same_on_every_step_before_and_after_the_alarm():
 
 
 def test_gold_drop_alarm_and_gold_score():
-    config = MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None, "gold_drop": 0.05},
+    config = MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None, "worst_member_drop": None,
+                                       "gold_drop": 0.05},
                            gold={"function": "m:f"})
     monitor = Monitor(config)
-    monitor.observe_signals(0, 0.0, 0.0, 0.0)
+    monitor.observe_signals(0, 0.0, 0.0, 0.0, 0.0)
     assert monitor.observe_gold(0, 0.3) is None and monitor.observe_gold(10, 0.5) is None
     assert monitor.logs()["monitor/score"] == 0.5  # with gold, the score is the latest gold
-    monitor.observe_signals(11, 1.0, 0.0, 0.0)
+    monitor.observe_signals(11, 1.0, 0.0, 0.0, 0.0)
     assert monitor.logs()["monitor/score"] == 0.5 and monitor.logs()["monitor/gold"] == 0.5
     assert monitor.observe_gold(20, 0.46) is None  # 0.04 below the best: not yet
     alarm = monitor.observe_gold(30, 0.44)
@@ -144,28 +164,42 @@ def test_gold_drop_alarm_and_gold_score():
 def test_resume_replays_to_the_same_state():
     runs = list(stream(True))
     whole = Monitor(MonitorConfig(reference_steps=3, action="stop"))
-    for step, kl, batch in runs:
-        whole.observe(step, kl, batch)
+    for step, kl, batch, evals in runs:
+        if evals is not None:
+            whole.observe_eval_members(step, evals, batch.names)
         if step == 30:
             whole.note_checkpoint(30)
-    for cut in (2, 25, 50):  # inside the reference steps, before the alarm, after it
+        whole.observe(step, kl, batch)
+    assert whole.alarm is not None and len(whole.series.eval_steps) == 10
+    for cut in (2, 25, 50, 60):  # inside the reference steps, before the alarm, after it, at an eval
         resumed = Monitor(MonitorConfig(reference_steps=3, action="stop"))
-        resumed.load_state_dict(whole.state_dict(before_step=cut))
-        for step, kl, batch in runs[cut:]:
+        resumed.load_state_dict(json.loads(json.dumps(whole.state_dict(before_step=cut))))
+        for step, kl, batch, evals in runs[cut:]:
+            if evals is not None and step > cut:  # the eval of the step resumed at is in the state
+                resumed.observe_eval_members(step, evals, batch.names)
             resumed.observe(step, kl, batch)
         assert resumed.logs() == pytest.approx(whole.logs()), cut
-        assert resumed.alarm == whole.alarm and resumed.series.disagreement == pytest.approx(whole.series.disagreement)
+        assert resumed.alarm == whole.alarm, cut
+        for name, values in vars(whole.series).items():
+            assert getattr(resumed.series, name) == pytest.approx(values, rel=1e-12), (cut, name)
+        assert resumed.eval_means.tolist() == whole.eval_means.tolist(), cut
     assert resumed.checkpoints == {30: whole.checkpoints[30]}
 
 
 def test_replay_of_the_logged_series_matches_the_online_alarm():
     monitor = Monitor(MonitorConfig())
-    for step, kl, batch in stream(True):
+    for step, kl, batch, evals in stream(True):
+        if evals is not None:
+            monitor.observe_eval_members(step, evals, batch.names)
         monitor.observe(step, kl, batch)
     s = monitor.series
-    records = [{"step": st, "kl": k, "disagreement": d, "proxy": p} for st, k, d, p in zip(s.steps, s.kl, s.disagreement, s.proxy)]
-    assert replay(MonitorConfig(), records).alarm == monitor.alarm
-    stricter = replay(MonitorConfig(thresholds={"disagreement_rise": 0.5}), records).alarm
+    records = [{"step": st, "kl": k, "disagreement": d, "proxy": p, "worst_member": w}
+               for st, k, d, p, w in zip(s.steps, s.kl, s.disagreement, s.proxy, s.worst)]
+    evals = list(zip(s.eval_steps, s.eval_worst))
+    assert replay(MonitorConfig(), records, evals=evals).alarm == monitor.alarm
+    assert vars(replay(MonitorConfig(), records, evals=evals).series) == vars(s)
+    stricter = replay(MonitorConfig(thresholds={"disagreement_rise": 0.5, "worst_member_drop": 0.5}), records,
+                      evals=evals).alarm
     assert stricter is None or stricter.step > monitor.alarm.step  # thresholds re-evaluated without retraining
 
 
@@ -199,7 +233,7 @@ def test_flat_reference_is_refused():
 
 def test_config_errors():
     with pytest.raises(ValidationError, match="every signal is off"):
-        MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None})
+        MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None, "worst_member_drop": None})
     with pytest.raises(ValidationError, match="gold_drop needs gold"):
         MonitorConfig(thresholds={"gold_drop": 0.1})
     with pytest.raises(ValidationError, match="exactly one of reward_config"):

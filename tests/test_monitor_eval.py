@@ -11,16 +11,18 @@ from evaluation import monitor_eval
 from evaluation.eval_files import EvalFile, EvalRow, write_eval_file
 from reward_plugins.io import DataError, write_json, write_jsonl
 
-CONFIG = {"window": 1, "patience": 1, "thresholds": {"divergence": None, "disagreement_rise": 0.1}, "action": "warn"}
+CONFIG = {"window": 1, "patience": 1, "action": "warn",
+          "thresholds": {"divergence": None, "disagreement_rise": 0.1, "worst_member_drop": None}}
 
 
 def make_run(path, gold, rising_from=None, action="warn", spread=0.1):
-    """60 steps at KL 0.1 per step; disagreement 0.3, rising 0.04 per step after `rising_from`; proxy 0.05 per step;
+    """60 steps at KL 0.1 per step; disagreement 0.3, rising 0.04 per step after `rising_from`; proxy and worst member
+    0.05 per step;
     an eval every 10 steps with the given gold means (two rows each, `spread` either side)."""
     records = []
     for step in range(60):
         d = 0.3 + (0.04 * (step - rising_from) if rising_from is not None and step > rising_from else 0.0)
-        records.append({"step": step, "kl": 0.1 * step, "disagreement": d, "proxy": 0.05 * step})
+        records.append({"step": step, "kl": 0.1 * step, "disagreement": d, "proxy": 0.05 * step, "worst_member": 0.05 * step})
     write_jsonl(path / "monitor" / "steps.jsonl", records)
     write_json(path / "monitor" / "config.json", {"config": {**CONFIG, "action": action}})
     for i, value in enumerate(gold):
@@ -43,8 +45,8 @@ def test_lead_hit_false_alarm_and_gold_kept_by_hand(runs):
     assert over.peak_kl == pytest.approx(2.0) and over.drop == pytest.approx(0.3) and over.budget == pytest.approx(5.9)
     assert over.lead == pytest.approx(1.3)
     assert not over.hit()  # 3.3 > 2.0 + 10 % of 5.9
-    # stop would keep the eval step with the best gold-free score among 0..30: the score before step s is the proxy
-    # at step s - 1 (flat disagreement), 0.05 (s - 1), so step 30, whose gold is 0.55
+    # stop would keep the eval step with the best gold-free score among 0..30: the score before step s is the worst
+    # member's level at step s - 1 (a window of 1), 0.05 (s - 1), so step 30, whose gold is 0.55
     assert over.kept_step == 30 and over.gold_of(30) == pytest.approx(0.55)
     assert control.alarm_step is None and control.drop == pytest.approx(0.0)
 
@@ -93,7 +95,8 @@ def test_errors_name_the_run(tmp_path):
         monitor_eval.evaluate_run(tmp_path)
     run = make_run(tmp_path / "r", [0.1])
     (run / "monitor" / "steps.jsonl").write_text(json.dumps({"step": 0, "kl": 0.0}) + "\n")
-    with pytest.raises(DataError, match=r"steps.jsonl:1: a record needs finite step, kl, disagreement and proxy"):
+    with pytest.raises(DataError, match=r"steps.jsonl:1: a record needs finite step, kl, disagreement, proxy, "
+                                        r"worst_member \(missing: disagreement, proxy, worst_member\)"):
         monitor_eval.evaluate_run(run)
 
 
@@ -104,3 +107,17 @@ def test_command_line_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "evaluation.monitor_eval", str(tmp_path / "missing")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no monitor/config.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_worst_member_drop_replayed_from_the_evals_and_stop_keeps_the_best_eval(runs):
+    over = runs[0]
+    write_jsonl(over / "monitor" / "evals.jsonl",
+                [{"step": 10 * i, "worst_member": w, "gold": None} for i, w in enumerate([0.0, 0.2, 0.4, 0.3, 0.1, -0.2])])
+    result = monitor_eval.evaluate_run(over, ["thresholds.worst_member_drop=0.15", "thresholds.disagreement_rise=null"])
+    # best 0.4 at step 20; 0.1 below it at step 30 (not over 0.15), 0.3 at step 40: the alarm, after step 39's KL
+    assert (result.alarm_step, result.signal) == (40, "worst_member_drop") and result.alarm_kl == pytest.approx(3.9)
+    # stop keeps the eval with the best worst member up to the alarm (step 20), whose gold is the peak, 0.6
+    assert result.kept_step == 20 and result.gold_of(20) == pytest.approx(result.peak_gold)
+    (over / "monitor" / "evals.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(DataError, match=r"evals.jsonl:1: a record needs step and worst_member"):
+        monitor_eval.evaluate_run(over)

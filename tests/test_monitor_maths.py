@@ -12,20 +12,21 @@ import pytest
 
 from reward_plugins.monitor import (
     MemberBatch, Monitor, MonitorConfig, MonitorError, disagreement, member_batch, member_keys, member_reference,
-    monitor_keys, per_kl, replay, slope,
+    eval_member_scores, monitor_keys, per_kl, replay, slope, worst_member,
 )
 from reward_plugins.types import RewardResult
 
-KEYS = ("kl", "disagreement", "disagreement_rise", "trend", "proxy", "proxy_trend", "divergence", "score")
-NO_ALARM = {"divergence": None, "disagreement_rise": 1e9}
+KEYS = ("kl", "disagreement", "disagreement_rise", "trend", "proxy", "proxy_trend", "divergence", "worst_member",
+        "eval_worst_member", "worst_member_drop", "score")
+NO_ALARM = {"divergence": None, "disagreement_rise": 1e9, "worst_member_drop": None}
 
 
 def fit(x, y) -> float:
     return float(np.polyfit(np.asarray(x, dtype=float), np.asarray(y, dtype=float), 1)[0])
 
 
-def expected_signals(steps, kl, d, p, *, window, reference_steps, min_kl_rise, weight):
-    """Every signal after the last of these steps, from the definitions in the module's docstring."""
+def expected_signals(steps, kl, d, p, w, *, window, reference_steps, min_kl_rise, weight):
+    """Every signal after the last of these steps (no eval yet), from the definitions in the module's docstring."""
     n = len(steps)
     full = n >= max(window, reference_steps)
     reference = float(np.mean(d[:reference_steps])) if n >= reference_steps else 0.0
@@ -40,8 +41,8 @@ def expected_signals(steps, kl, d, p, *, window, reference_steps, min_kl_rise, w
     trend, proxy_trend = per_nat(dw), per_nat(pw)
     return {"kl": kl[-1], "disagreement": d[-1], "disagreement_rise": float(np.mean(dw)) - reference,
             "trend": trend, "proxy": p[-1], "proxy_trend": proxy_trend,
-            "divergence": weight * trend - proxy_trend if full else 0.0,
-            "score": float(np.mean([pi - weight * (di - reference) for pi, di in zip(pw, dw)]))}
+            "divergence": weight * trend - proxy_trend if full else 0.0, "worst_member": w[-1],
+            "eval_worst_member": 0.0, "worst_member_drop": 0.0, "score": sum(w[-window:]) / len(w[-window:])}
 
 
 # ---------------------------------------------------------------- pure functions
@@ -100,6 +101,17 @@ def test_disagreement_against_a_loop_over_samples():
     # integer scores and lists work alike
     assert disagreement([[1, 3], [2, 6]], [2, 4], [1, 2]) == 0.0
     assert disagreement([[3, 3], [2, 6]], [2, 4], [1, 2]) == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_worst_member_against_a_loop_over_members():
+    rng = np.random.default_rng(8)
+    scores = rng.normal(0, 3, (4, 7))
+    means, stds = rng.normal(0, 1, 4), rng.uniform(0.5, 2, 4)
+    member_means = [sum((scores[i, j] - means[i]) / stds[i] for j in range(7)) / 7 for i in range(4)]
+    assert worst_member(scores, means, stds) == pytest.approx(min(member_means), rel=1e-12)
+    # by hand: member a scores 1, 3 (mean 2, z 0); member b 2, 6 standardised by (2, 2): 0, 2 (mean 1); worst is a
+    assert worst_member([[1, 3], [2, 6]], [2, 2], [1, 2]) == 0.0
+    assert worst_member([[1, 3], [0, 2]], [0, 2], [1, 2]) == pytest.approx(-0.5)  # a: 1, 3 -> mean 2; b: -1, 0 -> -0.5
 
 
 def test_member_reference_pools_batches_of_different_sizes():
@@ -168,7 +180,7 @@ def test_a_fresh_monitor_logs_zeros_and_a_kl_scale_of_one():
     plain = Monitor(MonitorConfig())
     assert plain.logs() == {**dict.fromkeys(monitor_keys(False), 0.0), "monitor/kl_scale": 1.0}
     assert plain.alarm is None and plain.score == 0.0 and plain.best_checkpoint() is None and plain.kl_scale == 1.0
-    assert plain.streaks == dict.fromkeys(("gold_drop", "divergence", "trend", "disagreement_rise"), 0)
+    assert plain.streaks == dict.fromkeys(("gold_drop", "worst_member_drop", "divergence", "trend", "disagreement_rise"), 0)
     assert plain.signal_values() == {**dict.fromkeys(KEYS, 0.0), "alarm": 0.0, "kl_scale": 1.0}  # before any step
     assert plain.means is None and plain.stds is None and (plain.proxy_mean, plain.proxy_std) == (0.0, 0.0)  # no reference yet
     gold = MonitorConfig(gold={"function": "m:f"})
@@ -181,6 +193,7 @@ STEPS = [0, 1, 2, 4, 5, 6, 8, 9]
 KL = [0.0, 0.1, 0.15, 0.16, 0.17, 0.6, 0.62, 0.9]  # a plateau (steps 4-6 rose < 0.05) between rises
 DIS = [0.2, 0.4, 0.3, 0.6, 0.5, 0.9, 1.0, 0.8]
 PROXY = [0.0, 0.5, 0.4, 1.0, 1.4, 1.2, 1.1, 2.0]
+WORST = [0.0, 0.3, 0.1, 0.5, -0.2, -0.4, 0.2, 0.6]
 
 
 @pytest.mark.parametrize(("window", "reference_steps"), [(3, 2), (2, 4), (8, 1)])
@@ -188,8 +201,8 @@ def test_every_signal_at_every_step_of_a_fixed_stream(window, reference_steps):
     config = MonitorConfig(window=window, reference_steps=reference_steps, divergence_weight=1.5, thresholds=NO_ALARM)
     monitor = Monitor(config)
     for n in range(1, len(STEPS) + 1):
-        monitor.observe_signals(STEPS[n - 1], KL[n - 1], DIS[n - 1], PROXY[n - 1])
-        want = expected_signals(STEPS[:n], KL[:n], DIS[:n], PROXY[:n], window=window,
+        monitor.observe_signals(STEPS[n - 1], KL[n - 1], DIS[n - 1], PROXY[n - 1], WORST[n - 1])
+        want = expected_signals(STEPS[:n], KL[:n], DIS[:n], PROXY[:n], WORST[:n], window=window,
                                 reference_steps=reference_steps, min_kl_rise=0.05, weight=1.5)
         logs = monitor.logs()
         assert {key: logs["monitor/" + key] for key in KEYS} == pytest.approx(want, abs=1e-12), n
@@ -200,9 +213,9 @@ def test_every_signal_at_every_step_of_a_fixed_stream(window, reference_steps):
 def test_the_plateau_gate_and_the_trend_per_nat_by_hand():
     monitor = Monitor(MonitorConfig(window=3, thresholds=NO_ALARM))
     for step, kl, d, p in zip(STEPS[:5], KL[:5], DIS[:5], PROXY[:5]):
-        monitor.observe_signals(step, kl, d, p)
+        monitor.observe_signals(step, kl, d, p, 0.0)
     assert monitor.logs()["monitor/trend"] == 0.0  # steps 2, 4, 5: KL fitted to rise 0.019 < 0.05
-    monitor.observe_signals(STEPS[5], KL[5], DIS[5], PROXY[5])
+    monitor.observe_signals(STEPS[5], KL[5], DIS[5], PROXY[5], 0.0)
     # steps 4, 5, 6: KL slope 0.22 per step, disagreement's 0.15, the proxy's 0.1
     assert monitor.logs()["monitor/trend"] == pytest.approx(0.15 / 0.22)
     assert monitor.logs()["monitor/proxy_trend"] == pytest.approx(0.1 / 0.22)
@@ -210,16 +223,22 @@ def test_the_plateau_gate_and_the_trend_per_nat_by_hand():
 
 def test_monitor_values_with_gold_score_the_latest_gold():
     monitor = Monitor(MonitorConfig(window=2, gold={"function": "m:f"}, thresholds=NO_ALARM))
-    monitor.observe_signals(0, 0.0, 0.1, 0.0)
-    assert monitor.logs()["monitor/score"] == 0.0  # no gold yet: the penalised proxy (0 - 2 x 0)
+    monitor.observe_signals(0, 0.0, 0.1, 0.0, -0.5)
+    assert monitor.logs()["monitor/score"] == -0.5  # no gold, no eval yet: the worst member over the window
+    monitor.observe_eval_worst(1, 0.3)
+    assert monitor.logs()["monitor/score"] == 0.3  # an eval's worst member
     monitor.observe_gold(1, 0.7)
-    monitor.observe_signals(1, 0.1, 0.3, 1.0)
+    monitor.observe_signals(1, 0.1, 0.3, 1.0, 0.25)
     assert monitor.score == 0.7 and monitor.logs()["monitor/gold"] == 0.7
+    monitor.observe_eval_worst(2, -0.2)
+    assert monitor.score == 0.7  # gold outranks the members
     without = Monitor(MonitorConfig(window=2, thresholds=NO_ALARM), has_gold=False)
-    without.observe_signals(0, 0.0, 0.1, 0.0)
+    without.observe_signals(0, 0.0, 0.1, 0.0, -0.5)
     without.observe_gold(1, 0.7)
-    without.observe_signals(1, 0.1, 0.3, 1.0)
-    assert without.score == pytest.approx(np.mean([0.0, 1.0 - 2 * 0.2]))  # gold not part of this run's score
+    without.observe_signals(1, 0.1, 0.3, 1.0, 0.25)
+    assert without.score == pytest.approx((-0.5 + 0.25) / 2)  # gold not part of this run's score
+    without.observe_eval_worst(2, 0.125)
+    assert without.score == 0.125
 
 
 def test_member_scores_standardised_by_the_pooled_reference_steps():
@@ -240,6 +259,7 @@ def test_member_scores_standardised_by_the_pooled_reference_steps():
     want_proxy = [(p.mean() - reference_proxy.mean()) / reference_proxy.std() for p in proxies]
     assert monitor.series.disagreement == pytest.approx(want, rel=1e-12)  # the reference steps rewritten too
     assert monitor.series.proxy == pytest.approx(want_proxy, rel=1e-12)
+    assert monitor.series.worst == pytest.approx([float(((b - m) / s).mean(axis=1).min()) for b in batches], rel=1e-12)
     assert monitor.reference_disagreement == pytest.approx(np.mean(want[:3]), rel=1e-12)
     assert monitor.logs()["monitor/disagreement_rise"] == pytest.approx(np.mean(want[2:]) - np.mean(want[:3]))
 
@@ -261,8 +281,8 @@ def test_provisional_values_use_the_reference_steps_so_far():
 def first_fire(config: MonitorConfig, rows) -> tuple[int | None, Monitor]:
     monitor = Monitor(config)
     fired = None
-    for step, kl, d, p in rows:
-        alarm = monitor.observe_signals(step, kl, d, p)
+    for step, kl, d, p, *worst in rows:  # the worst member's score is 0 unless a row gives it
+        alarm = monitor.observe_signals(step, kl, d, p, worst[0] if worst else 0.0)
         if alarm is not None:
             assert fired is None, "the alarm fired twice"
             fired = step
@@ -286,6 +306,68 @@ def test_disagreement_rise_needs_no_full_window_but_a_complete_reference():
     fired, monitor = first_fire(MonitorConfig(window=1, reference_steps=3, patience=1, thresholds=rise), rows)
     assert fired == 2 and monitor.alarm.value == pytest.approx(5 / 3) and monitor.alarm.threshold == 0.1
     assert first_fire(MonitorConfig(window=1, reference_steps=3, patience=2, thresholds=rise), rows)[0] == 3
+
+
+def test_worst_member_drop_fires_at_the_eval_below_its_best_by_hand():
+    config = MonitorConfig(thresholds={"divergence": None, "disagreement_rise": None, "worst_member_drop": 0.5})
+    monitor = Monitor(config)
+    names = ("a", "b")
+    # the first eval fixes each member's scale: a 1, 3 (mean 2, std 1); b 0, 4 (mean 2, std 2); both z-means are 0
+    assert monitor.observe_eval_members(0, [[1.0, 3.0], [0.0, 4.0]], names) is None
+    assert monitor.logs()["monitor/eval_worst_member"] == 0.0 and monitor.logs()["monitor/worst_member_drop"] == 0.0
+    monitor.observe_signals(0, 0.25, 0.0, 0.0, 0.0)
+    # a 4, 4 -> z 2, 2 (mean 2); b 4, 6 -> z 1, 2 (mean 1.5): the worst is b, 1.5
+    assert monitor.observe_eval_members(5, [[4.0, 4.0], [4.0, 6.0]], names) is None
+    assert monitor.logs()["monitor/eval_worst_member"] == 1.5 and monitor.score == 1.5
+    monitor.observe_signals(5, 0.5, 0.0, 0.0, 0.0)
+    # a 6, 8 -> z 4, 5 (mean 4.5); b 2, 4 -> z 0, 1 (mean 0.5): worst 0.5, 1.0 below the best eval (1.5)
+    alarm = monitor.observe_eval_members(10, [[6.0, 8.0], [2.0, 4.0]], names)
+    assert (alarm.step, alarm.kl, alarm.signal, alarm.value, alarm.threshold) == (10, 0.5, "worst_member_drop", 1.0, 0.5)
+    assert monitor.logs()["monitor/worst_member_drop"] == 1.0 and monitor.logs()["monitor/alarm"] == 1.0
+    assert monitor.observe_eval_worst(15, -3.0) is None and monitor.alarm is alarm  # it fires once
+    monitor.observe_signals(15, 0.75, 0.0, 0.0, 0.0)  # a step after an eval keeps the eval's values
+    logs = monitor.logs()
+    assert (logs["monitor/eval_worst_member"], logs["monitor/worst_member_drop"], logs["monitor/score"]) == (-3.0, 4.5, -3.0)
+    # a drop of exactly the threshold does not fire; a rising worst member never does
+    edge = Monitor(config)
+    assert edge.observe_eval_worst(0, 1.0) is None and edge.observe_eval_worst(5, 0.5) is None
+    rising = Monitor(MonitorConfig(thresholds={"worst_member_drop": 1e-9}))
+    assert all(rising.observe_eval_worst(step, 0.1 * step) is None for step in range(10))
+
+
+def test_eval_members_refusals_word_for_word():
+    monitor = Monitor(MonitorConfig())
+    assert refusal(lambda: monitor.observe_eval_members(3, [[1.0, 2.0]], ("a",))) == (
+        "step 3: eval member scores must be (k >= 2 members, n >= 2 samples); got (1, 2)")
+    assert refusal(lambda: monitor.observe_eval_members(3, [[1.0], [2.0]], ("a", "b"))) == (
+        "step 3: eval member scores must be (k >= 2 members, n >= 2 samples); got (2, 1)")
+    assert refusal(lambda: monitor.observe_eval_members(3, [[1.0, 1.0], [2.0, 3.0]], ("a", "b"))) == (
+        "step 3: member(s) a gave every eval sample the same score, so there is no scale to standardise by; use more "
+        "eval prompts or samples")
+    assert refusal(lambda: monitor.observe_eval_members(3, [[1.0, 1.0], [2.0, 2.0], [0.0, 1.0]], ("a", "b", "c"))) \
+        .startswith("step 3: member(s) a, b gave every eval sample the same score")
+    assert refusal(lambda: monitor.observe_eval_worst(4, math.nan)) == "step 4: the eval's worst member score is nan"
+    assert monitor.series.eval_steps == [] and monitor.eval_means is None
+
+
+def test_the_eval_reference_travels_with_the_evals_it_came_from():
+    monitor = Monitor(MonitorConfig(thresholds=NO_ALARM))
+    for step in range(3):
+        monitor.observe_signals(step, 0.1 * step, 0.0, 0.0, 0.0)
+    monitor.observe_eval_members(3, [[1.0, 3.0], [0.0, 4.0]], ("a", "b"))  # the first eval: means 2, 2; stds 1, 2
+    assert monitor.state_dict(before_step=2)["eval_reference"] is None  # a resume there redoes the eval of step 3
+    assert monitor.state_dict(before_step=3)["eval_reference"] == {"means": [2.0, 2.0], "stds": [1.0, 2.0]}
+    resumed = Monitor(MonitorConfig(thresholds=NO_ALARM))
+    resumed.load_state_dict(monitor.state_dict(before_step=3))
+    assert resumed.eval_means.tolist() == [2.0, 2.0] and resumed.series.eval_worst == [0.0]
+    assert resumed.observe_eval_members(8, [[3.0, 3.0], [2.0, 6.0]], ("a", "b")) is None
+    assert resumed.series.eval_worst == [0.0, 1.0]  # a: z 1, 1; b: z 0, 2 -- standardised by the restored reference
+
+
+def test_eval_member_scores_leave_out_samples_without_every_member():
+    rows = [{"a": 1.0, "b": 2.0, "x": 9.0}, None, {"a": 3.0}, {"b": 5.0, "a": 4.0}]
+    assert eval_member_scores(rows, ("a", "b")).tolist() == [[1.0, 4.0], [2.0, 5.0]]
+    assert eval_member_scores([None, {}], ("a", "b")).shape == (2, 0)
 
 
 def test_a_value_equal_to_its_threshold_does_not_count():
@@ -325,7 +407,7 @@ def test_gold_drop_fires_strictly_beyond_its_threshold_and_only_once():
     assert monitor.observe_gold(3, -1.0) is None and monitor.alarm is alarm
     # the best so far is the reference: a rise then a fall from the new best
     later = Monitor(config)
-    later.observe_signals(0, 0.3, 0.0, 0.0)
+    later.observe_signals(0, 0.3, 0.0, 0.0, 0.0)
     assert later.observe_gold(0, 0.0) is None and later.observe_gold(1, 1.0) is None
     alarm = later.observe_gold(2, 0.7)
     assert alarm is not None and alarm.value == pytest.approx(0.3) and alarm.kl == 0.3
@@ -335,10 +417,10 @@ def test_an_alarm_set_by_gold_blocks_the_signals_alarm():
     config = MonitorConfig(window=1, patience=1, thresholds={"disagreement_rise": 0.1, "gold_drop": 0.1},
                            gold={"function": "m:f"})
     monitor = Monitor(config)
-    monitor.observe_signals(0, 0.0, 0.0, 0.0)
+    monitor.observe_signals(0, 0.0, 0.0, 0.0, 0.0)
     monitor.observe_gold(1, 1.0)
     assert monitor.observe_gold(1, 0.5).signal == "gold_drop"
-    assert monitor.observe_signals(1, 0.1, 3.0, 0.0) is None and monitor.alarm.signal == "gold_drop"
+    assert monitor.observe_signals(1, 0.1, 3.0, 0.0, 0.0) is None and monitor.alarm.signal == "gold_drop"
 
 
 def test_kl_scale_compounds():
@@ -368,7 +450,7 @@ def test_refusals_word_for_word():
     assert monitor.series.steps == [] and monitor.series.gold == []  # nothing recorded by a refused call
     monitor.observe(4, 0.1, good)
     for step in (4, 2):
-        assert refusal(lambda step=step: monitor.observe_signals(step, 0.1, 0.0, 0.0)) == (
+        assert refusal(lambda step=step: monitor.observe_signals(step, 0.1, 0.0, 0.0, 0.0)) == (
             f"step {step} comes after step 4; steps must increase")
     assert monitor.series.steps == [4]
     tail = "gave every reference sample the same score, so there is no scale to standardise by; " \
@@ -442,7 +524,7 @@ def snapshot(monitor: Monitor) -> dict:
 @pytest.mark.parametrize("reference_steps", [1, 3])
 def test_resume_from_each_checkpoint_continues_the_stream_identically(reference_steps):
     config = MonitorConfig(reference_steps=reference_steps, window=5, patience=2, action="adapt_kl",
-                           thresholds={"divergence": None, "disagreement_rise": 1.0, "gold_drop": 0.12},
+                           thresholds={"divergence": None, "disagreement_rise": 1.0, "gold_drop": 0.12, "worst_member_drop": None},
                            gold={"function": "m:f"})
     runs = list(training())
     whole, states = Monitor(config), {}
@@ -488,7 +570,8 @@ def test_streaks_of_the_last_reference_step_survive_a_resume():
 
 
 def test_a_hand_edited_state_with_a_flat_reference_is_refused():
-    state = {"series": {"steps": [4], "kl": [0.0], "disagreement": [0.0], "proxy": [0.0], "gold_steps": [], "gold": []},
+    state = {"series": {"steps": [4], "kl": [0.0], "disagreement": [0.0], "proxy": [0.0], "worst": [0.0],
+                        "gold_steps": [], "gold": []},
              "reference": [{"step": 4, "scores": [[1.0, 1.0], [0.0, 2.0]], "proxy": [0.0, 1.0], "names": ["a", "b"]}],
              "kl_scalings": [], "checkpoints": {}}
     assert refusal(lambda: Monitor(MonitorConfig()).load_state_dict(state)).startswith(
@@ -497,12 +580,13 @@ def test_a_hand_edited_state_with_a_flat_reference_is_refused():
 
 def records_of(monitor: Monitor) -> list[dict[str, float]]:
     s = monitor.series
-    return [{"step": st, "kl": k, "disagreement": d, "proxy": p} for st, k, d, p in zip(s.steps, s.kl, s.disagreement, s.proxy)]
+    return [{"step": st, "kl": k, "disagreement": d, "proxy": p, "worst_member": w}
+            for st, k, d, p, w in zip(s.steps, s.kl, s.disagreement, s.proxy, s.worst)]
 
 
 def test_replay_equals_the_online_run_with_gold_seen_before_its_step():
     config = MonitorConfig(reference_steps=2, window=5, patience=2,
-                           thresholds={"disagreement_rise": None, "divergence": 0.5, "gold_drop": 0.12},
+                           thresholds={"disagreement_rise": None, "divergence": 0.5, "gold_drop": 0.12, "worst_member_drop": None},
                            gold={"function": "m:f"})
     online = Monitor(config)
     logs = drive(online, training())
@@ -517,7 +601,7 @@ def test_replay_equals_the_online_run_with_gold_seen_before_its_step():
 def test_replay_takes_gold_after_the_last_record_and_knows_whether_it_has_gold():
     config = MonitorConfig(thresholds={"disagreement_rise": None, "divergence": 1.0, "gold_drop": 0.1},
                            gold={"function": "m:f"})
-    records = [{"step": s, "kl": 0.1 * s, "disagreement": 0.0, "proxy": 0.0} for s in range(3)]
+    records = [{"step": s, "kl": 0.1 * s, "disagreement": 0.0, "proxy": 0.0, "worst_member": 0.0} for s in range(3)]
     monitor = replay(config, records, [(0, 1.0), (7, 0.5)])
     assert monitor.alarm.step == 7 and monitor.alarm.kl == pytest.approx(0.2) and monitor.series.gold_steps == [0, 7]
     assert "monitor/gold" in replay(config, records, [(0, 1.0)]).logs()

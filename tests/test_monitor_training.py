@@ -23,7 +23,7 @@ from reward_plugins.monitor import monitor_keys
 from setup_data import synthetic_task as st
 from trl_ext import train
 
-ALWAYS = {"divergence": -1000.0, "disagreement_rise": None}  # from the first full window: fires at step window+patience-2
+ALWAYS = {"divergence": -1000.0, "disagreement_rise": None, "worst_member_drop": None}  # fires at step window+patience-2
 
 
 @pytest.fixture()
@@ -70,9 +70,10 @@ def test_ppo_stop_keeps_the_best_checkpoint_and_resuming_from_it_works(tmp_path,
     assert len(alarm_lines) == 1 and "step 2," in alarm_lines[0] and "divergence" in alarm_lines[0]
     stop = json.loads((out / "monitor" / "stop.json").read_text())
     assert stop["kept_step"] == 2 and stop["kept_checkpoint"] == str(out / "checkpoint-2")
-    assert stop["scores"] == {"1": 0.3, "2": 0.5}  # checkpoint-2 saved again at the alarm: the same policy
+    # checkpoint-0 is the initial policy (saved for `stop`); checkpoint-2 saved again at the alarm: the same policy
+    assert stop["scores"] == {"0": 0.1, "1": 0.3, "2": 0.5}
     assert f"kept {out / 'checkpoint-2'}" in err
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-1", "checkpoint-2"]
     # the run ended at the alarm, before step 2's update; its final model is the kept checkpoint's policy
     assert [r["step"] for r in records(out / "metrics.jsonl")] == [1, 2]
     kept, got = load_file(out / "checkpoint-2" / "policy" / "model.safetensors"), load_file(final / "model.safetensors")
@@ -217,3 +218,54 @@ def test_member_batches_are_packed_on_the_device_they_are_gathered_on():
     both = np.concatenate([packed.numpy(), pack_member_batch(None, batch.names, 4, "cpu").numpy()])  # a second rank
     merged = unpack_member_batch(both, batch.names)
     assert merged.scores.tolist() == batch.scores.tolist() and merged.proxy.tolist() == [0.5, 0.25]
+
+
+def test_ppo_evals_give_the_shadows_worst_member_on_the_eval_answers(tmp_path, lm_dir, files, capsys):
+    """evals.jsonl against the shadow's scores of each eval file's answers, standardised by hand by the first eval."""
+    import numpy as np
+
+    from reward_plugins.pipeline import RewardPipeline
+    from reward_plugins.types import Sample
+
+    monitor = {"shadow": str(files["shadow"]), "thresholds": {"divergence": None, "disagreement_rise": None,
+                                                             "worst_member_drop": 1e-9}}
+    train.run(ppo_config(tmp_path, lm_dir, files, monitor, max_steps=4, save_steps=0))
+    out = tmp_path / "ppo"
+    logged = records(out / "monitor" / "evals.jsonl")
+    eval_files = [read_eval_file(p) for p in list_eval_files(out / "eval")]
+    assert [r["step"] for r in logged] == [f.step for f in eval_files] == [0, 1, 2, 3, 4]
+    keys = json.loads((out / "monitor" / "config.json").read_text())["member_keys"]
+    shadow = RewardPipeline.from_yaml(files["shadow"])
+    scores = [np.array([[r.components[k] for r in shadow.score([Sample(row.prompt, row.answer) for row in f.rows]).results]
+                        for k in keys]) for f in eval_files]
+    means, stds = scores[0].mean(axis=1), scores[0].std(axis=1)
+    worst = [min(((s[i] - means[i]) / stds[i]).mean() for i in range(len(keys))) for s in scores]
+    assert [r["worst_member"] for r in logged] == pytest.approx(worst, abs=1e-9)
+    assert all(r["gold"] is None for r in logged)  # no gold configured
+    falls = [i for i in range(1, len(worst)) if max(worst[:i]) - worst[i] > 1e-9 and i < len(worst) - 1]
+    alarm_lines = [line for line in capsys.readouterr().err.splitlines() if "ALARM" in line]
+    if falls:  # the final eval comes after the last step: an alarm there changes nothing
+        assert len(alarm_lines) == 1 and f"ALARM at step {falls[0]}," in alarm_lines[0] and "worst_member_drop" in alarm_lines[0]
+    else:
+        assert alarm_lines == []
+
+
+def test_ppo_acts_on_an_alarm_raised_at_an_eval(tmp_path, lm_dir, files, capsys):
+    """worst_member_drop fires at the eval of step 1 (the shadow's worst member falls from step 0's, see above);
+    `stop` acts at step 1's batch, before it is learnt, and keeps the better of the checkpoints saved: the initial
+    policy (checkpoint-0, worst member 0 by definition) over step 1's (below 0); the final model is the initial one."""
+    monitor = {"shadow": str(files["shadow"]), "action": "stop",
+               "thresholds": {"divergence": None, "disagreement_rise": None, "worst_member_drop": 1e-9}}
+    train.run(ppo_config(tmp_path, lm_dir, files, monitor, max_steps=4, save_steps=2))
+    out = tmp_path / "ppo"
+    evals = records(out / "monitor" / "evals.jsonl")
+    assert [r["step"] for r in evals] == [0, 1] and evals[1]["worst_member"] < evals[0]["worst_member"]
+    stop = json.loads((out / "monitor" / "stop.json").read_text())
+    assert stop["alarm"]["step"] == 1 and stop["alarm"]["signal"] == "worst_member_drop"
+    assert stop["scores"] == pytest.approx({"0": 0.0, "1": evals[1]["worst_member"]}, abs=1e-12)
+    assert stop["kept_step"] == 0 and evals[0]["worst_member"] == pytest.approx(0.0, abs=1e-12)
+    assert [r["step"] for r in records(out / "metrics.jsonl")] == [1]  # step 1's batch was not learnt
+    assert "ALARM at step 1," in capsys.readouterr().err
+    initial = load_file(lm_dir / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert set(initial) == set(final) and all(torch.equal(initial[k], final[k]) for k in initial)

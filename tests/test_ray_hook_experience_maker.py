@@ -433,7 +433,7 @@ def test_patch_wraps_the_plain_trainer_class_evaluate():
 
 # ---------------------------------------------------------------- the over-optimisation monitor in the hook
 
-ALWAYS = {"divergence": -1000.0, "disagreement_rise": None}  # over it from the first full window (step 1 with window 2)
+ALWAYS = {"divergence": -1000.0, "disagreement_rise": None, "worst_member_drop": None}  # over it from the first full window (step 1 with window 2)
 
 
 def monitor_settings(tmp_path, action, **extra):
@@ -482,6 +482,15 @@ def test_monitor_logs_every_step_and_adapt_kl_raises_the_controller(ray_session,
     assert steps[-1]["kl"] == pytest.approx(manual_kl, rel=1e-5)
     written = read_eval_file(list_eval_files(tmp_path / "eval")[-1])
     assert set(written.meta["monitor"]) == set(monitor_keys(False))
+    # each eval's worst member: the eval rows' member components, standardised by the first eval's, by hand
+    evals = [json.loads(line) for line in (tmp_path / "ckpt" / "monitor" / "evals.jsonl").read_text().splitlines()]
+    eval_files = [read_eval_file(p) for p in list_eval_files(tmp_path / "eval")]
+    members = json.loads((tmp_path / "ckpt" / "monitor" / "config.json").read_text())["member_keys"]
+    scores = [np.array([[row.components[k] for row in f.rows] for k in members]) for f in eval_files]
+    means, stds = scores[0].mean(axis=1), scores[0].std(axis=1)
+    assert [r["step"] for r in evals] == [f.step for f in eval_files] and len(evals) == 3
+    assert [r["worst_member"] for r in evals] == pytest.approx(
+        [min(((x[i] - means[i]) / stds[i]).mean() for i in range(len(members))) for x in scores], abs=1e-9)
 
 
 def test_monitor_stop_saves_keeps_and_resumes_through_the_trainer(ray_session, models, models_env, tmp_path):

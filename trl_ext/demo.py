@@ -162,6 +162,11 @@ class DemoConfig(BaseModel):
     monitor_patience: int = Field(default=5, gt=0)
     monitor_divergence: float | None = 1.0
     monitor_disagreement_rise: float | None = Field(default=0.05, gt=0)
+    monitor_worst_member_drop: float | None = Field(default=0.1, gt=0)  # at evals, on the eval prompts
+    # warn: the demo measures when the monitor would act (evaluation.monitor_eval replays `stop`); the others act,
+    # with a checkpoint at every eval for `stop` to choose from
+    monitor_action: Literal["warn", "checkpoint", "adapt_kl", "stop"] = "warn"
+    monitor_kl_factor: float = Field(default=2.0, gt=1)  # adapt_kl multiplies rl_kl_coef by this
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoConfig:
@@ -224,7 +229,7 @@ STAGES: list[Stage] = [
     Stage("rl", ("threads", "rl_objectives", "rl_seeds", "rl_steps", "rl_batch", "rl_mini_batch", "rl_epochs", "rl_lr",
                  "rl_kl_coef", "rl_vf_coef", "rl_value_init", "missing_eos_penalty", "eval_every", "max_new_tokens",
                  "temperature", "monitor_reference_steps", "monitor_window", "monitor_patience", "monitor_divergence",
-                 "monitor_disagreement_rise"),
+                 "monitor_disagreement_rise", "monitor_worst_member_drop", "monitor_action", "monitor_kl_factor"),
           after=("data", "sft", "pairs", "rms"), folder="rl",
           reads_if={"rl_uwo_weight": ("rl_objectives includes uwo", uses_uwo)}),
     Stage("gold", (), after=("rl",), marker="rl/gold.json", version=2),
@@ -556,13 +561,13 @@ def shadow_reward(cfg: DemoConfig, paths: Paths) -> Path:
 
 
 def monitor_section(cfg: DemoConfig, paths: Paths, objective: str) -> dict[str, Any]:
-    """The run's `monitor:` section (action warn: the demo measures when it would act; evaluation.monitor_eval
-    replays it)."""
+    """The run's `monitor:` section (evaluation.monitor_eval replays it)."""
     return {"shadow": str(shadow_reward(cfg, paths)) if objective == "single_rm" else None,
             "reference_steps": cfg.monitor_reference_steps, "window": cfg.monitor_window, "patience": cfg.monitor_patience,
-            "thresholds": {"divergence": cfg.monitor_divergence, "trend": None,
-                           "disagreement_rise": cfg.monitor_disagreement_rise, "gold_drop": None},
-            "action": "warn", "gold": {"function": "setup_data.synthetic_task:gold_rewards"}}
+            "thresholds": {"worst_member_drop": cfg.monitor_worst_member_drop, "divergence": cfg.monitor_divergence,
+                           "trend": None, "disagreement_rise": cfg.monitor_disagreement_rise, "gold_drop": None},
+            "action": cfg.monitor_action, "kl_factor": cfg.monitor_kl_factor,
+            "gold": {"function": "setup_data.synthetic_task:gold_rewards"}}
 
 
 def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> TrainConfig:
@@ -578,7 +583,8 @@ def rl_config(cfg: DemoConfig, paths: Paths, objective: str, seed: int) -> Train
              "ppo_epochs": cfg.rl_epochs, "learning_rate": cfg.rl_lr, "max_new_tokens": cfg.max_new_tokens,
              "temperature": cfg.temperature, "kl_coef": cfg.rl_kl_coef, "vf_coef": cfg.rl_vf_coef,
              "missing_eos_penalty": cfg.missing_eos_penalty, "logging_steps": 5, "sample_rows": 0,
-             "value_init": cfg.rl_value_init, "value_model": value_model},
+             "value_init": cfg.rl_value_init, "value_model": value_model,
+             "save_steps": cfg.eval_every if cfg.monitor_action in ("checkpoint", "stop") else 0},
         monitor=monitor_section(cfg, paths, objective),
     )
 
@@ -658,9 +664,8 @@ def stage_report(cfg: DemoConfig, paths: Paths) -> None:
     seconds.update({f"{kind} (one model)": json.loads((paths.cheap(kind) / rm_mod.EVAL_FILE).read_text())["train_seconds"]
                     for kind in cfg.cheap_ensembles})
     text += "\n".join(report_mod.cheap_section(curves, list(CHEAP_OBJECTIVES), train_seconds=seconds)) + "\n"
-    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL), cfg.monitor_reference_steps,
-                                       cfg.monitor_window, cfg.monitor_patience, cfg.monitor_divergence,
-                                       cfg.monitor_disagreement_rise)
+    text += report_mod.monitor_section(monitor_eval.summary(results, [], report_mod.FALL),
+                                       monitor_section(cfg, paths, "single_rm"))
     (paths.out / "report.md").write_text(text)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,14 +278,16 @@ def examples(curves: Mapping[str, Sequence[RunCurve]], baseline: str = "single_r
     return lines
 
 
-def monitor_section(table: str, reference_steps: int, window: int, patience: int, divergence: float | None,
-                    disagreement_rise: float | None) -> str:
-    """The monitor's table from `evaluation.monitor_eval.summary` under a heading that says its settings."""
-    return ("\n## The over-optimisation monitor on every PPO run (evaluation.monitor_eval; action warn; a single-RM run "
+def monitor_section(table: str, settings: Mapping[str, Any]) -> str:
+    """The monitor's table from `evaluation.monitor_eval.summary` under a heading that says its settings (a run's
+    `monitor:` section)."""
+    steps = ", ".join(f"{key} {settings[key]}" for key in ("reference_steps", "window", "patience"))
+    thresholds = ", ".join(f"{key} {value}" for key, value in settings["thresholds"].items() if value is not None)
+    return (f"\n## The over-optimisation monitor on every PPO run (evaluation.monitor_eval; action {settings['action']}; "
+            "a single-RM run "
             "watched by a shadow ensemble of all proxy RMs, an ensemble run by its own members; KL is the training "
-            f"batch's; reference steps {reference_steps}, window {window}, patience {patience}, thresholds divergence {divergence}, disagreement_rise "
-            f"{disagreement_rise}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, any other is a "
-            "control)\n\n" + table)
+            f"batch's; {steps}; thresholds {thresholds}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, "
+            "any other is a control)\n\n" + table)
 
 
 def cheap_section(curves: Mapping[str, Sequence[RunCurve]], cheap: Sequence[str], full: str = "uwo",

@@ -121,7 +121,7 @@ class EvalFileCallback(TrainerCallback):
         """Gold for every row (when the monitor has gold) and the monitor's values, into the eval file."""
         samples = [Sample(prompt=row.prompt, response=row.answer, label=label)
                    for row, label in zip(eval_file.rows, self.labels, strict=True)]
-        gold = self.monitor.score_gold(step, samples)
+        gold = self.monitor.score_eval(step, samples, [row.components for row in eval_file.rows])
         for row, value in zip(eval_file.rows, gold or []):
             row.gold_score = value
         eval_file.meta.update(self.monitor.eval_meta())

@@ -459,6 +459,8 @@ def train_ppo(cfg: TrainConfig, inputs: RunInputs, mode: ResumeMode = "auto") ->
 
     if start_step == 0:
         evaluate(0)
+        if monitor is not None and monitor.config.action == "stop":
+            save(0, state)  # the initial policy: what `stop` keeps when no later checkpoint scores better
     began, episodes_at_start = time.perf_counter(), int(state["episode"])
     bar, record = progress_bar(ppo.max_steps, start_step), {}
     stopped: Alarm | None = None
