@@ -246,3 +246,26 @@ def test_config_errors():
         MonitorConfig(members=["a", "a"])
     with pytest.raises(ValidationError, match="path does not exist"):
         MonitorConfig(shadow="/nonexistent/shadow.yaml")
+
+
+def test_session_hands_an_eval_alarm_to_the_next_step_once(tmp_path, capsys):
+    from reward_plugins.monitor_session import MonitorSession
+    from reward_plugins.types import Sample
+
+    config = MonitorConfig(members=["a", "b"], action="stop",
+                           thresholds={"divergence": None, "disagreement_rise": None, "worst_member_drop": 0.5})
+    session = MonitorSession(config, None, tmp_path)
+    samples = [Sample("p", "r")] * 2
+    batch = MemberBatch([[0.0, 1.0], [1.0, 3.0]], [0.0, 1.0], ("a", "b"))
+    # first eval: a 1, 3 (mean 2, std 1); b 0, 4 (mean 2, std 2); an errored row (None) is left out
+    assert session.score_eval(0, samples + [Sample("p", "x")], [{"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 4.0}, None]) is None
+    assert session.step(0, 0.1, batch) is None
+    # a 1, 1 -> z -1, -1; b 2, 2 -> z 0, 0: worst -1, 1.0 below step 0's 0
+    session.score_eval(1, samples, [{"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0}])
+    assert "ALARM at step 1, KL 0.100: worst_member_drop 1 > 0.5; action: stop" in capsys.readouterr().err
+    alarm = session.step(1, 0.2, batch)
+    assert (alarm.step, alarm.signal, alarm.action) == (1, "worst_member_drop", "stop")
+    assert session.step(2, 0.3, batch) is None  # handed once
+    evals = [json.loads(line) for line in (tmp_path / "monitor" / "evals.jsonl").read_text().splitlines()]
+    assert evals == [{"step": 0, "worst_member": 0.0, "gold": None}, {"step": 1, "worst_member": -1.0, "gold": None}]
+    assert json.loads((tmp_path / "monitor" / "alarm.json").read_text())["signal"] == "worst_member_drop"

@@ -183,6 +183,7 @@ def test_a_fresh_monitor_logs_zeros_and_a_kl_scale_of_one():
     assert plain.streaks == dict.fromkeys(("gold_drop", "worst_member_drop", "divergence", "trend", "disagreement_rise"), 0)
     assert plain.signal_values() == {**dict.fromkeys(KEYS, 0.0), "alarm": 0.0, "kl_scale": 1.0}  # before any step
     assert plain.means is None and plain.stds is None and (plain.proxy_mean, plain.proxy_std) == (0.0, 0.0)  # no reference yet
+    assert plain.eval_means is None and plain.eval_stds is None  # no eval yet
     gold = MonitorConfig(gold={"function": "m:f"})
     assert tuple(Monitor(gold).logs()) == monitor_keys(True)
     assert tuple(Monitor(gold, has_gold=False).logs()) == monitor_keys(False)
