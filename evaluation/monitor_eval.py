@@ -193,8 +193,7 @@ def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunRe
         alarm = "none" if r.alarm_kl is None else f"step {r.alarm_step} ({r.signal}) at {r.alarm_kl:.3f}"
         lead = "" if r.lead is None else f"{r.lead:+.3f}"
         hit = ("yes" if r.hit() else "no") if r in overopt else ("false alarm" if r.alarm_kl is not None else "silent")
-        kept = "" if r.kept_step is None else f"{r.gold_of(r.kept_step):.3f} (step {r.kept_step}) = " \
-                                               f"{r.gold_of(r.kept_step) / r.peak_gold:.0%}"
+        kept = "" if r.kept_step is None else f"{r.gold_of(r.kept_step):.3f} (step {r.kept_step}) = {share(r)}"
         lines.append(f"| {r.name} | {cls} (drop {r.drop:.3f} +- {r.drop_se:.3f}) | {r.action} | "
                      f"{r.gold[0]:.3f} -> {r.peak_gold:.3f} ({r.peak_kl:.2f}) -> {r.gold[-1]:.3f} | {alarm} | {lead} | "
                      f"{hit} | {kept} |")
@@ -208,7 +207,7 @@ def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunRe
                        f"(range {min(leads):+.3f} .. {max(leads):+.3f}) over {len(leads)} alarmed over-optimising runs")
     figures.append(rate_line("false alarms", [r.alarm_kl is not None for r in controls], FALSE_ALARM_TARGET,
                              at_least=False, what="control runs"))
-    kept = [r.gold_of(r.kept_step) / r.peak_gold for r in overopt if r.kept_step is not None]
+    kept = [r.gold_of(r.kept_step) / r.peak_gold for r in overopt if r.kept_step is not None and r.peak_gold > 0]
     if kept:
         figures.append(f"- gold kept by stop: {', '.join(f'{k:.0%}' for k in kept)} of the peak "
                        f"(target >= {KEPT_TARGET:.0%}: met in {sum(k >= KEPT_TARGET for k in kept)} of {len(kept)})")
@@ -222,6 +221,14 @@ def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunRe
                        f"{base_end:.3f} = {without:.0%} without (target >= {KEPT_TARGET:.0%}: "
                        f"{'met' if ratio >= KEPT_TARGET else 'missed'})")
     return "\n".join(lines) + "\n\n" + "\n".join(figures) + "\n"
+
+
+def share(result: RunResult) -> str:
+    """The kept checkpoint's gold as a share of the peak (no share of a peak at or below 0: gold kept "165 %" of
+    -0.187 would read as a gain)."""
+    if result.peak_gold <= 0:
+        return f"n/a (peak {result.peak_gold:.3f} <= 0)"
+    return f"{result.gold_of(result.kept_step) / result.peak_gold:.0%}"
 
 
 def rate_line(label: str, flags: Sequence[bool], target: float, at_least: bool, what: str) -> str:

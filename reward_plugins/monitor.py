@@ -29,8 +29,9 @@ than one training batch), each member standardised by its mean and standard devi
   `eval_worst_member`, else `worst_member`'s mean over the last `window` steps.
 
 Where gold exists (a gold RM or function), `gold` is its mean on the eval prompts at every eval. An alarm fires
-once, when a signal stays beyond its threshold for `patience` consecutive steps (gold: at one eval). Everything
-here is pure maths and state (no I/O); trainers adapt it (`reward_plugins.monitor_session`).
+once, when a signal stays beyond its threshold for `patience` consecutive steps (`gold_drop` and
+`worst_member_drop`: at one eval). Everything here is pure maths and state (no I/O); trainers adapt it
+(`reward_plugins.monitor_session`).
 """
 
 from __future__ import annotations

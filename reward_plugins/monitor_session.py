@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "monitor_state.json"
 STEPS_FILE = "steps.jsonl"
 EVALS_FILE = "evals.jsonl"  # one record per observed eval: its worst member mean (null when left out) and gold
+FEW_EVAL_SAMPLES = 32  # an eval smaller than this gives each member's scale from too few samples
 RECORD_VALUES = ("kl", "disagreement", "proxy", "worst_member")  # what a replay reads from each step's record
 
 
@@ -202,6 +203,10 @@ class MonitorSession:
         if self.shadow is not None:
             components = [r.components if r.status is Status.OK else None for r in self.shadow.score(samples).results]
         scores = eval_member_scores(components, self.member_keys)
+        if 2 <= scores.shape[1] < FEW_EVAL_SAMPLES and not self.monitor.series.eval_steps:
+            logger.warning("monitor: the first eval has %d samples with every member score; each member's scale and "
+                           "worst_member_drop (threshold %s) are noisy below %d: use more eval prompts or samples",
+                           scores.shape[1], self.config.thresholds.worst_member_drop, FEW_EVAL_SAMPLES)
         if scores.shape[1] < 2:
             logger.warning("monitor: the eval of step %d has %d sample(s) with every member score; its members are "
                            "left out", step, scores.shape[1])

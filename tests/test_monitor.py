@@ -248,7 +248,7 @@ def test_config_errors():
         MonitorConfig(shadow="/nonexistent/shadow.yaml")
 
 
-def test_session_hands_an_eval_alarm_to_the_next_step_once(tmp_path, capsys):
+def test_session_hands_an_eval_alarm_to_the_next_step_once(tmp_path, capsys, caplog):
     from reward_plugins.monitor_session import MonitorSession
     from reward_plugins.types import Sample
 
@@ -259,6 +259,8 @@ def test_session_hands_an_eval_alarm_to_the_next_step_once(tmp_path, capsys):
     batch = MemberBatch([[0.0, 1.0], [1.0, 3.0]], [0.0, 1.0], ("a", "b"))
     # first eval: a 1, 3 (mean 2, std 1); b 0, 4 (mean 2, std 2); an errored row (None) is left out
     assert session.score_eval(0, samples + [Sample("p", "x")], [{"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 4.0}, None]) is None
+    warned = [r.getMessage() for r in caplog.records if "first eval has 2 samples" in r.getMessage()]
+    assert len(warned) == 1 and "worst_member_drop (threshold 0.5) are noisy below 32" in warned[0]
     assert session.step(0, 0.1, batch) is None
     # a 1, 1 -> z -1, -1; b 2, 2 -> z 0, 0: worst -1, 1.0 below step 0's 0
     session.score_eval(1, samples, [{"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0}])

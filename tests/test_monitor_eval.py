@@ -121,3 +121,11 @@ def test_worst_member_drop_replayed_from_the_evals_and_stop_keeps_the_best_eval(
     (over / "monitor" / "evals.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(DataError, match=r"evals.jsonl:1: a record needs step and worst_member"):
         monitor_eval.evaluate_run(over)
+
+
+def test_no_share_of_a_peak_at_or_below_zero(tmp_path):
+    run = make_run(tmp_path / "negative", [-0.4, -0.3, -0.2, -0.35, -0.5, -0.6], rising_from=30)
+    table = monitor_eval.main([str(run)])
+    row = next(line for line in table.splitlines() if line.startswith(f"| {run} "))
+    assert row.endswith("| no | -0.350 (step 30) = n/a (peak -0.200 <= 0) |")
+    assert "- gold kept by stop" not in table  # no share to report

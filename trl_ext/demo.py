@@ -166,7 +166,7 @@ class DemoConfig(BaseModel):
     # warn: the demo measures when the monitor would act (evaluation.monitor_eval replays `stop`); the others act,
     # with a checkpoint at every eval for `stop` to choose from
     monitor_action: Literal["warn", "checkpoint", "adapt_kl", "stop"] = "warn"
-    monitor_kl_factor: float = Field(default=2.0, gt=1)  # adapt_kl multiplies rl_kl_coef by this
+    monitor_kl_factor: float = Field(default=10.0, gt=1)  # adapt_kl multiplies rl_kl_coef by this (x2 was too weak)
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoConfig:
