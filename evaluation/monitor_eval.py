@@ -9,9 +9,10 @@ monitor is replayed over the logged per-step signals with the run's own settings
 thresholds are re-evaluated without retraining. A run whose action changed it (`adapt_kl`, `stop`) keeps the alarm
 it really had (`alarm.json`).
 
-Per run: gold's mean on the eval prompts at each eval gives its peak and its final value; a run whose final gold
-is below its peak by at least `--min-drop` and by more than twice that drop's standard error over-optimises, any
-other is a control. Every KL is the monitor's (the mean
+Per run: gold's mean on the eval prompts at each eval gives its peak and its final value. A run whose final gold
+is below its peak by at least `--min-drop` and by more than twice that drop's standard error over-optimises if its
+mean proxy reward at the final eval is above the gold peak's (gold falls while the proxy rises), and degrades if
+not (in neither rate); any other run is a control. Every KL is the monitor's (the mean
 sequence KL of the training batch at that step), and the KL budget is the largest the run reached.
 - lead: KL at the alarm minus KL at the gold peak (negative: before the peak);
 - hit: an over-optimising run alarmed no later than its gold peak plus 10 % of its KL budget;
@@ -58,6 +59,7 @@ class RunResult:
     gold_se: list[float]
     kl_at: dict[int, float]
     budget: float
+    proxy: list[float]
     alarm_step: int | None = None
     alarm_kl: float | None = None
     signal: str | None = None
@@ -81,9 +83,19 @@ class RunResult:
         """Standard error of peak minus final gold (two independent evals)."""
         return math.hypot(self.gold_se[self.peak], self.gold_se[-1])
 
-    def over_optimises(self, min_drop: float) -> bool:
+    def gold_falls(self, min_drop: float) -> bool:
         """Gold fell from its peak by at least `min_drop` and by more than twice the drop's standard error."""
         return self.drop >= min_drop and self.drop > 2 * self.drop_se
+
+    def over_optimises(self, min_drop: float) -> bool:
+        """Gold falls while the proxy keeps rising: the final eval's mean proxy above the gold peak's."""
+        return self.gold_falls(min_drop) and self.proxy[-1] > self.proxy[self.peak]
+
+    def kind(self, min_drop: float) -> str:
+        """over-optimises; degrades (gold falls, and the proxy with it: no proxy error was exploited); control."""
+        if self.over_optimises(min_drop):
+            return "over-optimises"
+        return "degrades" if self.gold_falls(min_drop) else "control"
 
     @property
     def peak_kl(self) -> float:
@@ -100,21 +112,26 @@ class RunResult:
         return self.gold[self.gold_steps.index(step)]
 
 
-def gold_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
-    """Each eval step, the mean gold over its scored rows and its standard error."""
+def gold_curve(run_dir: Path) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Each eval step, the mean gold over its scored rows, its standard error, and the mean proxy reward."""
     files = list_eval_files(run_dir / "eval")
     if not files:
         raise DataError(f"{run_dir}: no eval files in {run_dir / 'eval'}")
-    steps, means, errors = [], [], []
+    steps, means, errors, proxy = [], [], [], []
     for path in files:
         eval_file = read_eval_file(path)
         values = [row.gold_score for row in eval_file.rows if row.gold_score is not None]
         if not values:
             raise DataError(f"{path}: no gold scores; set monitor.gold or run python -m evaluation.run_ppo_gold_eval")
+        proxies = [row.proxy_score for row in eval_file.rows if row.proxy_score is not None]
+        if not proxies:
+            raise DataError(f"{path}: no proxy scores; over-optimisation (gold falls while the proxy rises) cannot be "
+                            "told from a policy that degrades")
         steps.append(eval_file.step)
         means.append(float(np.mean(values)))
         errors.append(float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0)
-    return steps, means, errors
+        proxy.append(float(np.mean(proxies)))
+    return steps, means, errors, proxy
 
 
 def run_config(run_dir: Path, overrides: Sequence[str]) -> tuple[MonitorConfig, str]:
@@ -136,12 +153,12 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunResul
     config, action = run_config(run_dir, overrides)
     records = read_steps(run_dir)
     evals = read_evals(run_dir)
-    steps, gold, errors = gold_curve(run_dir)
+    steps, gold, errors, proxy = gold_curve(run_dir)
     kl_at = {int(r["step"]): float(r["kl"]) for r in records}
     last_kl = kl_at[max(kl_at)]
     for step in steps:  # an eval after the last logged step (the final one) sees the policy that step would sample
         kl_at.setdefault(step, last_kl)
-    result = RunResult(str(run_dir), action, steps, gold, errors, kl_at, max(kl_at.values()))
+    result = RunResult(str(run_dir), action, steps, gold, errors, kl_at, max(kl_at.values()), proxy)
     alarm_file = run_dir / "monitor" / "alarm.json"
     if action in ("adapt_kl", "stop"):  # the action changed the run after its alarm: only the real alarm is valid
         if alarm_file.exists():
@@ -184,19 +201,22 @@ def kept_by_stop(config: MonitorConfig, records: Sequence[dict], evals: Sequence
 
 def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunResult]], min_drop: float) -> str:
     """The markdown table (one row per run) and the four figures against their targets."""
-    lines = ["| run | class | action | gold start -> peak (KL) -> end | alarm (signal) at KL | lead (KL) | hit | "
-             "gold kept by stop |", "|---|---|---|---|---|---|---|---|"]
-    overopt = [r for r in results if r.over_optimises(min_drop)]
-    controls = [r for r in results if not r.over_optimises(min_drop)]
+    lines = ["| run | class | action | gold start -> peak (KL) -> end | proxy at gold peak -> end | "
+             "alarm (signal) at KL | lead (KL) | hit | gold kept by stop |", "|---|---|---|---|---|---|---|---|---|"]
+    kinds = {r.name: r.kind(min_drop) for r in results}
+    overopt = [r for r in results if kinds[r.name] == "over-optimises"]
+    controls = [r for r in results if kinds[r.name] == "control"]
+    degrading = [r for r in results if kinds[r.name] == "degrades"]
     for r in results:
-        cls = "over-optimises" if r in overopt else "control"
         alarm = "none" if r.alarm_kl is None else f"step {r.alarm_step} ({r.signal}) at {r.alarm_kl:.3f}"
         lead = "" if r.lead is None else f"{r.lead:+.3f}"
-        hit = ("yes" if r.hit() else "no") if r in overopt else ("false alarm" if r.alarm_kl is not None else "silent")
+        hit = {"over-optimises": "yes" if r.hit() else "no",
+               "control": "false alarm" if r.alarm_kl is not None else "silent",
+               "degrades": "alarm" if r.alarm_kl is not None else "none"}[kinds[r.name]]
         kept = "" if r.kept_step is None else f"{r.gold_of(r.kept_step):.3f} (step {r.kept_step}) = {share(r)}"
-        lines.append(f"| {r.name} | {cls} (drop {r.drop:.3f} +- {r.drop_se:.3f}) | {r.action} | "
-                     f"{r.gold[0]:.3f} -> {r.peak_gold:.3f} ({r.peak_kl:.2f}) -> {r.gold[-1]:.3f} | {alarm} | {lead} | "
-                     f"{hit} | {kept} |")
+        lines.append(f"| {r.name} | {kinds[r.name]} (drop {r.drop:.3f} +- {r.drop_se:.3f}) | {r.action} | "
+                     f"{r.gold[0]:.3f} -> {r.peak_gold:.3f} ({r.peak_kl:.2f}) -> {r.gold[-1]:.3f} | "
+                     f"{r.proxy[r.peak]:.3f} -> {r.proxy[-1]:.3f} | {alarm} | {lead} | {hit} | {kept} |")
     figures = []
     hits = [r.hit() for r in overopt]
     figures.append(rate_line("hit rate (alarm <= gold peak + 10 % of the KL budget)", hits, HIT_TARGET, at_least=True,
@@ -207,6 +227,9 @@ def summary(results: Sequence[RunResult], pairs: Sequence[tuple[RunResult, RunRe
                        f"(range {min(leads):+.3f} .. {max(leads):+.3f}) over {len(leads)} alarmed over-optimising runs")
     figures.append(rate_line("false alarms", [r.alarm_kl is not None for r in controls], FALSE_ALARM_TARGET,
                              at_least=False, what="control runs"))
+    if degrading:
+        figures.append(f"- runs whose gold fell with their proxy (a policy that degrades, not over-optimisation; in "
+                       f"neither rate): {len(degrading)}, alarmed {sum(r.alarm_kl is not None for r in degrading)}")
     kept = [r.gold_of(r.kept_step) / r.peak_gold for r in overopt if r.kept_step is not None and r.peak_gold > 0]
     if kept:
         figures.append(f"- gold kept by stop: {', '.join(f'{k:.0%}' for k in kept)} of the peak "

@@ -15,10 +15,11 @@ CONFIG = {"window": 1, "patience": 1, "action": "warn",
           "thresholds": {"divergence": None, "disagreement_rise": 0.1, "worst_member_drop": None}}
 
 
-def make_run(path, gold, rising_from=None, action="warn", spread=0.1):
+def make_run(path, gold, rising_from=None, action="warn", spread=0.1, proxy_slope=0.1):
     """60 steps at KL 0.1 per step; disagreement 0.3, rising 0.04 per step after `rising_from`; proxy and worst member
     0.05 per step;
-    an eval every 10 steps with the given gold means (two rows each, `spread` either side)."""
+    an eval every 10 steps with the given gold means (two rows each, `spread` either side) and a proxy that rises
+    by `proxy_slope` per eval."""
     records = []
     for step in range(60):
         d = 0.3 + (0.04 * (step - rising_from) if rising_from is not None and step > rising_from else 0.0)
@@ -26,7 +27,7 @@ def make_run(path, gold, rising_from=None, action="warn", spread=0.1):
     write_jsonl(path / "monitor" / "steps.jsonl", records)
     write_json(path / "monitor" / "config.json", {"config": {**CONFIG, "action": action}})
     for i, value in enumerate(gold):
-        rows = [EvalRow("p", "a", 0.0, gold_score=value + delta) for delta in (-spread, spread)]
+        rows = [EvalRow("p", "a", proxy_slope * i, gold_score=value + delta) for delta in (-spread, spread)]
         write_eval_file(path / "eval", EvalFile(step=10 * i, rows=rows, kl=0.1 * 10 * i))
     return path
 
@@ -129,3 +130,27 @@ def test_no_share_of_a_peak_at_or_below_zero(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith(f"| {run} "))
     assert row.endswith("| no | -0.350 (step 30) = n/a (peak -0.200 <= 0) |")
     assert "- gold kept by stop" not in table  # no share to report
+
+
+def test_gold_falling_with_its_proxy_degrades_and_counts_in_neither_rate(tmp_path, runs):
+    degrading = make_run(tmp_path / "degrading", [0.4, 0.5, 0.6, 0.55, 0.4, 0.3], rising_from=30, proxy_slope=-0.1)
+    result = monitor_eval.evaluate_run(degrading)
+    assert result.gold_falls(0.05) and not result.over_optimises(0.05) and result.kind(0.05) == "degrades"
+    assert result.proxy[result.peak] == pytest.approx(-0.2) and result.proxy[-1] == pytest.approx(-0.5)
+    flat = make_run(tmp_path / "flat", [0.4, 0.5, 0.6, 0.55, 0.4, 0.3], proxy_slope=0.0)
+    assert monitor_eval.evaluate_run(flat).kind(0.05) == "degrades"  # a proxy that holds does not rise
+    table = monitor_eval.main([str(degrading), *map(str, runs)])
+    row = next(line for line in table.splitlines() if line.startswith(f"| {degrading} "))
+    assert "| degrades (drop 0.300 +- 0.141) |" in row
+    assert "| -0.200 -> -0.500 | step 33 (disagreement_rise) at 3.300 | +1.300 | alarm |" in row
+    assert "hit rate (alarm <= gold peak + 10 % of the KL budget): 0 of 1 over-optimising runs" in table
+    assert "false alarms: 0 of 1 control runs" in table
+    assert "- runs whose gold fell with their proxy (a policy that degrades, not over-optimisation; in neither " \
+           "rate): 1, alarmed 1" in table
+
+
+def test_eval_files_without_proxy_scores_are_refused(tmp_path):
+    run = make_run(tmp_path / "r", [0.1, 0.2])
+    write_eval_file(run / "eval", EvalFile(step=10, rows=[EvalRow("p", "a", None, gold_score=0.2)], kl=1.0))
+    with pytest.raises(DataError, match=r"eval_step0*10.json: no proxy scores; over-optimisation"):
+        monitor_eval.evaluate_run(run)

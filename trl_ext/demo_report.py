@@ -284,10 +284,10 @@ def monitor_section(table: str, settings: Mapping[str, Any]) -> str:
     steps = ", ".join(f"{key} {settings[key]}" for key in ("reference_steps", "window", "patience"))
     thresholds = ", ".join(f"{key} {value}" for key, value in settings["thresholds"].items() if value is not None)
     return (f"\n## The over-optimisation monitor on every PPO run (evaluation.monitor_eval; action {settings['action']}; "
-            "a single-RM run "
-            "watched by a shadow ensemble of all proxy RMs, an ensemble run by its own members; KL is the training "
-            f"batch's; {steps}; thresholds {thresholds}; a run whose gold falls by >= {FALL} and 2 SE over-optimises, "
-            "any other is a control)\n\n" + table)
+            "a single-RM run watched by a shadow ensemble of all proxy RMs, an ensemble run by its own members; KL is "
+            f"the training batch's; {steps}; thresholds {thresholds}; a run whose gold falls by >= {FALL} and 2 SE "
+            "while its proxy rises over-optimises, one whose proxy does not rise degrades, any other is a control)"
+            "\n\n" + table)
 
 
 def cheap_section(curves: Mapping[str, Sequence[RunCurve]], cheap: Sequence[str], full: str = "uwo",
