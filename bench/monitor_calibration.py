@@ -2,8 +2,9 @@
 
     python bench/monitor_calibration.py --out runs/mon [--steps 200] [--seeds 1 2 3] [--kinds overopt control adapt_kl]
 
-Reuses the demo's stages for data, SFT and proxy RMs (`python -m trl_ext.demo`'s `data`, `sft`, `rms`; finished
-ones are kept), then trains PPO runs with a `monitor:` section (gold: the task's rule, at every eval):
+Reuses the demo's stages for data, SFT, pairs and proxy RMs (`python -m trl_ext.demo`'s `data`, `sft`, `pairs`,
+`rms`; finished ones are kept: give `--out` as the demo was given it), then trains PPO runs with the demo's
+`monitor:` section (its thresholds; gold: the task's rule, at every eval):
 
 - `overopt`: one proxy RM (seed s) at a small KL coefficient, watched by a shadow UWO ensemble of the 3 RMs;
 - `control`: the UWO ensemble at a strong KL coefficient (its own members watched), whose gold should not fall;
@@ -26,18 +27,20 @@ GOLD = "setup_data.synthetic_task:gold_rewards"
 
 
 def run_config(cfg: demo.DemoConfig, paths: demo.Paths, kind: str, seed: int, args) -> TrainConfig:
+    """One calibration run: the demo's PPO run of its objective (one proxy RM watched by the demo's shadow ensemble,
+    or the UWO ensemble watched by its own members) with this kind's steps, KL coefficient and action."""
     objective = "uwo" if kind == "control" else "single_rm"
     base = demo.rl_config(cfg, paths, objective, seed).model_dump()
     base["output_dir"] = str(paths.out / "monitor_runs" / kind / f"seed{seed}")
     base["eval_every"] = args.eval_every
     base["ppo"].update(max_steps=args.steps, kl_coef=args.kl_control if kind == "control" else args.kl,
                        logging_steps=1, save_steps=args.eval_every)
-    base["monitor"] = {"shadow": None if kind == "control" else str(demo.UWO_REWARD), "gold": {"function": GOLD},
-                       "action": "adapt_kl" if kind == "adapt_kl" else "warn", "kl_factor": args.kl_factor}
+    base["monitor"].update(action="adapt_kl" if kind == "adapt_kl" else "warn", kl_factor=args.kl_factor,
+                           gold={"function": GOLD})
     return TrainConfig.model_validate(base)
 
 
-def main(argv=None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/mon")
     parser.add_argument("--steps", type=int, default=200)
@@ -49,15 +52,18 @@ def main(argv=None) -> str:
     parser.add_argument("--kinds", nargs="+", default=["overopt", "control", "adapt_kl"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a demo setting (DemoConfig)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = demo.load_config(demo.DemoConfig, None, [f"out={args.out}", f"workers={args.workers}", *args.set])
     demo.seed_everything(cfg)
     paths = demo.Paths(cfg.out)
-    for stage in (demo.stage_data, demo.stage_sft, demo.stage_rms):
+    for stage in (demo.stage_data, demo.stage_sft, demo.stage_pairs, demo.stage_rms):
         stage(cfg, paths)
-    os.environ["MODELS_DIR"] = str(paths.models)
     configs = [run_config(cfg, paths, kind, seed, args) for kind in args.kinds for seed in args.seeds]
     demo.run_side_by_side(demo.train_rl_run, [(c,) for c in configs], cfg, "monitor runs")
     runs = [Path(c.output_dir) for c in configs]

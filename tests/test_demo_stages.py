@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -320,3 +321,25 @@ def test_the_multi_head_ensemble_stands_beside_the_separate_rms(first):
     prompt = read_jsonl(paths.data / "eval_prompts.jsonl")[0]["prompt"]
     scores = demo.cheap_member_scores(cfg, paths, "multihead", [prompt, prompt], [" cat, dog", ""])
     assert scores.shape == (len(cfg.rm_seeds), 2) and np.isfinite(scores).all()
+
+
+def test_monitor_calibration_runs_are_the_demos_runs_with_their_kind(first):
+    """bench/monitor_calibration.py builds on the demo's PPO runs and monitor (it broke once when they changed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monitor_calibration", Path(__file__).parents[1] / "bench" /
+                                                  "monitor_calibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg, paths, _ = first
+    args = bench.build_parser().parse_args(["--steps", "7", "--eval-every", "3", "--kl", "0.001", "--kl-factor", "4"])
+    demo_monitor = demo.monitor_section(cfg, paths, "single_rm")
+    for kind, shadow, kl, action in (("overopt", demo_monitor["shadow"], 0.001, "warn"), ("control", None, 0.1, "warn"),
+                                     ("adapt_kl", demo_monitor["shadow"], 0.001, "adapt_kl")):
+        config = bench.run_config(cfg, paths, kind, 2, args)
+        assert config.output_dir == str(paths.out / "monitor_runs" / kind / "seed2")
+        assert (config.ppo.max_steps, config.ppo.kl_coef, config.ppo.save_steps, config.eval_every) == (7, kl, 3, 3)
+        assert config.monitor.action == action and config.monitor.kl_factor == 4.0
+        assert (str(config.monitor.shadow) if config.monitor.shadow else None) == shadow
+        assert config.monitor.thresholds.worst_member_drop == cfg.monitor_worst_member_drop
+        assert config.monitor.gold.function == "setup_data.synthetic_task:gold_rewards"
