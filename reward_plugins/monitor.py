@@ -525,6 +525,11 @@ class Monitor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict`'s output: the reference and every logged step are replayed, so streaks and the
         alarm come back exactly as they were."""
+        missing = [key for key in ("worst", "eval_steps", "eval_worst") if key not in state["series"]]
+        missing += [key for key in ("eval_reference",) if key not in state]
+        if missing:
+            raise MonitorError(f"this monitor state has no {', '.join(missing)}: it was saved by an older version of "
+                               "the monitor; resume with that version or start a fresh run")
         fresh = Monitor(self.config, self.has_gold)
         self.__dict__.update(fresh.__dict__)
         reference = [MemberBatch(np.array(b["scores"]), np.array(b["proxy"]), tuple(b["names"])) for b in state["reference"]]

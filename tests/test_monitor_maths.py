@@ -572,11 +572,27 @@ def test_streaks_of_the_last_reference_step_survive_a_resume():
 
 def test_a_hand_edited_state_with_a_flat_reference_is_refused():
     state = {"series": {"steps": [4], "kl": [0.0], "disagreement": [0.0], "proxy": [0.0], "worst": [0.0],
-                        "gold_steps": [], "gold": []},
+                        "eval_steps": [], "eval_worst": [], "gold_steps": [], "gold": []},
              "reference": [{"step": 4, "scores": [[1.0, 1.0], [0.0, 2.0]], "proxy": [0.0, 1.0], "names": ["a", "b"]}],
-             "kl_scalings": [], "checkpoints": {}}
+             "eval_reference": None, "kl_scalings": [], "checkpoints": {}}
     assert refusal(lambda: Monitor(MonitorConfig()).load_state_dict(state)).startswith(
         "step 4: member(s) a gave every reference sample the same score")
+
+
+def test_a_state_from_before_the_worst_member_is_refused():
+    monitor = Monitor(MonitorConfig(thresholds=NO_ALARM))
+    monitor.observe_signals(0, 0.0, 0.0, 0.0, 0.0)
+    state = json.loads(json.dumps(monitor.state_dict()))
+    without_reference = {key: value for key, value in state.items() if key != "eval_reference"}
+    assert refusal(lambda: Monitor(MonitorConfig()).load_state_dict(without_reference)) == (
+        "this monitor state has no eval_reference: it was saved by an older version of the monitor; resume with that "
+        "version or start a fresh run")
+    for key in ("worst", "eval_steps", "eval_worst"):
+        del state["series"][key]
+    del state["eval_reference"]
+    assert refusal(lambda: Monitor(MonitorConfig()).load_state_dict(state)) == (
+        "this monitor state has no worst, eval_steps, eval_worst, eval_reference: it was saved by an older version of "
+        "the monitor; resume with that version or start a fresh run")
 
 
 def records_of(monitor: Monitor) -> list[dict[str, float]]:
