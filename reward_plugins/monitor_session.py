@@ -215,9 +215,6 @@ class MonitorSession:
         self._write_eval(step, None if gold is None else float(np.mean(gold)))
         return gold
 
-    def observe_gold(self, step: int, value: float) -> None:
-        self._announce(self.monitor.observe_gold(step, value))
-
     def _announce(self, alarm: Alarm | None) -> None:
         """An alarm fired at an eval: printed now, handed to the trainer with the next `step`."""
         if alarm is not None:
