@@ -181,10 +181,10 @@ def demo_response(task: Task, rng: random.Random, quality: float, longer: float 
 
 
 def demo_sft_rows(tasks: Sequence[Task], rng: random.Random, quality: float = 0.5,
-                  longer: float = 0.15) -> Iterator[dict]:
+                  longer: float = 0.15, filler_share: float = 0.5) -> Iterator[dict]:
     """The demo's SFT rows {prompt, completion} (`demo_response`)."""
     for task in tasks:
-        yield {"prompt": task.prompt, "completion": demo_response(task, rng, quality, longer)}
+        yield {"prompt": task.prompt, "completion": demo_response(task, rng, quality, longer, filler_share)}
 
 
 VAGUE_FILLERS = ("thing", "stuff", "something", "whatever", "item")

@@ -215,6 +215,17 @@ def test_demo_sft_answers_follow_their_count_and_item_distributions_by_hand():
     assert abs(sum(item in st.FILLERS for item in wrong) / len(wrong) - 0.5) < 0.04
 
 
+def test_demo_sft_rows_pass_on_the_share_of_long_answers_and_of_fillers_by_hand():
+    tasks, n = [st.Task(4, "fruits")] * 20000, 20000
+    rows = list(st.demo_sft_rows(tasks, random.Random(3), quality=0.0, longer=0.1, filler_share=0.2))
+    answers = [st.items_of(row["completion"]) for row in rows]
+    # a wrong count with p 1 - 0.4 = 0.6, too long with p 0.1 of that
+    assert abs(sum(len(a) > 4 for a in answers) / n - 0.06) < 0.006
+    assert abs(sum(len(a) < 4 for a in answers) / n - 0.54) < 0.012
+    wrong = [item for a in answers for item in a if item not in st.CATEGORIES["fruits"]]
+    assert abs(sum(item in st.FILLERS for item in wrong) / len(wrong) - 0.2) < 0.01
+
+
 def test_edited_response_of_an_empty_answer_always_appends():
     task = st.Task(2, "fruits")
     for seed in range(60):

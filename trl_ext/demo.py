@@ -104,7 +104,10 @@ class DemoConfig(BaseModel):
     # the task and the SFT data
     n_sft: int = Field(default=4000, gt=0)
     sft_quality: float = Field(default=0.5, ge=0, le=1)  # share of good SFT answers (see synthetic_task.demo_response)
-    sft_longer: float = Field(default=0.5, ge=0, le=1)  # share of SFT answers with a wrong count that are too long
+    # share of SFT answers with a wrong count that are too long; the others are too short, so that completing a list
+    # (which every RM and the gold reward) is what PPO learns first, and gold rises before any RM's taste is exploited
+    sft_longer: float = Field(default=0.1, ge=0, le=1)
+    sft_filler_share: float = Field(default=0.5, ge=0, le=1)  # share of wrong SFT items that are fillers, not other words
     n_rl: int = Field(default=512, gt=0)
     n_eval: int = Field(default=128, gt=0)
     eval_samples: int = Field(default=4, gt=0)  # completions per eval prompt at each RL eval step
@@ -214,8 +217,8 @@ def uses_lora(cfg: DemoConfig) -> bool:
 
 
 STAGES: list[Stage] = [
-    Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "n_rl", "n_eval", "eval_samples"), folder="data",
-          version=2),
+    Stage("data", ("seed", "n_sft", "sft_quality", "sft_longer", "sft_filler_share", "n_rl", "n_eval", "eval_samples"),
+          folder="data", version=2),
     Stage("sft", ("seed", "threads", "vocab_size", "hidden_size", "layers", "heads", "sft_epochs", "sft_lr"),
           after=("data",), folder="sft", version=2),
     Stage("pairs", ("seed", "threads", "n_pref", "n_pref_test", "label_noise", "contrast_pairs", "n_reference",
@@ -273,7 +276,7 @@ def stage_data(cfg: DemoConfig, paths: Paths) -> None:
     what the RL eval files sample)."""
     rng = random.Random(cfg.seed)
     write_jsonl(paths.data / "sft.jsonl", st.demo_sft_rows(st.sample_tasks(cfg.n_sft, rng), rng, cfg.sft_quality,
-                                                                cfg.sft_longer))
+                                                                cfg.sft_longer, cfg.sft_filler_share))
     write_jsonl(paths.data / "prompts.jsonl", st.prompt_rows(st.sample_tasks(cfg.n_rl, rng)))
     eval_rows = list(st.prompt_rows(st.sample_tasks(cfg.n_eval, rng)))
     write_jsonl(paths.data / "eval_prompts.jsonl", eval_rows)
