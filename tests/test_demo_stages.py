@@ -132,9 +132,9 @@ def test_unread_and_contradicting_settings_are_refused_in_one_line(tmp_path, cap
 
 
 def test_full_adds_seeds_unless_given():
-    assert demo.config_from_args(["--full"])[0].rl_seeds == [1, 2, 3, 4, 5]
+    assert demo.config_from_args(["--full"])[0].rl_seeds == [1, 2, 3, 4, 5, 6, 7, 8]
     assert demo.config_from_args(["--full", "--set", "rl_seeds=[1, 2]"])[0].rl_seeds == [1, 2]
-    assert demo.config_from_args([])[0].rl_seeds == [1, 2, 3]
+    assert demo.config_from_args([])[0].rl_seeds == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------- the whole pipeline at tiny sizes
