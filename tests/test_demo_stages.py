@@ -131,10 +131,14 @@ def test_unread_and_contradicting_settings_are_refused_in_one_line(tmp_path, cap
     assert not (tmp_path / "d").exists(), "refused before anything runs"
 
 
-def test_full_adds_seeds_unless_given():
-    assert demo.config_from_args(["--full"])[0].rl_seeds == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert demo.config_from_args(["--full", "--set", "rl_seeds=[1, 2]"])[0].rl_seeds == [1, 2]
-    assert demo.config_from_args([])[0].rl_seeds == [1, 2, 3, 4, 5]
+def test_full_adds_the_lora_ensemble_unless_given():
+    full = demo.config_from_args(["--full"])[0]
+    assert full.cheap_ensembles == ["multihead", "lora"] and full.rl_objectives[-1] == "lora_uwo"
+    assert demo.config_from_args(["--full", "--set", "rl_objectives=[single_rm, wco]"])[0].rl_objectives == [
+        "single_rm", "wco"]
+    default = demo.config_from_args([])[0]
+    assert default.rl_seeds == [1, 2, 3, 4, 5] and default.cheap_ensembles == ["multihead"]
+    assert "lora_uwo" not in default.rl_objectives
 
 
 # ---------------------------------------------------------------- the whole pipeline at tiny sizes

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trl_ext.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first and run every stage")
-    parser.add_argument("--full", action="store_true", help="more PPO seeds (rl_seeds=[1, ..., 8]) and the LoRA ensemble")
+    parser.add_argument("--full", action="store_true", help="also the LoRA ensemble (an adapter per annotator), in best-of-n and PPO")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. rl_steps=40; only the stages that read it run again")
     return parser
@@ -204,9 +204,8 @@ class DemoConfig(BaseModel):
         return self
 
 
-FULL = {"rl_seeds": [1, 2, 3, 4, 5, 6, 7, 8], "cheap_ensembles": ["multihead", "lora"],
-        "rl_objectives": [*RL_OBJECTIVES, "lora_uwo"]}
-"""What `--full` changes: more PPO seeds, and the LoRA ensemble beside the multi-head one (given `--set` values
+FULL = {"cheap_ensembles": ["multihead", "lora"], "rl_objectives": [*RL_OBJECTIVES, "lora_uwo"]}
+"""What `--full` changes: the LoRA ensemble beside the multi-head one, in best-of-n and PPO (given `--set` values
 win)."""
 
 
