@@ -105,7 +105,8 @@ class DemoConfig(BaseModel):
     n_sft: int = Field(default=4000, gt=0)
     sft_quality: float = Field(default=0.5, ge=0, le=1)  # share of good SFT answers (see synthetic_task.demo_response)
     # share of SFT answers with a wrong count that are too long; the others are too short, so that completing a list
-    # (which every RM and the gold reward pay for) is what PPO learns first, so gold rises before an RM's taste is exploited
+    # (which every RM and the gold reward pay for) is what PPO learns first: gold rises before an RM's taste is
+    # exploited
     sft_longer: float = Field(default=0.1, ge=0, le=1)
     sft_filler_share: float = Field(default=0.5, ge=0, le=1)  # share of wrong SFT items that are fillers, not other words
     n_rl: int = Field(default=512, gt=0)
